@@ -1,0 +1,121 @@
+"""The typed job model, validated on entry.
+
+A job is what a coordinator's poll answer or a JOB.json file describes:
+``{"job_id": ..., "payload": {"type": ..., ...}, "constraints": {...}}``.
+Validation happens here once; everything downstream trusts a :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InvalidJob
+
+# The id becomes a folder name (job_<ID>): no separators, no dot-dot, bounded.
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a job needs from the node."""
+
+    gpu_count: int = 0
+    min_vram_mb: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Constraints:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise InvalidJob("constraints must be a JSON object")
+        gpu_count = _int_field(raw, ("gpu_count", "gpus"), 0, 0, 64)
+        min_vram_mb = _int_field(raw, ("min_vram_mb", "min_vram"), 0, 0, 10_000_000)
+        timeout = raw.get("timeout_s", raw.get("timeout", DEFAULT_TIMEOUT_S))
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT_S
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise InvalidJob("constraints.timeout_s must be a number of seconds")
+        if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+            raise InvalidJob(f"constraints.timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}]")
+        return cls(gpu_count=gpu_count, min_vram_mb=min_vram_mb, timeout_s=float(timeout))
+
+
+def _int_field(raw: dict[str, Any], names: tuple[str, ...], default: int, lo: int, hi: int) -> int:
+    for name in names:
+        if name in raw and raw[name] is not None:
+            value = raw[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidJob(f"constraints.{name} must be a whole number")
+            if not lo <= value <= hi:
+                raise InvalidJob(f"constraints.{name} must be between {lo} and {hi}")
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job."""
+
+    job_id: str
+    payload: dict[str, Any]
+    constraints: Constraints = field(default_factory=Constraints)
+    lease_id: str | None = None
+
+    @property
+    def type(self) -> str:
+        return str(self.payload["type"])
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Job:
+        """Build a job from a decoded JSON object, or raise :class:`InvalidJob`."""
+        if not isinstance(raw, dict):
+            raise InvalidJob("a job must be a JSON object with job_id and payload")
+        job_id = raw.get("job_id", raw.get("id"))
+        if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id) or ".." in job_id:
+            raise InvalidJob(
+                "job_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
+                "starting with a letter or digit"
+            )
+        payload = raw.get("payload")
+        if not isinstance(payload, dict):
+            raise InvalidJob("payload must be a JSON object with a 'type'")
+        jtype = payload.get("type")
+        if not isinstance(jtype, str) or not _TYPE_RE.match(jtype):
+            raise InvalidJob("payload.type must be a lower-case name such as 'inference'")
+        constraints = Constraints.from_dict(raw.get("constraints"))
+        lease = raw.get("lease_id")
+        if lease is not None and not isinstance(lease, str):
+            raise InvalidJob("lease_id must be a string")
+        return cls(job_id=job_id, payload=payload, constraints=constraints, lease_id=lease)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Job:
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidJob(f"the job is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Job:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidJob(f"cannot read job file {path}: {exc.strerror}") from None
+        return cls.from_json(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"job_id": self.job_id, "payload": self.payload,
+               "constraints": asdict(self.constraints)}
+        if self.lease_id is not None:
+            out["lease_id"] = self.lease_id
+        return out

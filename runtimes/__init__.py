@@ -1,0 +1,1 @@
+"""What runs inside a job's own process: the runtime contract and the workloads."""

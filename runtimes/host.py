@@ -1,0 +1,113 @@
+"""The first code that runs in a job's process: set up, run the runtime, report, exit.
+
+Started either by the fork server (``run_spec`` in a freshly forked child) or as
+``python -m runtimes.host SPEC.json`` (the plain-spawn fallback). Either way the
+process is already its own session and process-group leader, with stdout and
+stderr on the agent's capture pipes and the events channel on
+``$MINER_EVENTS_FD``.
+
+It exits through ``os._exit`` after flushing: a normal interpreter teardown after
+torch costs about half a second per job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from runtimes import registry
+from runtimes.base import EventChannel, JobCancelled, JobContext, JobFailed, install_cancel_handler
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_CANCELED = 3
+EXIT_TIMED_OUT = 4
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the executor's group kill still applies
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(EXIT_FAILED)
+
+
+def run_spec(spec: dict[str, Any]) -> int:
+    """Run one job described by ``spec``; returns the process exit code."""
+    channel = EventChannel.from_env()
+    channel.send("started", pid=os.getpid(), t_start=spec.get("t_request"))
+    job = spec["job"]
+    timeout_s = job.get("constraints", {}).get("timeout_s")
+    deadline = time.monotonic() + float(timeout_s) if timeout_s else None
+    ctx = JobContext(job, Path(spec["package_dir"]), Path(spec["work_dir"]), channel, deadline)
+    install_cancel_handler(ctx)
+    try:
+        fn = registry.load(spec["runtime"])
+        fn(ctx)
+    except JobCancelled:
+        pass
+    except JobFailed as exc:
+        return _finish(channel, ctx, "failed", exc.code, exc.message, exc.details)
+    except Exception as exc:  # the job's bug, not ours: report it with its traceback
+        traceback.print_exc()
+        code, message = classify_exception(exc)
+        return _finish(channel, ctx, "failed", code, message, {})
+    if ctx.cancelled:
+        outcome = "timed_out" if ctx.cancel_reason == "timeout" else "canceled"
+        return _finish(channel, ctx, outcome, None, None, {})
+    return _finish(channel, ctx, "completed", None, None, {})
+
+
+def classify_exception(exc: BaseException) -> tuple[str, str]:
+    """Map an exception from a runtime to a stable error code and a short message."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return "cuda_oom", f"CUDA out of memory: {text[:400]}"
+    return "runtime_error", f"{name}: {text[:400]}"
+
+
+def _finish(channel: EventChannel, ctx: JobContext, outcome: str, code: str | None,
+            message: str | None, details: dict[str, Any]) -> int:
+    channel.send("finished", outcome=outcome, error_code=code, error_message=message,
+                 partial=ctx.partial, metrics=ctx.metrics, details=details or None)
+    return {"completed": EXIT_COMPLETED, "canceled": EXIT_CANCELED,
+            "timed_out": EXIT_TIMED_OUT}.get(outcome, EXIT_FAILED)
+
+
+def exit_now(code: int) -> None:
+    """Flush what the job printed, then leave without interpreter teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m runtimes.host SPEC.json (started by miner-agent, not by hand)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    spec = json.loads(Path(args[0]).read_text())
+    die_with_parent(spec.get("parent_pid"))
+    os.chdir(spec["work_dir"])
+    exit_now(run_spec(spec))
+
+
+if __name__ == "__main__":
+    main()
