@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from runtimes.base import JobFailed
+from runtimes.gpt import build_gpt
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
@@ -108,6 +109,7 @@ def build_cnn(config: dict[str, Any]) -> nn.Module:
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
+    "gpt": build_gpt,  # runtimes/gpt.py: small causal LM for the training runtime
 }
 
 
