@@ -1,0 +1,319 @@
+"""NVML and host figures: the GPU inventory, per-heartbeat samples, capabilities.
+
+NVML is initialised once per :class:`Telemetry`. A node without the NVIDIA
+driver (no ``libnvidia-ml.so``, driver not loaded, no device) is a CPU-only
+node, not an error: :attr:`Telemetry.reason` says why there are no GPUs. Fields
+a GPU does not support (power on some boards, ECC on consumer cards) become
+``None``; a GPU that falls off the bus is reported with an ``error`` and the
+rest of the sample carries on.
+
+Everything here is cheap enough for a heartbeat every few seconds: handles and
+static facts are read once, a sample is a dozen NVML calls per GPU plus a few
+``/proc`` reads (see ``tests/test_telemetry.py`` for the measured cost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+T = TypeVar("T")
+
+# nvmlClocksEventReason* bits (the same values under the older "ThrottleReason"
+# names); spelled out so that decoding does not depend on the binding's version.
+THROTTLE_REASONS: dict[int, str] = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+
+# NVML error codes that mean "no usable NVIDIA GPU here" rather than a fault.
+_NO_GPU_REASONS = {
+    "NVMLError_LibraryNotFound": "NVML library not found (no NVIDIA driver installed)",
+    "NVMLError_DriverNotLoaded": "NVIDIA driver not loaded",
+    "NVMLError_NoPermission": "no permission to open the NVIDIA devices",
+    "NVMLError_Uninitialized": "NVML not initialised",
+}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What does not change while the agent runs: one GPU's identity and size."""
+
+    index: int
+    name: str
+    uuid: str
+    pci_bus_id: str
+    memory_total_mb: int
+    compute_capability: str | None
+    driver_version: str
+    cuda_driver_version: str | None
+
+
+def decode_throttle_reasons(mask: int | None) -> list[str] | None:
+    """Names of the set bits of an NVML clocks-event (throttle) mask; unknown bits as hex."""
+    if mask is None:
+        return None
+    names = [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
+    unknown = mask & ~sum(THROTTLE_REASONS)
+    if unknown:
+        names.append(f"0x{unknown:x}")
+    return names
+
+
+def cuda_version_string(version: int | None) -> str | None:
+    """NVML's integer CUDA driver version (12040) as ``"12.4"``."""
+    if not version:
+        return None
+    return f"{version // 1000}.{(version % 1000) // 10}"
+
+
+def _text(value: str | bytes) -> str:
+    # nvidia-ml-py returned bytes before 11.515; accept both.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Telemetry:
+    """NVML (once) plus psutil: :meth:`inventory`, :meth:`sample`, :meth:`close`.
+
+    ``nvml`` defaults to the ``pynvml`` module; tests pass a stand-in for the GPU.
+    ``disk_paths`` are the directories whose file systems each sample reports
+    (the state and cache directories).
+    """
+
+    def __init__(self, disk_paths: Iterable[str | Path] = (), nvml: Any = None) -> None:
+        self.disk_paths = [str(p) for p in disk_paths]
+        self.reason: str | None = None
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        self._inventory: list[GpuInfo] = []
+        psutil.cpu_percent(interval=None)  # primes the counter; the next call measures since now
+        self._init_nvml(nvml)
+
+    def _init_nvml(self, nvml: Any) -> None:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as exc:
+            self.reason = _NO_GPU_REASONS.get(type(exc).__name__, f"NVML failed to start: {exc}")
+            log.info("no GPUs: %s", self.reason)
+            return
+        self._nvml = nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+            self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            self._inventory = [self._gpu_info(i, h) for i, h in enumerate(self._handles)]
+        except nvml.NVMLError as exc:
+            self.reason = f"NVML could not list the GPUs: {exc}"
+            log.warning("no GPUs: %s", self.reason)
+            self.close()
+            return
+        if not self._handles:
+            self.reason = "the NVIDIA driver reports no GPU"
+
+    def _field(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)``, or None where the GPU or driver does not offer the figure."""
+        try:
+            return fn(*args)
+        except self._nvml.NVMLError_GpuIsLost:
+            raise
+        except self._nvml.NVMLError:
+            return None
+
+    def _gpu_info(self, index: int, handle: Any) -> GpuInfo:
+        nvml = self._nvml
+        cc = self._field(nvml.nvmlDeviceGetCudaComputeCapability, handle)
+        return GpuInfo(
+            index=index,
+            name=_text(nvml.nvmlDeviceGetName(handle)),
+            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(handle).busId),
+            memory_total_mb=int(nvml.nvmlDeviceGetMemoryInfo(handle).total // MIB),
+            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+            driver_version=_text(nvml.nvmlSystemGetDriverVersion()),
+            cuda_driver_version=cuda_version_string(
+                self._field(nvml.nvmlSystemGetCudaDriverVersion)),
+        )
+
+    @property
+    def has_gpus(self) -> bool:
+        """True when NVML started and sees at least one GPU."""
+        return bool(self._inventory)
+
+    def inventory(self) -> list[GpuInfo]:
+        """The GPUs NVML saw at start, in NVML index order (empty on a CPU-only node)."""
+        return list(self._inventory)
+
+    def sample(self) -> dict[str, Any]:
+        """One JSON-ready reading of every GPU and the host."""
+        return {
+            "t": round(time.time(), 3),
+            "gpus": [self._sample_gpu(info, handle)
+                     for info, handle in zip(self._inventory, self._handles, strict=True)],
+            "host": host_sample(self.disk_paths),
+        }
+
+    def _sample_gpu(self, info: GpuInfo, handle: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": info.index, "uuid": info.uuid}
+        try:
+            out.update(self._gpu_figures(handle))
+        except self._nvml.NVMLError as exc:  # GpuIsLost: the board fell off the bus
+            log.error("gpu %d (%s) stopped answering: %s", info.index, info.uuid, exc)
+            out["error"] = str(exc)
+        return out
+
+    def _gpu_figures(self, handle: Any) -> dict[str, Any]:
+        nvml, f = self._nvml, self._field
+        util = f(nvml.nvmlDeviceGetUtilizationRates, handle)
+        mem = f(nvml.nvmlDeviceGetMemoryInfo, handle)
+        power_mw = f(nvml.nvmlDeviceGetPowerUsage, handle)
+        limit_mw = f(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        return {
+            "util_gpu_pct": util.gpu if util is not None else None,
+            "util_mem_pct": util.memory if util is not None else None,
+            "mem_used_mb": int(mem.used // MIB) if mem is not None else None,
+            "mem_total_mb": int(mem.total // MIB) if mem is not None else None,
+            "temp_c": f(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+            "power_w": round(power_mw / 1000, 1) if power_mw is not None else None,
+            "power_limit_w": round(limit_mw / 1000, 1) if limit_mw is not None else None,
+            "throttle": decode_throttle_reasons(self._throttle_mask(handle)),
+            "ecc_corrected": self._ecc(handle, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+            "ecc_uncorrected": self._ecc(handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+        }
+
+    def _throttle_mask(self, handle: Any) -> int | None:
+        nvml = self._nvml
+        fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        if fn is None:  # bindings before 12.535 only know the older name
+            fn = nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        return self._field(fn, handle)
+
+    def _ecc(self, handle: Any, kind: int) -> int | None:
+        nvml = self._nvml
+        return self._field(nvml.nvmlDeviceGetTotalEccErrors, handle, kind, nvml.NVML_VOLATILE_ECC)
+
+    def close(self) -> None:
+        """Shut NVML down; safe to call twice."""
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError as exc:
+                log.debug("nvmlShutdown failed: %s", exc)
+            self._nvml = None
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def host_sample(disk_paths: Sequence[str] = ()) -> dict[str, Any]:
+    """CPU, load, memory, uptime and the file systems under ``disk_paths``."""
+    vm = psutil.virtual_memory()
+    load1, load5, load15 = os.getloadavg()
+    return {
+        "cpu_pct": psutil.cpu_percent(interval=None),
+        "load_avg": [round(load1, 2), round(load5, 2), round(load15, 2)],
+        "mem_used_mb": int((vm.total - vm.available) // MIB),
+        "mem_total_mb": int(vm.total // MIB),
+        "uptime_s": int(time.time() - psutil.boot_time()),
+        "disks": {path: disk_sample(path) for path in disk_paths},
+    }
+
+
+def disk_sample(path: str) -> dict[str, Any]:
+    """Used and free GiB of the file system holding ``path``; an ``error`` when unreadable."""
+    try:
+        usage = psutil.disk_usage(path)
+    except OSError as exc:
+        return {"error": exc.strerror or type(exc).__name__}
+    return {"used_gb": round(usage.used / 1024**3, 2), "free_gb": round(usage.free / 1024**3, 2)}
+
+
+def capabilities(
+    gpus: Sequence[GpuInfo],
+    reason: str | None = None,
+    models: Sequence[str] = (),
+    bench: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``capabilities`` object for ``/v1/miners/register``.
+
+    Dispatch reads ``gpus[].name``, ``gpus[].memory_mb``, ``cuda`` (as a substring)
+    and ``models``; the rest is stored by the coordinator for people to read.
+    """
+    caps: dict[str, Any] = {
+        "gpus": [gpu_capability(g) for g in gpus],
+        "models": list(models),
+        "host": host_capability(),
+    }
+    if gpus:
+        caps["cuda"] = gpus[0].cuda_driver_version or ""
+        caps["driver"] = gpus[0].driver_version
+    else:
+        caps["cpu_only"] = True
+        caps["cuda"] = ""
+        caps["cpu_only_reason"] = reason or "no GPU"
+    if bench:
+        caps["bench"] = bench
+    return caps
+
+
+def gpu_capability(gpu: GpuInfo) -> dict[str, Any]:
+    """One GPU as dispatch wants it (``name``, ``memory_mb``) plus identity for people."""
+    return {
+        "name": gpu.name,
+        "memory_mb": gpu.memory_total_mb,
+        "index": gpu.index,
+        "uuid": gpu.uuid,
+        "pci_bus_id": gpu.pci_bus_id,
+        "compute_capability": gpu.compute_capability,
+    }
+
+
+def host_capability() -> dict[str, Any]:
+    """The host's static facts: CPUs, memory, OS, Python."""
+    return {
+        "cpu_count": os.cpu_count() or 1,
+        "cpu_model": cpu_model(),
+        "memory_mb": int(psutil.virtual_memory().total // MIB),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else the machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def inventory_as_dicts(gpus: Sequence[GpuInfo]) -> list[dict[str, Any]]:
+    """The inventory as plain dicts (for JSON output and doctor)."""
+    return [asdict(g) for g in gpus]
