@@ -104,7 +104,7 @@ def _pick_device(wanted: Any) -> tuple[torch.device, Literal["cuda", "cpu"], lis
         return torch.device("cuda", 0), "cuda", names, f"{count} CUDA device(s) visible"
     reason = cpu_reason()
     if wanted == "cuda":
-        raise JobFailed("no_gpu", f"the payload asked for CUDA but {reason}")
+        raise JobFailed("no_capacity", f"the payload asked for CUDA but {reason}")
     return torch.device("cpu"), "cpu", ["cpu"], reason
 
 
