@@ -97,6 +97,15 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _events_on_fd3() -> None:
+    """Put the events channel on fd 3, as the fork server does, so shells can use ``>&3``."""
+    raw = os.environ.get("MINER_EVENTS_FD", "")
+    if raw.isdigit() and int(raw) != 3:
+        os.dup2(int(raw), 3, inheritable=True)
+        os.close(int(raw))
+        os.environ["MINER_EVENTS_FD"] = "3"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     spec = json.loads(Path(args[0]).read_text())
     die_with_parent(spec.get("parent_pid"))
+    _events_on_fd3()
     os.chdir(spec["work_dir"])
     exit_now(run_spec(spec))
 

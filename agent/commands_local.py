@@ -1,0 +1,115 @@
+"""`miner-agent exec` and `miner-agent verify`: one job in the foreground, and checking packages."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from agent.console import JobConsole
+from agent.errors import OUTCOME_EXIT, ExitCode, InvalidJob
+from agent.executor import ExecutorConfig, JobRun
+from agent.jobs import Job
+from agent.launcher import make_launcher
+from agent.verify import verify
+
+
+def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "exec", help="run one job from a JSON file in the foreground",
+        description="Run one job, described as a JSON file ({\"job_id\", \"payload\": "
+        "{\"type\", ...}, \"constraints\"}), in its own process, with a live progress bar "
+        "and log tail, and write its result package to OUT/job_<ID>/ (plus a zip). Ctrl-C "
+        "cancels the job and keeps its partial results; a second Ctrl-C kills it at once. "
+        "The exit code says the outcome: 0 completed, 1 failed, 3 canceled, 4 timed out, "
+        "5 killed by a signal, 7 invalid job.")
+    p.add_argument("job_file", metavar="JOB.json", help="the job description")
+    p.add_argument("--out", default="out", help="where the package goes (default: ./out)")
+    p.add_argument("--launcher", choices=("auto", "forkserver", "spawn"), default="auto",
+                   help="how the job's process starts: a torch-preloaded fork server, a "
+                   "plain spawn, or auto (fork server, falling back to spawn)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="S",
+                   help="seconds between a cancel's SIGTERM and the SIGKILL (default 10)")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="set CUDA_VISIBLE_DEVICES for the job (e.g. '0,1'; '' for none)")
+    p.add_argument("--models", default=None, metavar="FILE",
+                   help="a JSON or TOML file mapping model names to local folders")
+    p.add_argument("--quiet", action="store_true", help="no log tail or progress bar")
+    p.add_argument("--json", action="store_true", help="print output.json when done")
+    p.set_defaults(func=cmd_exec)
+
+
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "verify", help="check a result package (folder or zip)",
+        description="Check every file of a result package against output.sha256 and "
+        "output.json's manifest (and a zip against its .sha256). Says which file is wrong; "
+        "exit code 0 when the package is intact, 8 when it is not.")
+    p.add_argument("path", metavar="PATH", help="a job_<ID>/ folder or job_<ID>.zip")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(Path(args.path))
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    if report.ok:
+        print(f"OK {args.path}: {report.checked} files match their checksums")
+        return ExitCode.OK
+    print(f"{args.path}: {len(report.problems)} problem(s); the package was changed or is "
+          "incomplete: fetch it again from its source", file=sys.stderr)
+    return ExitCode.VERIFY_FAILED
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    try:
+        job = Job.from_file(args.job_file)
+    except InvalidJob as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        print("fix the job file; `miner-agent exec --help` shows its shape", file=sys.stderr)
+        return ExitCode.INVALID_JOB
+    contract: dict[str, str] = {}
+    if args.models:
+        contract["MINER_MODELS_FILE"] = str(Path(args.models).resolve())
+    cfg = ExecutorConfig(Path(args.out).resolve(), cancel_grace_s=args.grace,
+                         contract_env=contract)
+    gpu_ids = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
+    return asyncio.run(_exec(job, cfg, args, gpu_ids))
+
+
+async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
+                gpu_ids: list[str] | None) -> int:
+    console = JobConsole(job.job_id, quiet=args.quiet)
+    launcher = make_launcher(args.launcher)
+    run = JobRun(job, cfg, launcher, gpu_ids=gpu_ids, on_line=console.line,
+                 on_event=console.event)
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if run.cancel_reason is None:
+            console.note("cancel requested; saving partial results (Ctrl-C again to kill)")
+            run.cancel("interrupted")
+        else:
+            console.note("killing the job now")
+            run.kill_now()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        report = await run.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await launcher.close()
+        console.close()
+    where = report.folder or cfg.out_root
+    detail = f" ({report.error_code}: {report.error_message})" if report.error_code else ""
+    partial = " with partial results" if report.partial else ""
+    print(f"{job.job_id}: {report.outcome.value}{partial}{detail}", file=sys.stderr)
+    print(f"package: {where}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.output, indent=2))
+    return OUTCOME_EXIT[report.outcome]

@@ -1,0 +1,471 @@
+"""One job's process, parent side: start it, watch it, cancel it, classify and package.
+
+This module never imports torch. A :class:`JobRun` owns one job from "start this
+job" to a written package: it makes the job's folders, the capture pipes and the
+events channel, asks a launcher for the process, follows its events, enforces
+the hard timeout backstop, cancels on request (SIGTERM to the job's leader at
+once, SIGKILL to the whole process group after the grace period), and, once the
+process is gone, kills any straggler in its group, classifies the exit and
+writes the result package, shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.environment import environment_info, job_environ
+from agent.errors import LaunchError, Outcome, PackageError
+from agent.jobs import Job
+from agent.launcher import Launcher, LaunchRequest, ProcessHandle, SpawnLauncher
+from agent.logs import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
+from agent.outcome import Verdict, classify, signal_name
+from agent.package import PackageInfo, write_package
+from runtimes.registry import resolve_path
+
+log = logging.getLogger(__name__)
+
+LineCallback = Callable[[str, bytes], None]
+EventCallback = Callable[[dict[str, Any]], None]
+STREAMS = ("stdout", "stderr")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class ExecutorConfig:
+    """How jobs are run on this node (a slice of the agent's config)."""
+
+    out_root: Path
+    work_root: Path | None = None
+    cancel_grace_s: float = 10.0
+    timeout_margin_s: float = 0.5
+    extra_runtimes: dict[str, str] = field(default_factory=dict)
+    contract_env: dict[str, str] = field(default_factory=dict)
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    make_zip: bool = True
+    keep_work_dir: bool = False
+
+
+@dataclass
+class JobReport:
+    """The outcome of one run and the package that records it."""
+
+    job_id: str
+    outcome: Outcome
+    error_code: str | None
+    error_message: str | None
+    partial: bool
+    output: dict[str, Any]
+    package: PackageInfo | None
+
+    @property
+    def folder(self) -> Path | None:
+        return self.package.folder if self.package else None
+
+
+class JobRun:
+    """Runs one job in its own process; ``await run()`` returns its :class:`JobReport`."""
+
+    def __init__(self, job: Job, cfg: ExecutorConfig, launcher: Launcher, *,
+                 gpu_ids: list[str] | None = None, gpu_names: list[str] | None = None,
+                 on_line: LineCallback | None = None, on_event: EventCallback | None = None,
+                 environ: dict[str, str] | None = None, created_at: float | None = None) -> None:
+        self.job = job
+        self.cfg = cfg
+        self.launcher = launcher
+        self.gpu_ids = gpu_ids
+        self.gpu_names = gpu_names or []
+        self.on_line = on_line
+        self.on_event = on_event
+        self.environ = dict(os.environ if environ is None else environ)
+        self.folder = cfg.out_root / f"job_{job.job_id}"
+        self.work_dir = (cfg.work_root or cfg.out_root / ".work") / job.job_id
+        self.times: dict[str, float | None] = {"created": created_at or time.time(),
+                                               "requested": None, "started": None,
+                                               "finished": None}
+        self.cancel_times: dict[str, float | None] = {}
+        self.cancel_reason: str | None = None
+        self.forced_kill = False
+        self.progress: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self.events_seen: dict[str, Any] = {}
+        self.handle: ProcessHandle | None = None
+        self.captures: dict[str, StreamCapture] = {}
+        self._tails: dict[str, LineTail] = {}
+        self._tail_pending: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kill_task: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+
+    # -- public -------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid if self.handle else None
+
+    def log_size(self, stream: str) -> int:
+        capture = self.captures.get(stream)
+        return capture.size if capture else 0
+
+    def cancel(self, reason: str = "requested") -> None:
+        """Ask the job to stop now: SIGTERM at once, SIGKILL to its group after the grace."""
+        if self.cancel_reason is not None or self._exited.is_set():
+            return
+        self.cancel_reason = reason
+        self.cancel_times["requested"] = time.time()
+        log.info("job %s: cancel requested (%s)", self.job.job_id, reason)
+        if self.handle is not None:
+            self._signal_cancel()
+
+    def kill_now(self) -> None:
+        """Skip the grace period (a second Ctrl-C, a second SIGTERM)."""
+        if self.cancel_reason is None:
+            self.cancel("requested")
+        if self.handle is not None and not self._exited.is_set():
+            self.forced_kill = True
+            self._kill_group(signal.SIGKILL)
+
+    async def run(self) -> JobReport:
+        self._loop = asyncio.get_running_loop()
+        try:
+            runtime = self._runtime_path()
+            self._prepare_dirs()
+        except (PackageError, LaunchError) as exc:
+            return await self._report_without_process(exc.code, exc.message)
+        status, timed_out_task = await self._run_process(runtime)
+        return await asyncio.shield(self._finish(status, timed_out_task))
+
+    # -- start ----------------------------------------------------------------------
+    def _runtime_path(self) -> str:
+        path = resolve_path(self.job.type, self.cfg.extra_runtimes)
+        if path is None:
+            raise LaunchError(f"no runtime on this node handles payload type "
+                              f"{self.job.type!r}", code="unsupported_job_type")
+        return path
+
+    def _prepare_dirs(self) -> None:
+        if self.folder.exists():
+            raise PackageError(f"{self.folder} already exists: a job id runs once per "
+                               f"output folder (remove it or choose another --out)")
+        (self.folder / "logs").mkdir(parents=True)
+        (self.folder / "artifacts").mkdir()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def _contract_env(self) -> dict[str, str]:
+        return {**self.cfg.contract_env, "MINER_JOB_ID": self.job.job_id,
+                "MINER_PACKAGE_DIR": str(self.folder), "MINER_WORK_DIR": str(self.work_dir),
+                "MINER_ARTIFACTS_DIR": str(self.folder / "artifacts"),
+                "MINER_RESULT_FILE": str(self.folder / "result.txt")}
+
+    async def _run_process(self, runtime: str) -> tuple[int | None, bool]:
+        spec_path = self.work_dir / ".miner-job.json"
+        self.times["requested"] = time.time()
+        spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
+                "work_dir": str(self.work_dir), "runtime": runtime, "parent_pid": os.getpid(),
+                "t_request": self.times["requested"]}
+        spec_path.write_text(json.dumps(spec))
+        env = job_environ(self.environ, self._contract_env(), self.gpu_ids,
+                          self.job.payload.get("env"))
+        fds = self._open_channels()
+        request = LaunchRequest(spec_path, self.work_dir, env, fds["stdout"], fds["stderr"],
+                                fds["events"])
+        try:
+            self.handle = await self.launcher.launch(request)
+        except LaunchError as exc:
+            self._close_child_ends(fds)
+            self._exited.set()
+            self.events_seen["launch_error"] = exc.message
+            return None, False
+        self._close_child_ends(fds)
+        log.info("job %s: started pid %d via %s", self.job.job_id, self.handle.pid,
+                 self.handle.via)
+        if self.cancel_reason is not None:
+            self._signal_cancel()
+        return await self._supervise()
+
+    def _open_channels(self) -> dict[str, int]:
+        child_ends: dict[str, int] = {}
+        for stream in STREAMS:
+            read_fd, write_fd = make_pipe()
+            child_ends[stream] = write_fd
+            capture = StreamCapture(stream, read_fd, self.folder / "logs" / f"{stream}.log",
+                                    self._on_data if self.on_line else None,
+                                    self.cfg.max_log_bytes)
+            self.captures[stream] = capture
+            self._tails[stream] = LineTail(capture.path)
+            capture.start()
+        events_read, events_write = os.pipe()
+        child_ends["events"] = events_write
+        self._events_read = events_read
+        return child_ends
+
+    @staticmethod
+    def _close_child_ends(fds: dict[str, int]) -> None:
+        for fd in fds.values():
+            os.close(fd)
+
+    # -- watch ----------------------------------------------------------------------
+    async def _supervise(self) -> tuple[int | None, bool]:
+        assert self.handle is not None
+        events_task = asyncio.create_task(self._read_events())
+        timeout_task = asyncio.create_task(self._timeout_backstop())
+        try:
+            status = await self.handle.wait()
+        finally:
+            self._exited.set()
+            timeout_task.cancel()
+        self.times["finished"] = time.time()
+        if self.cancel_reason is not None:
+            self.cancel_times["exited"] = self.times["finished"]
+        if self._kill_task is not None:
+            self._kill_task.cancel()
+        # Stragglers in the group (a grandchild that outlived its parent) die now.
+        self._kill_group(signal.SIGKILL, quiet=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(events_task, 5)
+        if not events_task.done():
+            events_task.cancel()
+        return status, timeout_task.cancelled() is False and self.cancel_reason == "timeout"
+
+    async def _read_events(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+            os.fdopen(self._events_read, "rb", buffering=0))
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # an over-long line: skip it, keep the channel
+                    continue
+                if not line:
+                    return
+                self._handle_event(line)
+        finally:
+            transport.close()
+
+    def _handle_event(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            return
+        kind = event["event"]
+        if kind == "started":
+            self.times["started"] = float(event.get("t") or time.time())
+        elif kind == "progress":
+            self.progress = {k: v for k, v in event.items() if k not in ("event",)}
+        elif kind == "metrics" and isinstance(event.get("metrics"), dict):
+            self.metrics.update(event["metrics"])
+        elif kind == "finished" and isinstance(event.get("metrics"), dict):
+            self.metrics.update(event["metrics"])
+        if kind in ("finished", "partial", "error", "device", "cancel_seen"):
+            self.events_seen[kind] = event
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def _timeout_backstop(self) -> None:
+        await asyncio.sleep(self.job.constraints.timeout_s + self.cfg.timeout_margin_s)
+        if not self._exited.is_set():
+            log.warning("job %s: past its timeout of %.1f s", self.job.job_id,
+                        self.job.constraints.timeout_s)
+            self.cancel("timeout")
+
+    # -- cancel and kill ----------------------------------------------------------------
+    def _signal_cancel(self) -> None:
+        assert self.handle is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.handle.pid, signal.SIGTERM)
+        self.cancel_times["signalled"] = time.time()
+        self._kill_task = asyncio.get_running_loop().create_task(self._kill_after_grace())
+
+    async def _kill_after_grace(self) -> None:
+        await asyncio.sleep(self.cfg.cancel_grace_s)
+        if not self._exited.is_set():
+            log.warning("job %s: still running %.1f s after SIGTERM; killing its process group",
+                        self.job.job_id, self.cfg.cancel_grace_s)
+            self.forced_kill = True
+            self._kill_group(signal.SIGKILL)
+
+    def _kill_group(self, sig: int, quiet: bool = False) -> None:
+        """Signal the job's whole process group, and any descendant that left it."""
+        if self.handle is None:
+            return
+        pid = self.handle.pid
+        descendants: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        for proc in descendants:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        if not quiet:
+            log.info("job %s: sent %s to process group %d", self.job.job_id,
+                     signal_name(sig), pid)
+
+    # -- lines for subscribers -------------------------------------------------------
+    def _on_data(self, stream: str, _size: int) -> None:
+        """Called from a capture thread: schedule one tail read on the loop."""
+        if stream in self._tail_pending or self._loop is None:
+            return
+        self._tail_pending.add(stream)
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self._deliver_lines, stream)
+
+    def _deliver_lines(self, stream: str, final: bool = False) -> None:
+        self._tail_pending.discard(stream)
+        if self.on_line is None:
+            return
+        tail = self._tails[stream]
+        lines = tail.read_lines()
+        if final:
+            lines += tail.flush()
+        for line in lines:
+            self.on_line(stream, line)
+
+    # -- finish -----------------------------------------------------------------------
+    async def _finish(self, status: int | None, _timed_out: bool) -> JobReport:
+        for capture in self.captures.values():
+            if not await asyncio.to_thread(capture.join, 10):
+                log.error("job %s: %s capture did not end; a process outside the group "
+                          "holds the pipe", self.job.job_id, capture.name)
+        for stream in self.captures:
+            self._deliver_lines(stream, final=True)
+        last_error = self.events_seen.get("error")
+        if status is None:
+            verdict = Verdict(Outcome.FAILED, "launch_failed",
+                              str(self.events_seen.get("launch_error", "launch failed")))
+        else:
+            verdict = classify(status, self.events_seen.get("finished"), self.cancel_reason,
+                               last_error)
+        return await self._package(verdict, status)
+
+    def _partial(self, verdict: Verdict) -> bool:
+        if verdict.outcome == Outcome.COMPLETED:
+            return False
+        fin = self.events_seen.get("finished") or {}
+        if fin.get("partial") or "partial" in self.events_seen:
+            return True
+        result = self.folder / "result.txt"
+        has_result = result.is_file() and result.stat().st_size > 0
+        return has_result or any((self.folder / "artifacts").iterdir())
+
+    def build_output(self, verdict: Verdict, status: int | None) -> dict[str, Any]:
+        progress = dict(self.progress)
+        progress.pop("t", None)
+        if verdict.outcome == Outcome.COMPLETED:
+            progress["fraction"] = 1.0
+        started, finished = self.times["started"], self.times["finished"]
+        metrics = dict(self.metrics)
+        if started and finished:
+            metrics.setdefault("duration_ms", round((finished - started) * 1000, 1))
+        if started and self.times["requested"]:
+            metrics["start_latency_ms"] = round((started - self.times["requested"]) * 1000, 2)
+        return {
+            "job_id": self.job.job_id, "type": self.job.type, "status": verdict.outcome.value,
+            "partial": self._partial(verdict),
+            "created_at": iso(self.times["created"]), "started_at": iso(started),
+            "finished_at": iso(finished), "progress": progress, "metrics": metrics,
+            "exit": {"code": status if status is not None and status >= 0 else None,
+                     "signal": signal_name(-status) if status is not None and status < 0
+                     else None,
+                     "via": self.handle.via if self.handle else None},
+            "error": ({"code": verdict.error_code, "message": verdict.error_message}
+                      if verdict.error_code else None),
+            "cancel": self._cancel_block(),
+            "environment": {**environment_info(self.gpu_names),
+                            "cuda_visible_devices": self.gpu_ids,
+                            "device": (self.events_seen.get("device") or {}).get("summary")},
+            "logs": {s: {"bytes": c.size, "dropped_bytes": c.dropped}
+                     for s, c in self.captures.items()},
+        }
+
+    def _cancel_block(self) -> dict[str, Any] | None:
+        if self.cancel_reason is None:
+            return None
+        t = self.cancel_times
+        latency = (t["exited"] - t["requested"]) * 1000 \
+            if t.get("exited") and t.get("requested") else None
+        return {"reason": self.cancel_reason, "requested_at": iso(t.get("requested")),
+                "signalled_at": iso(t.get("signalled")), "exited_at": iso(t.get("exited")),
+                "packaged_at": None, "forced_kill": self.forced_kill,
+                "latency_ms": round(latency, 1) if latency is not None else None}
+
+    async def _package(self, verdict: Verdict, status: int | None) -> JobReport:
+        output = self.build_output(verdict, status)
+        if output["cancel"] is not None:
+            # The package is written once; "packaged" is when that write begins.
+            output["cancel"]["packaged_at"] = iso(time.time())
+        try:
+            info = await asyncio.to_thread(write_package, self.folder, output, self.cfg.make_zip)
+        except (OSError, PackageError) as exc:
+            log.error("job %s: packaging failed: %s", self.job.job_id, exc)
+            info = None
+        if not self.cfg.keep_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        log.info("job %s: %s%s", self.job.job_id, verdict.outcome.value,
+                 f" ({verdict.error_code})" if verdict.error_code else "")
+        return JobReport(self.job.job_id, verdict.outcome, verdict.error_code,
+                         verdict.error_message, bool(output["partial"]), output, info)
+
+    async def _report_without_process(self, code: str, message: str) -> JobReport:
+        """A job refused before its process exists still leaves a package."""
+        if not self.folder.exists():
+            (self.folder / "logs").mkdir(parents=True)
+            (self.folder / "artifacts").mkdir()
+            for stream in STREAMS:
+                (self.folder / "logs" / f"{stream}.log").touch()
+        elif code == "package_error":  # the folder is someone else's: never touch it
+            return JobReport(self.job.job_id, Outcome.FAILED, code, message, False, {}, None)
+        verdict = Verdict(Outcome.FAILED, code, message)
+        return await self._package(verdict, None)
+
+
+async def run_job(job: Job, cfg: ExecutorConfig, launcher: Launcher | None = None,
+                  **kwargs: Any) -> JobReport:
+    """Run one job to its package with a given (or a plain-spawn) launcher."""
+    own = launcher is None
+    launcher = launcher or SpawnLauncher()
+    try:
+        return await JobRun(job, cfg, launcher, **kwargs).run()
+    finally:
+        if own:
+            await launcher.close()
+
+
+def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:
+    """Blocking helper for scripts and tests: run ``job`` and return its report."""
+    from agent.launcher import make_launcher
+
+    cfg_keys = {"cancel_grace_s", "contract_env", "extra_runtimes", "make_zip"}
+    cfg = ExecutorConfig(Path(out_root), **{k: kwargs.pop(k) for k in list(kwargs)
+                                            if k in cfg_keys})
+
+    async def main() -> JobReport:
+        chosen = make_launcher(launcher)  # type: ignore[arg-type]
+        try:
+            return await JobRun(job, cfg, chosen, **kwargs).run()
+        finally:
+            await chosen.close()
+
+    return asyncio.run(main())

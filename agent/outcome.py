@@ -1,0 +1,58 @@
+"""Every exit of a job's process maps to one outcome, here and nowhere else."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import Outcome
+
+SHUTDOWN_REASONS = ("shutdown", "agent_shutdown")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    error_code: str | None
+    error_message: str | None
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def classify(status: int | None, finished: dict[str, Any] | None, cancel_reason: str | None,
+             last_error: dict[str, Any] | None = None) -> Verdict:
+    """Decide the outcome from the exit status, the runtime's last word and the cancel state.
+
+    ``status`` is the exit status as subprocess reports it (minus the signal number
+    for a signal death; None when the process never started).
+    """
+    fin = finished or {}
+    said = fin.get("outcome")
+    if status == 0 and said == "completed":
+        return Verdict(Outcome.COMPLETED, None, None)  # finished before a late cancel landed
+    if cancel_reason == "timeout" or said == "timed_out":
+        return Verdict(Outcome.TIMED_OUT, "timeout", "the job ran past its timeout")
+    if cancel_reason in SHUTDOWN_REASONS:
+        return Verdict(Outcome.LOST, "agent_shutdown",
+                       "the agent shut down while the job was running")
+    if cancel_reason is not None:
+        return Verdict(Outcome.CANCELED, "canceled", f"canceled ({cancel_reason})")
+    if said == "failed" and status != 0:
+        return Verdict(Outcome.FAILED, fin.get("error_code") or "runtime_error",
+                       fin.get("error_message"))
+    if status is not None and status < 0:
+        name = signal_name(-status)
+        hint = " (out of memory? see the kernel log)" if -status == signal.SIGKILL else ""
+        return Verdict(Outcome.KILLED, "killed", f"the job's process was killed by {name}{hint}")
+    if status == 0:
+        return Verdict(Outcome.COMPLETED, None, None)
+    if last_error is not None:
+        return Verdict(Outcome.FAILED, str(last_error.get("code") or "runtime_error"),
+                       str(last_error.get("message") or f"exited with status {status}"))
+    return Verdict(Outcome.FAILED, "nonzero_exit", f"the job exited with status {status}")
