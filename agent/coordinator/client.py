@@ -1,0 +1,391 @@
+"""The miner side of the coordinator protocol: core calls and extensions, over httpx.
+
+Every method is one logical call with its own deadline (see :data:`DEFAULT_DEADLINES_S`):
+a heartbeat stops retrying before its next tick, a result retries until it lands or
+:meth:`CoordinatorClient.stop_retrying` is called. Wire bodies are documented in
+``docs/protocol-extensions.md``; errors are the typed ones in
+:mod:`agent.coordinator.transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.coordinator.retry import CallStats, RetryPolicy
+from agent.coordinator.transport import (
+    CoordinatorHTTPError,
+    LeaseLost,
+    Transport,
+    response_json,
+)
+from agent.errors import CoordinatorError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_EXTENSIONS = frozenset({"lease", "progress", "logs", "package", "cancel"})
+MAX_LOG_CHUNK_BYTES = 4 * 1024 * 1024
+_UPLOAD_CHUNK_BYTES = 1024 * 1024
+Stream = Literal["stdout", "stderr"]
+
+
+class _Default(enum.Enum):
+    TOKEN = 0
+
+
+DEFAULT = _Default.TOKEN
+Deadline = float | None | _Default
+
+DEFAULT_DEADLINES_S: dict[str, float | None] = {
+    "register": None, "heartbeat": 10.0, "poll": 10.0, "running_jobs": 10.0,
+    "result": None, "fail": None, "progress": 10.0, "logs": 60.0, "log_offsets": 30.0,
+    "package": None, "presigned": None,
+}
+
+
+class LogOffsetConflict(CoordinatorError):
+    """Raised when a log chunk starts past the coordinator's end; resend from ``offsets``."""
+
+    code = "log_offset"
+
+    def __init__(self, message: str, offsets: LogOffsets) -> None:
+        super().__init__(message)
+        self.offsets = offsets
+
+
+@dataclass(frozen=True)
+class RegisterAnswer:
+    """What register said. ``extensions`` is what both sides speak (announced ∩ declared)."""
+
+    session_token: str | None
+    extensions: frozenset[str]
+    announced: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """Jobs to cancel, leases renewed (job_id -> new ttl_s) and leases lost."""
+
+    cancel: frozenset[str] = frozenset()
+    renewed: Mapping[str, float] = field(default_factory=dict)
+    lost: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class PolledJob:
+    """A job handed out by poll, as raw JSON parts (validate with ``Job.from_dict``)."""
+
+    job_id: str
+    payload: Any
+    constraints: Any
+    lease_id: str | None = None
+    lease_ttl_s: float | None = None
+
+    def job_dict(self) -> dict[str, Any]:
+        """The shape :meth:`agent.jobs.Job.from_dict` reads (lease flattened to lease_id)."""
+        out: dict[str, Any] = {"job_id": self.job_id, "payload": self.payload,
+                               "constraints": self.constraints}
+        if self.lease_id is not None:
+            out["lease_id"] = self.lease_id
+        return out
+
+
+@dataclass(frozen=True)
+class LogOffsets:
+    """The coordinator's end offset of each stream: the next byte it expects."""
+
+    stdout: int = 0
+    stderr: int = 0
+
+    def of(self, stream: str) -> int:
+        return self.stdout if stream == "stdout" else self.stderr
+
+    @classmethod
+    def from_body(cls, body: Any) -> LogOffsets:
+        body = body if isinstance(body, dict) else {}
+        return cls(int(body.get("stdout", 0) or 0), int(body.get("stderr", 0) or 0))
+
+
+@dataclass(frozen=True)
+class PackageAnswer:
+    """Where the coordinator keeps an uploaded package and what it verified."""
+
+    sha256: str
+    size: int
+    url: str | None = None
+
+
+class CoordinatorClient:
+    """Async client for the miner endpoints; one per agent, closed with :meth:`aclose`.
+
+    The API key travels in ``X-Api-Key`` on every miner call and nowhere else: it is
+    masked in ``repr`` and never logged.
+    """
+
+    def __init__(self, base_url: str, api_key: str, miner_id: str, *,
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0,
+                 retry: RetryPolicy | None = None,
+                 deadlines_s: Mapping[str, float | None] | None = None) -> None:
+        _install_url_redaction()
+        self.miner_id = miner_id
+        self.stats = CallStats()
+        self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
+        self._t = Transport(base_url, api_key, miner_id, connect_timeout_s=connect_timeout_s,
+                            read_timeout_s=read_timeout_s, policy=retry or RetryPolicy(),
+                            stats=self.stats)
+
+    def __repr__(self) -> str:
+        return f"CoordinatorClient(miner_id={self.miner_id!r}, api_key='***')"
+
+    async def __aenter__(self) -> CoordinatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._t.aclose()
+
+    def stop_retrying(self) -> None:
+        """Shutdown: abort retry waits now; later calls get one attempt each."""
+        self._t.stop_retrying()
+
+    def _deadline(self, endpoint: str, given: Deadline) -> float | None:
+        return self.deadlines_s.get(endpoint) if isinstance(given, _Default) else given
+
+    # -- core ---------------------------------------------------------------------------
+
+    async def register(self, capabilities: Mapping[str, Any], concurrency: int,
+                       region: str | None = None, *,
+                       deadline_s: Deadline = DEFAULT) -> RegisterAnswer:
+        """Register (or re-register) this miner; resets the coordinator's in-flight count.
+
+        Declares :data:`SUPPORTED_EXTENSIONS` in ``capabilities.extensions`` unless the
+        caller put its own list there (to switch some off).
+        """
+        caps = dict(capabilities)
+        declared = frozenset(caps.setdefault("extensions", sorted(SUPPORTED_EXTENSIONS)))
+        body = {"capabilities": caps, "concurrency": concurrency, "region": region}
+        resp = await self._t.request("register", "POST", "/v1/miners/register", json=body,
+                                     deadline_s=self._deadline("register", deadline_s))
+        data = _json_object(resp, "register")
+        announced = frozenset(str(x) for x in data.get("extensions") or ())
+        return RegisterAnswer(data.get("session_token"), announced & declared, announced)
+
+    async def heartbeat(self, inflight: int, metadata: Mapping[str, Any] | None = None,
+                        leases: Mapping[str, str] | None = None, *,
+                        deadline_s: Deadline = DEFAULT) -> HeartbeatAnswer:
+        """Report the true in-flight count; with leases (job_id -> lease_id), renew them.
+
+        Raises :class:`NotRegistered` on 404.
+        """
+        body: dict[str, Any] = {"inflight": inflight, "status": "ONLINE",
+                                "metadata": dict(metadata or {})}
+        if leases:
+            body["leases"] = [{"job_id": j, "lease_id": lid} for j, lid in leases.items()]
+        resp = await self._t.request("heartbeat", "POST", "/v1/miners/heartbeat", json=body,
+                                     deadline_s=self._deadline("heartbeat", deadline_s),
+                                     not_registered=frozenset({404}))
+        return _heartbeat_answer(_json_object(resp, "heartbeat"))
+
+    async def poll(self, *, deadline_s: Deadline = DEFAULT) -> PolledJob | None:
+        """Ask for one job; None when there is none. Raises :class:`NotRegistered` on 500."""
+        resp = await self._t.request("poll", "POST", "/v1/miners/poll", json={},
+                                     deadline_s=self._deadline("poll", deadline_s),
+                                     not_registered=frozenset({500}))
+        if resp.status_code == 204 or not resp.content:
+            return None
+        data = _json_object(resp, "poll")
+        raw = data.get("lease")
+        lease = raw if isinstance(raw, dict) else {}
+        ttl = lease.get("ttl_s")
+        return PolledJob(job_id=str(data.get("job_id")), payload=data.get("payload"),
+                         constraints=data.get("constraints"),
+                         lease_id=lease.get("id"),
+                         lease_ttl_s=float(ttl) if isinstance(ttl, int | float) else None)
+
+    async def running_jobs(self, *, limit: int = 100,
+                           deadline_s: Deadline = DEFAULT) -> set[str]:
+        """Ids of the jobs the coordinator thinks this miner runs (a missing one: stop it)."""
+        resp = await self._t.request(
+            "running_jobs", "POST", f"/v1/miners/{self.miner_id}/jobs", json={},
+            params={"job_status": "running", "limit": limit},
+            deadline_s=self._deadline("running_jobs", deadline_s))
+        jobs = _json_object(resp, "running_jobs").get("jobs") or []
+        return {str(j.get("job_id", j.get("id"))) for j in jobs if isinstance(j, dict)}
+
+    async def result(self, job_id: str, result: Mapping[str, Any],
+                     metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
+                     *, deadline_s: Deadline = DEFAULT) -> dict[str, Any] | None:
+        """Report a completion (or, with the cancel extension, a cancel); returns the receipt.
+
+        Never call this for a job the coordinator canceled or expired in the core: it
+        would flip that job back to COMPLETED.
+        """
+        body: dict[str, Any] = {"result": dict(result), "metrics": dict(metrics or {})}
+        if lease_id is not None:
+            body["lease_id"] = lease_id
+        resp = await self._t.request("result", "POST", f"/v1/miners/{job_id}/result",
+                                     json=body, deadline_s=self._deadline("result", deadline_s))
+        receipt = _json_object(resp, "result").get("receipt")
+        return receipt if isinstance(receipt, dict) else None
+
+    async def fail(self, job_id: str, error_code: str, error_message: str = "",
+                   metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
+                   *, deadline_s: Deadline = DEFAULT) -> None:
+        """Report a failure. The core does not free the in-flight slot: heartbeat next."""
+        body: dict[str, Any] = {"error_code": error_code, "error_message": error_message,
+                                "metrics": dict(metrics or {})}
+        if lease_id is not None:
+            body["lease_id"] = lease_id
+        await self._t.request("fail", "POST", f"/v1/miners/{job_id}/fail", json=body,
+                              deadline_s=self._deadline("fail", deadline_s))
+
+    # -- extensions ---------------------------------------------------------------------
+
+    async def progress(self, job_id: str, *, lease_id: str | None = None,
+                       fraction: float | None = None, stage: str | None = None,
+                       message: str | None = None, eta_s: float | None = None,
+                       metrics: Mapping[str, Any] | None = None,
+                       deadline_s: Deadline = DEFAULT) -> bool:
+        """Send progress (extension "progress"); True when the coordinator says cancel."""
+        fields = {"lease_id": lease_id, "fraction": fraction, "stage": stage,
+                  "message": message, "eta_s": eta_s,
+                  "metrics": dict(metrics) if metrics is not None else None}
+        body = {k: v for k, v in fields.items() if v is not None}
+        resp = await self._t.request("progress", "POST", f"/v1/miners/{job_id}/progress",
+                                     json=body, deadline_s=self._deadline("progress", deadline_s))
+        return bool(_json_object(resp, "progress").get("cancel"))
+
+    async def ship_logs(self, job_id: str, stream: Stream, offset: int, data: bytes, *,
+                        lease_id: str | None = None,
+                        deadline_s: Deadline = DEFAULT) -> LogOffsets:
+        """Ship ``data`` that starts at byte ``offset`` of ``stream``; returns the new ends.
+
+        Safe to repeat: the coordinator appends only bytes past its end. Raises
+        :class:`LogOffsetConflict` when ``offset`` is past its end (resend from there).
+        """
+        if stream not in ("stdout", "stderr"):
+            raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
+        if len(data) > MAX_LOG_CHUNK_BYTES:
+            raise ValueError(f"log chunk of {len(data)} bytes exceeds {MAX_LOG_CHUNK_BYTES}")
+        body: dict[str, Any] = {"stream": stream, "offset": offset,
+                                "data_b64": base64.b64encode(data).decode("ascii")}
+        if lease_id is not None:
+            body["lease_id"] = lease_id
+        resp = await self._t.request("logs", "POST", f"/v1/miners/{job_id}/logs", json=body,
+                                     deadline_s=self._deadline("logs", deadline_s),
+                                     accept=frozenset({409}))
+        answer = response_json(resp)
+        if resp.status_code == 409:
+            if isinstance(answer, dict) and answer.get("error") == "offset_ahead":
+                raise LogOffsetConflict(f"log chunk for {job_id} {stream} at {offset} is past "
+                                        "the coordinator's end", LogOffsets.from_body(answer))
+            raise LeaseLost(f"coordinator refused logs for {job_id}: stale lease", job_id)
+        return LogOffsets.from_body(answer)
+
+    async def log_offsets(self, job_id: str, *,
+                          deadline_s: Deadline = DEFAULT) -> LogOffsets:
+        """Where the coordinator's copy of each stream ends (resume point after a crash)."""
+        resp = await self._t.request("log_offsets", "GET",
+                                     f"/v1/miners/{job_id}/logs/offsets",
+                                     deadline_s=self._deadline("log_offsets", deadline_s))
+        return LogOffsets.from_body(response_json(resp))
+
+    async def upload_package(self, job_id: str, zip_path: str | os.PathLike[str], sha256: str,
+                             *, lease_id: str | None = None,
+                             deadline_s: Deadline = DEFAULT) -> PackageAnswer:
+        """PUT the result zip; the coordinator checks ``sha256`` (422: code sha256_mismatch)."""
+        headers = _upload_headers(zip_path, sha256)
+        if lease_id is not None:
+            headers["X-Lease-ID"] = lease_id
+        resp = await self._t.request("package", "PUT", f"/v1/miners/{job_id}/package",
+                                     content=lambda: _file_chunks(zip_path), headers=headers,
+                                     deadline_s=self._deadline("package", deadline_s),
+                                     accept=frozenset({422}))
+        data = response_json(resp)
+        data = data if isinstance(data, dict) else {}
+        if resp.status_code == 422:
+            raise CoordinatorHTTPError(f"coordinator rejected the package of {job_id}: "
+                                       f"{data.get('detail', 'unprocessable')}", 422, data,
+                                       code="sha256_mismatch")
+        return PackageAnswer(str(data.get("sha256", sha256)), int(data.get("size", 0) or 0),
+                             data.get("url"))
+
+    async def put_presigned(self, url: str, zip_path: str | os.PathLike[str], sha256: str, *,
+                            deadline_s: Deadline = DEFAULT) -> None:
+        """PUT the zip to a payload's ``upload_url`` (no API key: the URL is the credential)."""
+        resp = await self._t.request("presigned", "PUT", url, auth=False,
+                                     content=lambda: _file_chunks(zip_path),
+                                     headers=_upload_headers(zip_path, sha256),
+                                     deadline_s=self._deadline("presigned", deadline_s),
+                                     accept=frozenset({422}))
+        if resp.status_code == 422:
+            raise CoordinatorHTTPError("upload URL rejected the package: checksum mismatch",
+                                       422, response_json(resp), code="sha256_mismatch")
+
+
+def _json_object(resp: Any, endpoint: str) -> dict[str, Any]:
+    body = response_json(resp)
+    if not isinstance(body, dict):
+        raise CoordinatorError(f"coordinator answered {endpoint} with a body that is not a "
+                               "JSON object", "bad_answer")
+    return body
+
+
+def _heartbeat_answer(data: dict[str, Any]) -> HeartbeatAnswer:
+    renewed: dict[str, float] = {}
+    lost: set[str] = set()
+    raw = data.get("leases")
+    leases = raw if isinstance(raw, dict) else {}
+    for job_id, state in leases.items():
+        if isinstance(state, dict) and isinstance(state.get("ttl_s"), int | float):
+            renewed[str(job_id)] = float(state["ttl_s"])
+        else:
+            lost.add(str(job_id))
+    cancel = frozenset(str(j) for j in data.get("cancel") or () if j is not None)
+    return HeartbeatAnswer(cancel, renewed, frozenset(lost))
+
+
+def _upload_headers(zip_path: str | os.PathLike[str], sha256: str) -> dict[str, str]:
+    return {"Content-Type": "application/zip", "Content-Length": str(os.path.getsize(zip_path)),
+            "X-Content-SHA256": sha256.lower()}
+
+
+async def _file_chunks(path: str | os.PathLike[str]) -> AsyncIterator[bytes]:
+    # open() is cheap; the reads, which can block on a slow disk, run in a thread.
+    with open(path, "rb") as fh:
+        while True:
+            chunk = await asyncio.to_thread(fh.read, _UPLOAD_CHUNK_BYTES)
+            if not chunk:
+                return
+            yield chunk
+
+
+class _RedactQuery(logging.Filter):
+    """Drops query strings from httpx's request log lines: presigned URLs carry secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_strip_query(a) for a in record.args)
+        return True
+
+
+def _strip_query(value: Any) -> Any:
+    text = str(value) if type(value).__name__ == "URL" else None
+    if text is None or "?" not in text:
+        return value
+    return text.split("?", 1)[0] + "?<redacted>"
+
+
+def _install_url_redaction(loggers: Iterable[str] = ("httpx",)) -> None:
+    for name in loggers:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _RedactQuery) for f in log.filters):
+            log.addFilter(_RedactQuery())

@@ -1,0 +1,143 @@
+"""Client endpoints of the reference coordinator (what the CLI's client commands call).
+
+``POST /v1/jobs`` submits, ``GET /v1/jobs[/{id}]`` lists and shows in the client
+guide's vocabulary, ``POST /v1/jobs/{id}/cancel`` cancels, and ``.../result``,
+``.../logs`` and ``.../package`` fetch outputs. Also ``GET /health`` and the stand-in
+object store behind presigned upload URLs (``PUT /presigned/{token}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from agent.coordinator.model import (
+    CANCELED,
+    QUEUED,
+    RUNNING,
+    Problem,
+    Settings,
+    coordinator_states,
+    job_view,
+)
+from agent.coordinator.server import Request, Response, Route, route
+from agent.coordinator.store import Store
+
+
+class ClientAPI:
+    """Handlers for ``/v1/jobs...``, ``/health`` and ``/presigned/{token}``."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def routes(self) -> list[Route]:
+        return [
+            route("GET", "/health", self.health),
+            route("POST", "/v1/jobs", self.submit, "client", "submit"),
+            route("GET", "/v1/jobs", self.list, "client"),
+            route("GET", "/v1/jobs/{job_id}", self.show, "client"),
+            route("POST", "/v1/jobs/{job_id}/cancel", self.cancel, "client"),
+            route("GET", "/v1/jobs/{job_id}/result", self.result, "client"),
+            route("GET", "/v1/jobs/{job_id}/logs", self.logs, "client"),
+            route("GET", "/v1/jobs/{job_id}/package", self.package, "client"),
+            route("PUT", "/presigned/{token}", self.put_presigned,
+                  max_body_bytes=self.settings.max_package_bytes),
+        ]
+
+    def health(self, req: Request) -> Response:
+        return Response(200, {"status": "ok", "extensions": list(self.settings.extensions)})
+
+    def _view(self, job: dict[str, Any]) -> dict[str, Any]:
+        return job_view(job, self.store.package_info(job["job_id"]))
+
+    def submit(self, req: Request) -> Response:
+        body = req.json_object()
+        payload, constraints = body.get("payload"), body.get("constraints") or {}
+        ttl = body.get("ttl_s", self.settings.job_ttl_s)
+        if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+            raise Problem(422, "payload must be a JSON object with a string 'type'")
+        if not isinstance(constraints, dict):
+            raise Problem(422, "constraints must be a JSON object")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+            raise Problem(422, "ttl_s must be a number of seconds > 0")
+        job_id = self.store.submit(payload, constraints, float(ttl))
+        return Response(201, self._view(self.store.job_or_404(job_id)))
+
+    def list(self, req: Request) -> Response:
+        status = req.query.get("status")
+        states = coordinator_states(status) if status else ()
+        limit = min(1000, max(1, int(req.query.get("limit", "100"))))
+        views = [self._view(j) for j in self.store.jobs(states, limit=limit)]
+        if status:  # assigned/running/canceling share RUNNING: filter on the client name
+            views = [v for v in views if v["status"] == status.lower()]
+        return Response(200, {"jobs": views, "total": len(views)})
+
+    def show(self, req: Request) -> Response:
+        return Response(200, self._view(self.store.job_or_404(req.params["job_id"])))
+
+    def cancel(self, req: Request) -> Response:
+        """QUEUED: canceled at once. RUNNING: canceled at once in the core (the miner
+        learns it from its running list); with the cancel extension, canceling until
+        the miner confirms or ``cancel_grace_s`` passes."""
+        with self.store.tx():
+            job = self.store.job_or_404(req.params["job_id"])
+            now = time.time()
+            if job["state"] == CANCELED or job.get("cancel_requested_at"):
+                return Response(200, self._view(job))
+            if job["state"] == QUEUED:
+                self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
+                                      finished_by="client")
+            elif job["state"] == RUNNING:
+                miner = self.store.miner(job["miner_id"]) if job.get("miner_id") else None
+                if miner is not None and "cancel" in miner["extensions"]:
+                    self.store.update_job(job["job_id"], cancel_requested_at=now)
+                else:
+                    self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
+                                          finished_by="client", lease_expires_at=None)
+            else:
+                raise Problem(409, f"job is already {job_view(job)['status']}")
+            return Response(200, self._view(self.store.job_or_404(job["job_id"])))
+
+    def result(self, req: Request) -> Response:
+        job = self._view(self.store.job_or_404(req.params["job_id"]))
+        if job["status"] not in ("completed", "failed", "canceled"):
+            raise Problem(409, f"job is {job['status']}: no result yet", status=job["status"])
+        receipts = self.store.receipts(job["job_id"])
+        return Response(200, {"job_id": job["job_id"], "status": job["status"],
+                              "result": job["result"], "error": job["error"],
+                              "partial": job["partial"], "receipt": receipts[-1] if receipts
+                              else None, "receipts": len(receipts)})
+
+    def logs(self, req: Request) -> Response:
+        stream = req.query.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise Problem(422, "stream must be stdout or stderr")
+        offset = max(0, int(req.query.get("offset", "0")))
+        job = self.store.job_or_404(req.params["job_id"])
+        data = self.store.read_log(job["job_id"], stream, offset)
+        return Response(200, data, {"X-Log-Offset": str(offset),
+                                    "X-Log-End": str(offset + len(data))},
+                        content_type="text/plain; charset=utf-8")
+
+    def package(self, req: Request) -> Response:
+        job = self.store.job_or_404(req.params["job_id"])
+        info = self.store.package_info(job["job_id"])
+        data = self.store.package_data(job["job_id"])
+        if info is None or data is None:
+            raise Problem(404, "no package uploaded for this job")
+        return Response(200, data, {"X-Content-SHA256": info["sha256"]},
+                        content_type="application/zip")
+
+    def put_presigned(self, req: Request) -> Response:
+        token = req.params["token"]
+        if self.store.presigned(token) is None:
+            raise Problem(403, "upload URL is not valid")
+        actual = hashlib.sha256(req.body).hexdigest()
+        expected = (req.headers.get("X-Content-SHA256") or "").strip().lower()
+        if expected and expected != actual:
+            raise Problem(422, "sha256 mismatch", error="sha256_mismatch",
+                          expected=expected, actual=actual)
+        self.store.put_presigned(token, actual, req.body)
+        return Response(200, {"status": "ok", "sha256": actual, "size": len(req.body)})

@@ -1,0 +1,276 @@
+"""SQLite storage of the reference coordinator: miners, jobs, receipts, logs, packages.
+
+One connection in WAL mode shared by the server's threads behind a re-entrant lock;
+:meth:`Store.tx` makes a group of statements one transaction, so check-then-act
+logic (claim a job, check a lease) cannot interleave with another request.
+Time-driven transitions (TTL expiry, lease expiry, cancel grace) happen in
+:meth:`Store.sweep`, run at the start of every transaction that reads jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from agent.coordinator.model import CANCELED, EXPIRED, QUEUED, RUNNING, Problem
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS miners (
+    miner_id TEXT PRIMARY KEY, capabilities TEXT NOT NULL, concurrency INTEGER NOT NULL,
+    region TEXT, inflight INTEGER NOT NULL DEFAULT 0, session_token TEXT NOT NULL,
+    status TEXT, metadata TEXT, extensions TEXT NOT NULL, registered_at REAL, last_seen REAL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, payload TEXT NOT NULL, constraints TEXT NOT NULL,
+    state TEXT NOT NULL, miner_id TEXT, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+    assigned_at REAL, started_at REAL, finished_at REAL, finished_by TEXT,
+    result TEXT, metrics TEXT, error_code TEXT, error_message TEXT, partial INTEGER,
+    lease_id TEXT, lease_expires_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested_at REAL, progress TEXT);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS receipts (
+    receipt_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, body TEXT NOT NULL, created_at REAL);
+CREATE TABLE IF NOT EXISTS logs (
+    job_id TEXT NOT NULL, stream TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (job_id, stream));
+CREATE TABLE IF NOT EXISTS packages (
+    job_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL,
+    created_at REAL);
+CREATE TABLE IF NOT EXISTS presigned (
+    token TEXT PRIMARY KEY, data BLOB, sha256 TEXT, created_at REAL);
+"""
+_JSON_COLUMNS = ("payload", "constraints", "result", "metrics", "progress", "capabilities",
+                 "metadata", "extensions")
+
+
+def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in _JSON_COLUMNS:
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+def dumps(value: Any) -> str | None:
+    """JSON text for a column, or None for None."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class Store:
+    """The coordinator's state; every public method is atomic and thread-safe."""
+
+    def __init__(self, path: str, *, cancel_grace_s: float = 60.0) -> None:
+        self.path = path
+        self.cancel_grace_s = cancel_grace_s
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (nested calls join the outer one), under the store's lock."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield self._db
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._db.execute("COMMIT")
+
+    # -- time-driven transitions ----------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> None:
+        """Expire jobs past their TTL, requeue jobs whose lease ran out, end stale cancels."""
+        now = time.time() if now is None else now
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
+                       "lease_expires_at=NULL WHERE state IN (?, ?) AND expires_at <= ?",
+                       (EXPIRED, now, QUEUED, RUNNING, now))
+            db.execute("UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
+                       "lease_expires_at=NULL WHERE state=? AND cancel_requested_at <= ?",
+                       (CANCELED, now, RUNNING, now - self.cancel_grace_s))
+            lapsed = [r["job_id"] for r in db.execute(
+                "SELECT job_id FROM jobs WHERE state=? AND lease_expires_at <= ?",
+                (RUNNING, now))]
+            for job_id in lapsed:
+                self.requeue(job_id)
+
+    def requeue(self, job_id: str) -> None:
+        """Put a job whose lease lapsed back in the queue as a fresh attempt."""
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET state=?, miner_id=NULL, lease_id=NULL, "
+                       "lease_expires_at=NULL, assigned_at=NULL, started_at=NULL, "
+                       "progress=NULL WHERE job_id=?", (QUEUED, job_id))
+            db.execute("DELETE FROM logs WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM packages WHERE job_id=?", (job_id,))
+
+    # -- miners ---------------------------------------------------------------------------
+
+    def register(self, miner_id: str, capabilities: Mapping[str, Any], concurrency: int,
+                 region: str | None, extensions: list[str]) -> str:
+        """Create or replace a miner; its in-flight count starts at 0. Returns a token."""
+        token = uuid.uuid4().hex
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO miners (miner_id, capabilities, concurrency, region, "
+                "inflight, session_token, status, metadata, extensions, registered_at, "
+                "last_seen) VALUES (?, ?, ?, ?, 0, ?, 'ONLINE', '{}', ?, ?, ?)",
+                (miner_id, dumps(dict(capabilities)), concurrency, region, token,
+                 dumps(extensions), now, now))
+        return token
+
+    def miner(self, miner_id: str) -> dict[str, Any] | None:
+        with self.tx() as db:
+            return _decode(db.execute("SELECT * FROM miners WHERE miner_id=?",
+                                      (miner_id,)).fetchone())
+
+    def update_miner_seen(self, miner_id: str, status: Any, metadata: Any) -> None:
+        """Store a heartbeat's status and free-form metadata."""
+        with self.tx() as db:
+            db.execute("UPDATE miners SET status=?, metadata=?, last_seen=? WHERE miner_id=?",
+                       (str(status or "ONLINE"), dumps(metadata if isinstance(metadata, dict)
+                                                       else {}), time.time(), miner_id))
+
+    def set_inflight(self, miner_id: str, inflight: int | None = None, delta: int = 0) -> None:
+        """Overwrite (heartbeat) or adjust (poll, result) a miner's in-flight count."""
+        with self.tx() as db:
+            if inflight is not None:
+                db.execute("UPDATE miners SET inflight=? WHERE miner_id=?", (inflight, miner_id))
+            else:
+                db.execute("UPDATE miners SET inflight=MAX(0, inflight + ?) WHERE miner_id=?",
+                           (delta, miner_id))
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def submit(self, payload: Mapping[str, Any], constraints: Mapping[str, Any],
+               ttl_s: float) -> str:
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO jobs (job_id, payload, constraints, state, created_at, "
+                       "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, dumps(dict(payload)), dumps(dict(constraints)), QUEUED, now,
+                        now + ttl_s))
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self.tx() as db:
+            self.sweep()
+            return _decode(db.execute("SELECT * FROM jobs WHERE job_id=?",
+                                      (job_id,)).fetchone())
+
+    def job_or_404(self, job_id: str) -> dict[str, Any]:
+        job = self.job(job_id)
+        if job is None:
+            raise Problem(404, "Job not found")
+        return job
+
+    def jobs(self, states: tuple[str, ...] = (), miner_id: str | None = None,
+             limit: int = 100) -> list[dict[str, Any]]:
+        """Jobs oldest first, optionally filtered by state(s) and miner."""
+        sql, args = "SELECT * FROM jobs WHERE 1=1", list[Any]()
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        if miner_id is not None:
+            sql += " AND miner_id=?"
+            args.append(miner_id)
+        with self.tx() as db:
+            self.sweep()
+            rows = db.execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit)).fetchall()
+        return [j for j in map(_decode, rows) if j is not None]
+
+    def update_job(self, job_id: str, **columns: Any) -> None:
+        """Set columns of one job; dicts and lists are stored as JSON."""
+        names = ", ".join(f"{k}=?" for k in columns)
+        values = [dumps(v) if isinstance(v, dict | list) else v for v in columns.values()]
+        with self.tx() as db:
+            db.execute(f"UPDATE jobs SET {names} WHERE job_id=?", (*values, job_id))
+
+    def add_receipt(self, job_id: str, body: Mapping[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO receipts VALUES (?, ?, ?, ?)",
+                       (body["receipt_id"], job_id, dumps(dict(body)), time.time()))
+
+    def receipts(self, job_id: str) -> list[dict[str, Any]]:
+        with self.tx() as db:
+            rows = db.execute("SELECT body FROM receipts WHERE job_id=? ORDER BY rowid",
+                              (job_id,)).fetchall()
+        return [json.loads(r["body"]) for r in rows]
+
+    # -- logs and packages ----------------------------------------------------------------
+
+    def log_ends(self, job_id: str) -> dict[str, int]:
+        with self.tx() as db:
+            rows = db.execute("SELECT stream, length(data) AS n FROM logs WHERE job_id=?",
+                              (job_id,)).fetchall()
+        ends = {"stdout": 0, "stderr": 0}
+        ends.update({r["stream"]: int(r["n"]) for r in rows})
+        return ends
+
+    def append_log(self, job_id: str, stream: str, data: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO logs VALUES (?, ?, ?) ON CONFLICT(job_id, stream) "
+                       "DO UPDATE SET data = data || excluded.data", (job_id, stream, data))
+
+    def read_log(self, job_id: str, stream: str, offset: int = 0) -> bytes:
+        with self.tx() as db:
+            row = db.execute("SELECT substr(data, ?) AS d FROM logs WHERE job_id=? "
+                             "AND stream=?", (offset + 1, job_id, stream)).fetchone()
+        return bytes(row["d"]) if row is not None and row["d"] is not None else b""
+
+    def put_package(self, job_id: str, sha256: str, data: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO packages VALUES (?, ?, ?, ?, ?)",
+                       (job_id, sha256, len(data), data, time.time()))
+
+    def package_info(self, job_id: str) -> dict[str, Any] | None:
+        with self.tx() as db:
+            row = db.execute("SELECT sha256, size FROM packages WHERE job_id=?",
+                             (job_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def package_data(self, job_id: str) -> bytes | None:
+        with self.tx() as db:
+            row = db.execute("SELECT data FROM packages WHERE job_id=?", (job_id,)).fetchone()
+        return bytes(row["data"]) if row is not None else None
+
+    def presign(self) -> str:
+        token = uuid.uuid4().hex
+        with self.tx() as db:
+            db.execute("INSERT INTO presigned VALUES (?, NULL, NULL, ?)", (token, time.time()))
+        return token
+
+    def presigned(self, token: str) -> dict[str, Any] | None:
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM presigned WHERE token=?", (token,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def put_presigned(self, token: str, sha256: str, data: bytes) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE presigned SET data=?, sha256=? WHERE token=?",
+                       (data, sha256, token))

@@ -1,0 +1,233 @@
+"""HTTP transport for the coordinator client: auth headers, timeouts, retries, errors.
+
+One loop (:meth:`Transport.request`) decides, per answer, between "return it",
+"retry after a wait" and "raise a typed error", so every endpoint shares one policy:
+
+- 429 waits what Retry-After says (seconds or HTTP date), else backs off;
+- 5xx, 408, refused/reset connections and timeouts back off with full jitter, capped;
+- retries stop at the call's deadline (:class:`CoordinatorUnavailable`) or when the
+  client is told to stop (:class:`RetriesStopped`), which aborts a wait at once;
+- 401/403 raise :class:`AuthError`, 409 :class:`LeaseLost`, other 4xx
+  :class:`CoordinatorHTTPError`; the caller names statuses that mean
+  :class:`NotRegistered` (heartbeat 404, poll 500) so those are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import httpx
+
+from agent.coordinator.retry import CallStats, Deadline, RetryPolicy, parse_retry_after
+from agent.errors import CoordinatorError
+
+logger = logging.getLogger(__name__)
+
+Content = bytes | Callable[[], AsyncIterator[bytes]]
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_MIN_ATTEMPT_TIMEOUT_S = 0.05
+
+
+class AuthError(CoordinatorError):
+    """Raised when the coordinator refuses the miner's API key (401) or role (403)."""
+
+    code = "auth"
+
+
+class NotRegistered(CoordinatorError):
+    """Raised when the coordinator does not know this miner; register again, then retry."""
+
+    code = "not_registered"
+
+
+class LeaseLost(CoordinatorError):
+    """Raised when the coordinator refuses a stale lease (409): stop that job."""
+
+    code = "lease_lost"
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class CoordinatorHTTPError(CoordinatorError):
+    """Raised when the coordinator answers a 4xx that retrying will not fix."""
+
+    def __init__(self, message: str, status: int, body: Any = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, code or f"http_{status}")
+        self.status = status
+        self.body = body
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """Raised when a call's deadline passed while the coordinator was unreachable or busy."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, last_error: str | None = None) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+
+
+class RetriesStopped(CoordinatorUnavailable):
+    """Raised when the client was told to stop retrying (agent shutdown)."""
+
+    code = "retries_stopped"
+
+
+def response_json(resp: httpx.Response) -> Any:
+    """The decoded JSON body, or None when there is none or it is not JSON."""
+    try:
+        return resp.json()
+    except ValueError:
+        return None
+
+
+def _detail(resp: httpx.Response) -> str:
+    body = response_json(resp)
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:300]
+    return (resp.reason_phrase or "")[:300]
+
+
+def _transport_error_name(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return "reset"
+    return "transport"
+
+
+class Transport:
+    """Sends one logical call, retrying as the module docstring says; owns the httpx client."""
+
+    def __init__(self, base_url: str, api_key: str, miner_id: str, *,
+                 connect_timeout_s: float, read_timeout_s: float,
+                 policy: RetryPolicy, stats: CallStats) -> None:
+        self._api_key = api_key
+        self.miner_id = miner_id
+        self.policy = policy
+        self.stats = stats
+        self._connect_s = connect_timeout_s
+        self._read_s = read_timeout_s
+        self._stop = asyncio.Event()
+        # Auth headers go on each request, not here, so a presigned PUT never carries them.
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), follow_redirects=False)
+
+    def __repr__(self) -> str:
+        return f"Transport(base_url={str(self._http.base_url)!r}, miner_id={self.miner_id!r}, " \
+               "api_key='***')"
+
+    def stop_retrying(self) -> None:
+        """Abort current and future retry waits; first attempts still go out."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"X-Api-Key": self._api_key, "X-Miner-ID": self.miner_id}
+
+    def _timeout(self, deadline: Deadline) -> httpx.Timeout:
+        left = max(_MIN_ATTEMPT_TIMEOUT_S, deadline.remaining_s())
+        return httpx.Timeout(connect=min(self._connect_s, left), read=min(self._read_s, left),
+                             write=min(self._read_s, left), pool=min(self._connect_s, left))
+
+    async def request(self, endpoint: str, method: str, url: str, *,
+                      json: Any = None, content: Content | None = None,
+                      headers: Mapping[str, str] | None = None,
+                      params: Mapping[str, str | int] | None = None,
+                      deadline_s: float | None, auth: bool = True,
+                      not_registered: frozenset[int] = frozenset(),
+                      accept: frozenset[int] = frozenset()) -> httpx.Response:
+        """Send until an answer that is not retryable; see the module docstring."""
+        deadline = Deadline(deadline_s)
+        self.stats.call_started(endpoint)
+        attempt = 0
+        while True:
+            resp, error = await self._attempt(endpoint, method, url, json, content,
+                                              headers, params, deadline, auth)
+            wait: float | None = None
+            if resp is not None:
+                self._raise_if_final_error(resp, endpoint, attempt, not_registered, accept)
+                if resp.status_code < 400 or resp.status_code in accept:
+                    self.stats.call_finished(endpoint, True, attempt)
+                    return resp
+                if resp.status_code == 429:
+                    wait = parse_retry_after(resp.headers.get("Retry-After"))
+            if wait is None:
+                wait = self.policy.backoff_s(attempt)
+            await self._wait_or_give_up(endpoint, error or "", wait, deadline, attempt)
+            attempt += 1
+
+    async def _attempt(self, endpoint: str, method: str, url: str, json: Any,
+                       content: Content | None, headers: Mapping[str, str] | None,
+                       params: Mapping[str, str | int] | None, deadline: Deadline,
+                       auth: bool) -> tuple[httpx.Response | None, str | None]:
+        all_headers = dict(self._auth_headers()) if auth else {}
+        all_headers.update(headers or {})
+        body = content() if callable(content) else content
+        started = time.monotonic()
+        try:
+            resp = await self._http.request(method, url, json=json, content=body,
+                                            headers=all_headers, params=params,
+                                            timeout=self._timeout(deadline))
+        except httpx.TransportError as exc:
+            name = _transport_error_name(exc)
+            self.stats.attempt(endpoint, time.monotonic() - started, name)
+            logger.debug("coordinator %s: %s (%s)", endpoint, name, type(exc).__name__)
+            return None, name
+        error = f"http_{resp.status_code}" if resp.status_code >= 400 else None
+        self.stats.attempt(endpoint, time.monotonic() - started, error)
+        return resp, error
+
+    def _raise_if_final_error(self, resp: httpx.Response, endpoint: str, attempt: int,
+                              not_registered: frozenset[int], accept: frozenset[int]) -> None:
+        status = resp.status_code
+        if status < 400 or status in accept:
+            return
+        if status in _RETRY_STATUSES and status not in not_registered:
+            return
+        self.stats.call_finished(endpoint, False, attempt)
+        if status in not_registered:
+            raise NotRegistered(f"coordinator does not know miner {self.miner_id!r} "
+                                f"({endpoint} answered {status}); register again")
+        if status in (401, 403):
+            raise AuthError(f"coordinator refused the miner's credentials on {endpoint} "
+                            f"({status} {_detail(resp)}): check the agent's api_key setting "
+                            "and that the key has the miner role")
+        if status == 409:
+            raise LeaseLost(f"coordinator refused a stale lease on {endpoint}: "
+                            f"{_detail(resp)}")
+        raise CoordinatorHTTPError(f"coordinator refused {endpoint} with {status}: "
+                                   f"{_detail(resp)}", status, response_json(resp))
+
+    async def _wait_or_give_up(self, endpoint: str, error: str, wait: float,
+                               deadline: Deadline, attempt: int) -> None:
+        if self._stop.is_set():
+            self.stats.call_finished(endpoint, False, attempt)
+            raise RetriesStopped(f"{endpoint}: not retrying ({error}), agent is stopping",
+                                 error)
+        if wait > deadline.remaining_s():
+            self.stats.call_finished(endpoint, False, attempt)
+            raise CoordinatorUnavailable(
+                f"{endpoint}: coordinator unavailable ({error}) after {attempt + 1} "
+                "attempt(s); giving up at the call's deadline", error)
+        logger.info("coordinator %s: %s, retry %d in %.2fs", endpoint, error, attempt + 1, wait)
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=wait)
+        except asyncio.TimeoutError:
+            return
+        self.stats.call_finished(endpoint, False, attempt)
+        raise RetriesStopped(f"{endpoint}: not retrying ({error}), agent is stopping", error)
