@@ -418,6 +418,7 @@ class JobRun:
             output["cancel"]["packaged_at"] = iso(time.time())
         try:
             info = await asyncio.to_thread(write_package, self.folder, output, self.cfg.make_zip)
+            output = info.output
         except (OSError, PackageError) as exc:
             log.error("job %s: packaging failed: %s", self.job.job_id, exc)
             info = None

@@ -46,6 +46,7 @@ class PackageInfo:
     manifest: list[dict[str, Any]]
     result_hash: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    output: dict[str, Any] = field(default_factory=dict)
 
 
 def sha256_file(path: Path) -> str:
@@ -145,7 +146,7 @@ def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True) -
     out_hash = hashlib.sha256(body).hexdigest()
     lines = [f"{out_hash}  {OUTPUT_JSON}\n"] + [f"{m['sha256']}  {m['path']}\n" for m in manifest]
     _atomic_write(folder / CHECKSUMS, "".join(lines).encode())
-    info = PackageInfo(folder, None, None, manifest, output["result_hash"], skipped)
+    info = PackageInfo(folder, None, None, manifest, output["result_hash"], skipped, output)
     if make_zip:
         info.zip_path, info.zip_sha256 = write_zip(folder, [m["path"] for m in manifest])
     return info

@@ -109,7 +109,7 @@ class ForkServer:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.environ.clear()
             os.environ.update(request["env"])
-            host.die_with_parent(None)
+            host.take_group_down_with_parent(None)
             os.chdir(request["cwd"])
             _reseed()
             with open(request["spec"]) as fh:

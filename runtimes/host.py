@@ -33,15 +33,33 @@ EXIT_TIMED_OUT = 4
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(expected_parent: int | None) -> None:
-    """Ask the kernel to SIGKILL us when our parent dies; exit now if it already has."""
+PARENT_DIED = signal.SIGUSR2
+
+
+def die_with_parent(expected_parent: int | None, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` when our parent dies; exit now if it already has."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the executor's group kill still applies
         return
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(EXIT_FAILED)
+
+
+def take_group_down_with_parent(expected_parent: int | None) -> None:
+    """When the agent dies, kill this job's whole process group, not just this process.
+
+    The kernel's parent-death signal reaches only us; a program we started (and its
+    children) would live on. So the signal is SIGUSR2, whose handler kills the
+    group, and whose default action, before the handler exists, still ends us.
+    """
+
+    def handler(_signum: int, _frame: object) -> None:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    signal.signal(PARENT_DIED, handler)
+    die_with_parent(expected_parent, PARENT_DIED)
 
 
 def run_spec(spec: dict[str, Any]) -> int:
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         raise SystemExit(2)
     spec = json.loads(Path(args[0]).read_text())
-    die_with_parent(spec.get("parent_pid"))
+    take_group_down_with_parent(spec.get("parent_pid"))
     _events_on_fd3()
     os.chdir(spec["work_dir"])
     exit_now(run_spec(spec))

@@ -1,0 +1,67 @@
+"""Helpers for executor tests: run a job through the real executor and launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.executor import ExecutorConfig, JobReport, JobRun
+from agent.jobs import Job
+from agent.launcher import make_launcher
+
+PY = sys.executable
+
+
+def make_job(payload: dict[str, Any], job_id: str = "t1", **constraints: Any) -> Job:
+    return Job.from_dict({"job_id": job_id, "payload": payload, "constraints": constraints})
+
+
+def run(job: Job, out: Path, launcher: str = "spawn", grace: float = 10.0,
+        during: Callable[[JobRun], Any] | None = None, **kwargs: Any) -> JobReport:
+    """Run ``job``; ``during(run)`` is awaited alongside it (to cancel mid-run, say)."""
+
+    async def main() -> JobReport:
+        chosen = make_launcher(launcher)  # type: ignore[arg-type]
+        cfg = ExecutorConfig(out, cancel_grace_s=grace)
+        job_run = JobRun(job, cfg, chosen, **kwargs)
+        try:
+            task = asyncio.create_task(job_run.run())
+            if during is not None:
+                await during(job_run)
+            return await task
+        finally:
+            await chosen.close()
+
+    return asyncio.run(main())
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"

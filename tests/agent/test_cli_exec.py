@@ -1,0 +1,112 @@
+"""`miner-agent exec` as an operator runs it: real process, real signals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+from tests.agent.conftest import pid_alive
+
+CLI = [sys.executable, "-m", "agent"]
+
+
+def write_job(tmp_path: Path, job: object, name: str = "job.json") -> Path:
+    path = tmp_path / name
+    path.write_text(job if isinstance(job, str) else json.dumps(job))
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"job_id": "a"}), "payload must be a JSON object"),
+    (json.dumps({"job_id": "../etc", "payload": {"type": "sleep"}}), "job_id must be"),
+    (json.dumps({"job_id": "a", "payload": {"type": "Sleep!"}}), "payload.type"),
+    (json.dumps({"job_id": "a", "payload": {"type": "sleep"},
+                 "constraints": {"timeout_s": -1}}), "timeout_s"),
+    (json.dumps({"job_id": "a", "payload": {"type": "sleep"},
+                 "constraints": {"gpu_count": "two"}}), "whole number"),
+    (json.dumps([1, 2]), "JSON object"),
+])
+def test_malformed_job_files_are_refused_clearly(tmp_path: Path, text: str,
+                                                 fragment: str) -> None:
+    proc = subprocess.run([*CLI, "exec", str(write_job(tmp_path, text)), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7
+    assert "invalid_job" in proc.stderr and fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_exec_completes_and_reports(tmp_path: Path) -> None:
+    job = {"job_id": "ok", "payload": {"type": "sleep", "steps": 3, "step_s": 0.01,
+                                       "print_every": 1}}
+    proc = subprocess.run([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
+                           str(tmp_path / "out"), "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"
+    assert "step 3/3" in proc.stderr
+
+
+def test_ctrl_c_cancels_with_partial_flush(tmp_path: Path) -> None:
+    # Given a long job running in the foreground
+    job = {"job_id": "long", "payload": {"type": "sleep", "steps": 100000, "step_s": 0.01}}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "exec", str(write_job(tmp_path, job)), "--out", str(out),
+                             "--launcher", "spawn"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((out / ".work").glob("long")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    # When the operator presses Ctrl-C
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # Then the job is canceled, the package is partial and intact
+    assert proc.returncode == 3, err
+    output = json.loads((out / "job_long/output.json").read_text())
+    assert output["status"] == "canceled" and output["partial"] is True
+    assert output["cancel"]["reason"] == "interrupted"
+    assert subprocess.run(["sha256sum", "-c", "output.sha256"], cwd=out / "job_long",
+                          capture_output=True).returncode == 0
+
+
+def test_job_dies_with_a_killed_agent(tmp_path: Path) -> None:
+    # Given an agent running a job that would take minutes
+    pidfile = tmp_path / "job.pid"
+    job = {"job_id": "orphan", "payload": {"type": "command", "argv": [
+        "sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"]}}
+    proc = subprocess.Popen([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
+                             str(tmp_path / "out"), "--launcher", "spawn", "--quiet"])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_pid = int(pidfile.read_text())
+    # When the agent is SIGKILLed (no chance to clean up)
+    proc.kill()
+    proc.wait()
+    # Then the job's process does not outlive it
+    deadline = time.monotonic() + 5
+    while pid_alive(job_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(job_pid)
+
+
+def test_every_command_has_help() -> None:
+    top = subprocess.run([*CLI, "--help"], capture_output=True, text=True)
+    assert top.returncode == 0
+    sub_action = next(a for a in build_parser()._actions
+                      if isinstance(a, argparse._SubParsersAction))
+    commands = list(sub_action.choices)
+    assert {"exec", "verify"} <= set(commands)
+    for command in commands:
+        sub = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "100"})
+        assert sub.returncode == 0 and "usage:" in sub.stdout, command

@@ -1,0 +1,230 @@
+"""The executor against real processes, signals and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from agent.errors import Outcome
+from agent.executor import JobRun
+from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
+
+PROGRESS_SCRIPT = r"""
+import json, os, sys
+fd = int(os.environ["MINER_EVENTS_FD"])
+for i in range(1, 4):
+    print(f"line {i}")
+    os.write(fd, (json.dumps({"event": "progress", "fraction": i / 3, "stage": "work"}) + "\n").encode())
+print("warning", file=sys.stderr)
+open(os.environ["MINER_RESULT_FILE"], "w").write("the answer\n")
+open(os.path.join(os.environ["MINER_ARTIFACTS_DIR"], "a.bin"), "wb").write(b"\x00" * 1000)
+"""
+
+
+def test_completed_job_leaves_a_package_that_sha256sum_accepts(out: Path) -> None:
+    # Given a program that prints, reports progress on the events channel and writes results
+    job = make_job({"type": "command", "argv": [PY, "-c", PROGRESS_SCRIPT]})
+    lines: list[tuple[str, bytes]] = []
+    # When it runs to the end
+    report = run(job, out, on_line=lambda s, line: lines.append((s, line)))
+    # Then the outcome, logs, progress and result are all in the package
+    assert report.outcome == Outcome.COMPLETED, report.output
+    folder = out / "job_t1"
+    assert (folder / "logs/stdout.log").read_bytes() == b"line 1\nline 2\nline 3\n"
+    assert (folder / "logs/stderr.log").read_bytes() == b"warning\n"
+    assert ("stdout", b"line 2\n") in lines and ("stderr", b"warning\n") in lines
+    assert (folder / "result.txt").read_text() == "the answer\n"
+    output = json.loads((folder / "output.json").read_text())
+    assert output["status"] == "completed" and output["partial"] is False
+    assert output["progress"]["fraction"] == 1.0 and output["progress"]["stage"] == "work"
+    assert {f["path"] for f in output["files"]} == {
+        "artifacts/a.bin", "logs/stderr.log", "logs/stdout.log", "result.txt"}
+    assert output["exit"]["code"] == 0 and output["environment"]["python"]
+    check = subprocess.run(["sha256sum", "-c", "output.sha256"], cwd=folder,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "output.json: OK" in check.stdout
+    zipped = subprocess.run(["sha256sum", "-c", "job_t1.zip.sha256"], cwd=out)
+    assert zipped.returncode == 0
+
+
+def test_events_never_reach_the_logs(out: Path) -> None:
+    report = run(make_job({"type": "command", "argv": [PY, "-c", PROGRESS_SCRIPT]}), out)
+    assert report.outcome == Outcome.COMPLETED
+    assert b"progress" not in (out / "job_t1/logs/stdout.log").read_bytes()
+
+
+def test_nonzero_exit_fails_with_its_code(out: Path) -> None:
+    job = make_job({"type": "command", "argv": ["sh", "-c", "echo boom >&2; exit 7"]})
+    report = run(job, out)
+    assert report.outcome == Outcome.FAILED
+    assert report.error_code == "nonzero_exit" and "status 7" in (report.error_message or "")
+    assert (out / "job_t1/logs/stderr.log").read_bytes() == b"boom\n"
+
+
+def test_runtime_failure_keeps_its_stable_code(out: Path) -> None:
+    report = run(make_job({"type": "sleep", "steps": 5, "step_s": 0, "fail_at": 2}), out)
+    assert report.outcome == Outcome.FAILED and report.error_code == "runtime_error"
+    assert "step 2" in (report.error_message or "")
+
+
+def test_missing_program_fails_cleanly(out: Path) -> None:
+    report = run(make_job({"type": "command", "argv": ["/nonexistent/prog"]}), out)
+    assert report.outcome == Outcome.FAILED and report.error_code == "launch_failed"
+
+
+def test_unknown_type_fails_with_unsupported_job_type(out: Path) -> None:
+    report = run(make_job({"type": "transcribe", "url": "x"}), out)
+    assert report.outcome == Outcome.FAILED and report.error_code == "unsupported_job_type"
+    assert (out / "job_t1/output.json").is_file()
+
+
+def test_timeout_stops_the_job(out: Path) -> None:
+    # Given a job whose runtime would take 100 s under a 1 s timeout
+    job = make_job({"type": "sleep", "steps": 1000, "step_s": 0.1}, timeout_s=1)
+    t0 = time.monotonic()
+    report = run(job, out)
+    # Then it ends as timed out, promptly, with what it did kept
+    assert report.outcome == Outcome.TIMED_OUT and report.error_code == "timeout"
+    assert time.monotonic() - t0 < 10
+    assert report.partial and (out / "job_t1/artifacts/steps.json").is_file()
+
+
+def test_timeout_backstop_kills_a_program_that_ignores_it(out: Path) -> None:
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    job = make_job({"type": "command", "argv": [PY, "-c", script]}, timeout_s=0.5)
+    report = run(job, out, grace=0.5)
+    assert report.outcome == Outcome.TIMED_OUT
+    assert report.output["cancel"]["forced_kill"] is True
+
+
+def test_cancel_mid_run_keeps_partial_artifacts(out: Path) -> None:
+    # Given a step loop that writes an artifact per step and flushes on SIGTERM
+    script = r"""
+import os, signal, sys, time
+art = os.environ["MINER_ARTIFACTS_DIR"]
+stop = False
+def on_term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+for i in range(10000):
+    if stop:
+        open(os.path.join(art, "partial.txt"), "w").write(f"stopped at {i}\n")
+        sys.exit(0)
+    open(os.path.join(art, f"step{i}.txt"), "w").write(str(i))
+    time.sleep(0.02)
+"""
+    job = make_job({"type": "command", "argv": [PY, "-c", script]})
+
+    async def cancel_after_steps(job_run: JobRun) -> None:
+        await wait_for(lambda: (out / "job_t1/artifacts/step3.txt").exists())
+        job_run.cancel("client")
+
+    # When it is canceled mid-run
+    report = run(job, out, during=cancel_after_steps)
+    # Then the package says canceled and partial, with the artifacts and cancel times
+    assert report.outcome == Outcome.CANCELED and report.partial
+    names = {f["path"] for f in report.output["files"]}
+    assert "artifacts/partial.txt" in names and "artifacts/step0.txt" in names
+    cancel = report.output["cancel"]
+    assert cancel["reason"] == "client" and cancel["forced_kill"] is False
+    for stage in ("requested_at", "signalled_at", "exited_at", "packaged_at"):
+        assert cancel[stage], stage
+    assert cancel["latency_ms"] < 2000
+
+
+def test_python_runtime_stops_at_the_next_step(out: Path) -> None:
+    job = make_job({"type": "sleep", "steps": 100000, "step_s": 0.01})
+
+    async def cancel_soon(job_run: JobRun) -> None:
+        await wait_for(lambda: job_run.progress.get("fraction", 0) > 0)
+        job_run.cancel()
+
+    report = run(job, out, during=cancel_soon)
+    assert report.outcome == Outcome.CANCELED and report.partial
+    assert report.output["cancel"]["latency_ms"] < 1000
+    done = json.loads((out / "job_t1/artifacts/steps.json").read_text())
+    assert 0 < done["done"] < 100000
+
+
+def test_job_that_ignores_sigterm_is_killed_after_grace(out: Path) -> None:
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+             "print('ready', flush=True); time.sleep(60)"
+    job = make_job({"type": "command", "argv": [PY, "-c", script]})
+
+    async def cancel_when_ready(job_run: JobRun) -> None:
+        await wait_for(lambda: job_run.log_size("stdout") > 0)
+        job_run.cancel()
+
+    t0 = time.monotonic()
+    report = run(job, out, grace=0.5, during=cancel_when_ready)
+    assert report.outcome == Outcome.CANCELED
+    assert report.output["cancel"]["forced_kill"] is True
+    assert time.monotonic() - t0 < 15
+
+
+def test_grandchild_dies_with_the_job(out: Path, tmp_path: Path) -> None:
+    # Given a job whose child starts a grandchild that would outlive a kill of the child
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"sleep 300 & echo $! > {pidfile}; echo started; wait"
+    job = make_job({"type": "command", "argv": ["sh", "-c", script]})
+
+    async def cancel_when_started(job_run: JobRun) -> None:
+        await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        job_run.cancel()
+
+    report = run(job, out, grace=0.5, during=cancel_when_started)
+    # Then the whole process group is gone, grandchild included
+    grandchild = int(pidfile.read_text())
+    assert report.outcome == Outcome.CANCELED
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
+
+
+def test_job_environment_is_scrubbed_and_isolated(out: Path) -> None:
+    script = r"""
+import json, os
+print(json.dumps({"env": dict(os.environ), "pgid": os.getpgid(0), "pid": os.getpid(),
+                  "sid": os.getsid(0), "cwd": os.getcwd()}))
+"""
+    environ = {**os.environ, "MINER_API_KEY": "s3cret", "AWS_SECRET_ACCESS_KEY": "x",
+               "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
+    report = run(make_job({"type": "command", "argv": [PY, "-c", script]}), out,
+                 environ=environ, gpu_ids=[])
+    assert report.outcome == Outcome.COMPLETED
+    seen = json.loads((out / "job_t1/logs/stdout.log").read_text())
+    assert "MINER_API_KEY" not in seen["env"] and "AWS_SECRET_ACCESS_KEY" not in seen["env"]
+    assert "PYTHONUNBUFFERED" not in seen["env"]
+    assert "s3cret" not in json.dumps(seen["env"])
+    assert seen["env"]["LANG"] == "C.UTF-8" and seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert seen["env"]["MINER_JOB_ID"] == "t1"
+    assert seen["sid"] != os.getsid(0)
+    assert not Path(seen["cwd"]).is_relative_to(out / "job_t1")
+
+
+def test_symlinks_out_of_the_folder_are_never_packaged(out: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    script = f"ln -s {secret} $MINER_ARTIFACTS_DIR/leak.txt; ln -s / $MINER_ARTIFACTS_DIR/root"
+    report = run(make_job({"type": "command", "argv": ["sh", "-c", script]}), out)
+    assert report.outcome == Outcome.COMPLETED
+    assert {s["path"] for s in report.output["skipped"]} == {"artifacts/leak.txt",
+                                                             "artifacts/root"}
+    import zipfile
+    with zipfile.ZipFile(out / "job_t1.zip") as zf:
+        assert not any("leak" in n or n.endswith("/root") for n in zf.namelist())
+
+
+def test_existing_package_is_never_overwritten(out: Path) -> None:
+    job = make_job({"type": "sleep", "steps": 1, "step_s": 0})
+    assert run(job, out).outcome == Outcome.COMPLETED
+    before = (out / "job_t1/output.json").read_bytes()
+    second = run(job, out)
+    assert second.error_code == "package_error"
+    assert (out / "job_t1/output.json").read_bytes() == before
