@@ -127,9 +127,15 @@ def _row(dev: dict[str, Any], key: str, label: str, field: str, unit: str,
         return f"{label:<14} {'-':>12} {'':>10} {'':>6}  ({why})"
     value = entry.get(field)
     ratio = dev.get("ratios", {}).get(key)
-    shown = f"{value:,.4g}" if value is not None else "-"
+    shown = _number(value) if value is not None else "-"
     return (f"{label:<14} {shown:>12} {peak if peak else '-':>10} "
             f"{f'{ratio:.0%}' if ratio is not None else '-':>6}  {unit}")
+
+
+def _number(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.4f}"
 
 
 def bench_summary_for_capabilities(result: dict[str, Any]) -> dict[str, Any]:
@@ -223,10 +229,9 @@ def run_bench(quick: bool, device: str, progress: ProgressBar | None,
 
     Raises RuntimeError with the tail of the child's stderr when it fails or times out.
     """
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
-        proc = subprocess.Popen(child_command(quick, device), stdout=subprocess.PIPE,
-                                stderr=errors, text=True, env=_child_env(),
-                                start_new_session=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors, subprocess.Popen(
+            child_command(quick, device), stdout=subprocess.PIPE, stderr=errors, text=True,
+            env=_child_env(), start_new_session=True) as proc:
         timer = threading.Timer(timeout_s, _kill_group, args=(proc,))
         timer.start()
         try:
