@@ -1,0 +1,315 @@
+"""``miner-agent doctor``: is this node ready to earn? One line per check, and what to do.
+
+Each check returns a :class:`Check` (OK, WARN or FAIL, a detail, a fix for
+anything not OK). The torch check runs in a child process (``python -c``): the
+agent's own process never imports torch. The key check uses a read-only call
+(the miner's running-jobs list), never a heartbeat, which would overwrite the
+coordinator's in-flight count of a daemon that is running right now.
+
+The config is any object with the attributes ``state_dir``, ``cache_dir``,
+``coordinator_url``, ``api_key_file``, ``api_key`` and ``miner_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+
+from agent.errors import ExitCode
+from agent.telemetry import Telemetry
+
+Status = Literal["OK", "WARN", "FAIL"]
+GIB = 1024**3
+DISK_FAIL_GB = 1.0
+DISK_WARN_GB = 10.0  # the cache holds model weights: a few GiB each
+GPU_BUSY_FRACTION = 0.10  # memory held by someone else beyond this leaves jobs short
+TORCH_CUDA_WHEEL = "pip install torch --index-url https://download.pytorch.org/whl/cu124"
+
+_TORCH_PROBE = (
+    "import json, torch\n"
+    "ok = torch.cuda.is_available()\n"
+    "print(json.dumps({'torch': torch.__version__, 'cuda_build': torch.version.cuda,"
+    " 'available': ok, 'count': torch.cuda.device_count() if ok else 0}))\n"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's verdict; ``fix`` says what to do when it is not OK."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def check_nvml(tel: Telemetry) -> Check:
+    """The NVIDIA driver answers through NVML and lists GPUs."""
+    gpus = tel.inventory()
+    if not gpus:
+        return Check("nvidia driver", "WARN", f"no GPU: {tel.reason}",
+                     "install the NVIDIA driver (nvidia-smi must list the GPUs); "
+                     "without one this node takes CPU jobs only")
+    names = ", ".join(sorted({g.name for g in gpus}))
+    return Check("nvidia driver", "OK", f"{len(gpus)} GPU(s): {names}; driver "
+                 f"{gpus[0].driver_version}, CUDA {gpus[0].cuda_driver_version}")
+
+
+def probe_torch(python: str = sys.executable, timeout_s: float = 120.0) -> dict[str, Any]:
+    """What torch sees, asked in a child process; ``{"error": ...}`` when it cannot say."""
+    try:
+        out = subprocess.run([python, "-c", _TORCH_PROBE], capture_output=True, text=True,
+                             timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc)}
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {out.returncode}"}
+    try:
+        data: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"unexpected output: {out.stdout[-200:]!r}"}
+    return data
+
+
+def check_torch(probe: dict[str, Any], gpu_count: int) -> Check:
+    """torch imports and sees the GPUs NVML sees."""
+    if "error" in probe:
+        return Check("torch", "FAIL", f"torch does not import: {probe['error']}",
+                     f"install torch into the agent's Python: {TORCH_CUDA_WHEEL}")
+    version = probe["torch"]
+    if gpu_count == 0:
+        return Check("torch", "OK", f"torch {version} (no GPU on this node)")
+    if not probe["available"]:
+        build = probe["cuda_build"] or "CPU-only build"
+        return Check("torch", "FAIL", f"torch {version} ({build}) sees no CUDA device",
+                     f"install a CUDA build of torch: {TORCH_CUDA_WHEEL}")
+    if probe["count"] != gpu_count:
+        return Check("torch", "WARN", f"torch sees {probe['count']} of {gpu_count} GPUs",
+                     "check CUDA_VISIBLE_DEVICES and the unit's DeviceAllow= lines")
+    return Check("torch", "OK", f"torch {version}, CUDA {probe['cuda_build']}, "
+                 f"{probe['count']} device(s)")
+
+
+def check_gpu_memory(sample: dict[str, Any]) -> list[Check]:
+    """Memory other processes already hold on each GPU."""
+    checks = []
+    for gpu in sample.get("gpus", []):
+        name = f"gpu {gpu['index']} memory"
+        used, total = gpu.get("mem_used_mb"), gpu.get("mem_total_mb")
+        if used is None or not total:
+            checks.append(Check(name, "WARN", gpu.get("error", "memory figures unavailable"),
+                                "run nvidia-smi; a GPU that fell off the bus needs a reboot"))
+        elif used / total > GPU_BUSY_FRACTION:
+            checks.append(Check(name, "WARN", f"{used} of {total} MiB already in use",
+                                "find the process with nvidia-smi; jobs may run out of memory"))
+        else:
+            checks.append(Check(name, "OK", f"{total - used} of {total} MiB free"))
+    return checks
+
+
+def check_dir(label: str, path: str | os.PathLike[str] | None) -> Check:
+    """``path`` exists, is writable and has room."""
+    name = f"{label} dir"
+    if not path:
+        return Check(name, "FAIL", "not set", f"set {label}_dir in the config")
+    p = Path(path)
+    if not p.is_dir():
+        return Check(name, "WARN", f"{p} does not exist yet",
+                     f"systemd creates it at the first start, or: install -d -o miner-agent {p}")
+    free_gb = shutil.disk_usage(p).free / GIB
+    if not os.access(p, os.W_OK):
+        return Check(name, "WARN", f"{p} is not writable by uid {os.getuid()} "
+                     f"({free_gb:.1f} GiB free)", "fine if the service user owns it; "
+                     f"else chown miner-agent {p}")
+    if free_gb < DISK_FAIL_GB:
+        return Check(name, "FAIL", f"{p}: only {free_gb:.2f} GiB free",
+                     "free disk space (old results, unused models) or move the directory")
+    if free_gb < DISK_WARN_GB:
+        return Check(name, "WARN", f"{p}: {free_gb:.1f} GiB free", "models need several GiB")
+    return Check(name, "OK", f"{p}: {free_gb:.1f} GiB free")
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """What is wrong with ``cfg``, one phrase each (empty when it looks usable)."""
+    problems = []
+    url = getattr(cfg, "coordinator_url", None) or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        problems.append(f"coordinator_url {url!r} is not an http(s) URL")
+    if not getattr(cfg, "miner_id", None):
+        problems.append("miner_id is empty")
+    for key in ("state_dir", "cache_dir"):
+        value = getattr(cfg, key, None)
+        if value and not Path(value).is_absolute():
+            problems.append(f"{key} {value!r} is not an absolute path")
+    for key in ("heartbeat_interval_s", "poll_interval_s", "drain_timeout_s", "cancel_grace_s"):
+        value = getattr(cfg, key, None)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            problems.append(f"{key} must be a positive number, not {value!r}")
+    return problems
+
+
+def check_config(cfg: Any) -> Check:
+    """The config names a coordinator, a miner and usable directories."""
+    error = getattr(cfg, "load_error", None)
+    if error:
+        return Check("config", "FAIL", error, "fix the file; see docs/operations.md")
+    problems = config_problems(cfg)
+    if problems:
+        return Check("config", "FAIL", "; ".join(problems), "fix the config file")
+    return Check("config", "OK", f"miner {cfg.miner_id} -> {cfg.coordinator_url}")
+
+
+def _credential_path(cfg: Any) -> Path | None:
+    if getattr(cfg, "api_key_file", None):
+        return Path(cfg.api_key_file)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(creds) / "api-key" if creds else None
+
+
+def read_api_key(cfg: Any) -> tuple[Check, str | None]:
+    """The API key (never shown) and the verdict on where it came from."""
+    if getattr(cfg, "api_key", None):
+        return Check("credential", "WARN", "api_key is written in the config itself",
+                     "move it to /etc/miner-agent/api-key (mode 0600), loaded by systemd "
+                     "LoadCredential="), cfg.api_key
+    path = _credential_path(cfg)
+    if path is None:
+        return Check("credential", "FAIL", "no api_key_file and no $CREDENTIALS_DIRECTORY",
+                     "set api_key_file, or run under the unit (LoadCredential=api-key:...)"), None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        return Check("credential", "FAIL", f"{path}: {exc.strerror}",
+                     "doctor reads the key as the service would: run it as root or as "
+                     "miner-agent; check the path and mode"), None
+    if not key:
+        return Check("credential", "FAIL", f"{path} is empty", "write the miner key into it"), None
+    if path.stat().st_mode & 0o077:
+        return Check("credential", "WARN", f"{path} is readable by group or others",
+                     f"chmod 0600 {path}"), key
+    return Check("credential", "OK", f"key read from {path}"), key
+
+
+def check_coordinator(client: httpx.Client, url: str) -> Check:
+    """``GET /health`` answers."""
+    t0 = time.monotonic()
+    try:
+        resp = client.get(url.rstrip("/") + "/health")
+    except httpx.HTTPError as exc:
+        return Check("coordinator", "FAIL", f"{url}: {type(exc).__name__}: {exc}",
+                     f"check coordinator_url, DNS and firewall: curl {url.rstrip('/')}/health")
+    ms = (time.monotonic() - t0) * 1000
+    if resp.status_code != 200:
+        return Check("coordinator", "FAIL", f"/health answered {resp.status_code}",
+                     "the coordinator is up but unhealthy: ask its operator")
+    return Check("coordinator", "OK", f"{url} healthy in {ms:.0f} ms")
+
+
+def check_key(client: httpx.Client, url: str, miner_id: str, key: str) -> Check:
+    """The coordinator accepts the key (a read-only call: the miner's running jobs)."""
+    endpoint = f"{url.rstrip('/')}/v1/miners/{miner_id}/jobs"
+    try:
+        resp = client.post(endpoint, params={"job_status": "running", "limit": 1}, json={},
+                           headers={"X-Api-Key": key, "X-Miner-ID": miner_id})
+    except httpx.HTTPError as exc:
+        return Check("api key", "FAIL", f"{type(exc).__name__}: {exc}", "see the line above")
+    if resp.status_code == 401:
+        return Check("api key", "FAIL", "the coordinator rejected the key (401)",
+                     "check the key file; ask the coordinator operator for a miner key")
+    if resp.status_code == 403:
+        return Check("api key", "FAIL", "the key is valid but not a miner's (403)",
+                     "use a key issued for a miner, not a client or admin key")
+    if resp.status_code >= 400:
+        return Check("api key", "WARN", f"the check call answered {resp.status_code}",
+                     "the key was not rejected, but could not be confirmed")
+    return Check("api key", "OK", "the coordinator accepts the key")
+
+
+def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
+               telemetry: Telemetry | None = None) -> list[Check]:
+    """Every check, in the order an operator fixes things."""
+    tel = telemetry or Telemetry()
+    try:
+        checks = [check_nvml(tel), check_torch(probe_torch(python), len(tel.inventory()))]
+        checks += check_gpu_memory(tel.sample())
+    finally:
+        if telemetry is None:
+            tel.close()
+    checks.append(check_config(cfg))
+    checks += [check_dir("state", getattr(cfg, "state_dir", None)),
+               check_dir("cache", getattr(cfg, "cache_dir", None))]
+    cred, key = read_api_key(cfg)
+    checks.append(cred)
+    url = getattr(cfg, "coordinator_url", None)
+    if url and not config_problems(cfg):
+        with httpx.Client(timeout=timeout_s) as client:
+            checks.append(check_coordinator(client, url))
+            if key and checks[-1].status == "OK":
+                checks.append(check_key(client, url, cfg.miner_id, key))
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    """One line per check, and an indented "->" line with the fix for each that is not OK."""
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.detail}")
+        if c.status != "OK" and c.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  -> {c.fix}")
+    return "\n".join(lines)
+
+
+def load_plain_config(path: str | os.PathLike[str]) -> SimpleNamespace:
+    """Read the TOML config into a plain object; a ``load_error`` instead of raising."""
+    defaults: dict[str, Any] = dict(state_dir="/var/lib/miner-agent",
+                                    cache_dir="/var/cache/miner-agent", coordinator_url=None,
+                                    api_key_file=None, api_key=None, miner_id=None)
+    try:
+        import tomllib  # Python 3.11+; doctor reads the file itself until agent/config.py lands
+    except ImportError:
+        return SimpleNamespace(**defaults, load_error="reading TOML here needs Python 3.11+")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return SimpleNamespace(**defaults, load_error=f"{path}: {exc}")
+    return SimpleNamespace(**{**defaults, **data}, load_error=None)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``miner-agent doctor``."""
+    p = subparsers.add_parser("doctor", help="check this node is ready to run jobs")
+    p.add_argument("--config", default="/etc/miner-agent/agent.toml", help="config file")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="per network call")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """Run ``miner-agent doctor``; non-zero when any check FAILs.
+
+    ``args.agent_config`` (the loaded config object), when the CLI sets it, wins over
+    reading ``args.config`` here.
+    """
+    cfg = getattr(args, "agent_config", None) or load_plain_config(args.config)
+    checks = run_checks(cfg, timeout_s=args.timeout_s)
+    out(format_checks(checks))
+    failed = [c for c in checks if c.status == "FAIL"]
+    out(f"\n{len(failed)} failed, {sum(c.status == 'WARN' for c in checks)} warnings")
+    return int(ExitCode.FAILED) if failed else int(ExitCode.OK)
