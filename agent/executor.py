@@ -100,7 +100,7 @@ class JobRun:
         self.work_dir = (cfg.work_root or cfg.out_root / ".work") / job.job_id
         self.times: dict[str, float | None] = {"created": created_at or time.time(),
                                                "requested": None, "started": None,
-                                               "finished": None}
+                                               "first_progress": None, "finished": None}
         self.cancel_times: dict[str, float | None] = {}
         self.cancel_reason: str | None = None
         self.forced_kill = False
@@ -273,6 +273,8 @@ class JobRun:
         if kind == "started":
             self.times["started"] = float(event.get("t") or time.time())
         elif kind == "progress":
+            if not self.progress:
+                self.times["first_progress"] = time.time()
             self.progress = {k: v for k, v in event.items() if k not in ("event",)}
         elif kind == "metrics" and isinstance(event.get("metrics"), dict):
             self.metrics.update(event["metrics"])

@@ -65,7 +65,6 @@ def take_group_down_with_parent(expected_parent: int | None) -> None:
 def run_spec(spec: dict[str, Any]) -> int:
     """Run one job described by ``spec``; returns the process exit code."""
     channel = EventChannel.from_env()
-    channel.send("started", pid=os.getpid(), t_start=spec.get("t_request"))
     job = spec["job"]
     timeout_s = job.get("constraints", {}).get("timeout_s")
     deadline = time.monotonic() + float(timeout_s) if timeout_s else None
@@ -73,6 +72,7 @@ def run_spec(spec: dict[str, Any]) -> int:
     install_cancel_handler(ctx)
     try:
         fn = registry.load(spec["runtime"])
+        channel.send("started", pid=os.getpid())  # imports done: the job's code runs now
         fn(ctx)
     except JobCancelled:
         pass

@@ -31,6 +31,7 @@ def run(ctx: JobContext) -> None:
     fail_at = ctx.payload.get("fail_at")
     if ctx.payload.get("torch"):
         importlib.import_module("torch")
+    ctx.progress(0.0, stage="start", force=True)
     t0 = time.monotonic()
     done = 0
     for step in range(steps):
