@@ -32,6 +32,8 @@ def run(ctx: JobContext) -> None:
 
         launch(ctx, spec)
         return
+    # Imported late on purpose: a bad payload fails before torch loads (seconds on a
+    # small node), and the multi-rank path's launcher never needs torch at all.
     from runtimes.device import select_device
     from runtimes.trainloop import build_trainer
 

@@ -10,6 +10,7 @@ to stop through one all-reduce per step (see :class:`Ranks`).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import time
@@ -25,6 +26,10 @@ from runtimes.datasets import TrainData, fill_model_config, load_data
 from runtimes.models import build_model
 from runtimes.plot import write_loss_plot
 from runtimes.train_spec import TrainSpec
+
+# torch.optim imports torch._dynamo on the first optimizer built (about 2 s on two
+# cores); import it with this module so a preloading fork server pays it once.
+importlib.import_module("torch._dynamo")
 
 _MAX_HISTORY = 2000  # loss points kept in meta.json for the plot after a resume
 _GPU_DATA_MAX_BYTES = 1 << 30

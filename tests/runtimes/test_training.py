@@ -44,6 +44,7 @@ def completed(run: JobRun) -> dict[str, Any]:
     return finished
 
 
+@pytest.mark.slow
 def test_mlp_loss_falls_and_writes_checkpoints_plot_and_metrics(run_job: Runner) -> None:
     run = run_job(RUNTIME, mlp_payload(steps=40, grad_accum=2, clip_grad_norm=1.0,
                                        checkpoint_every=15, keep_checkpoints=2,
@@ -77,30 +78,28 @@ def test_mlp_loss_falls_and_writes_checkpoints_plot_and_metrics(run_job: Runner)
 
 
 @pytest.mark.slow
-def test_resume_continues_at_saved_step_with_same_batches(tmp_path: Path) -> None:
-    # Given a 20-step run, and a 10-step run whose checkpoint is zipped up
-    runs = {}
-    for name, steps in (("whole", 20), ("half", 10)):
-        (tmp_path / name).mkdir()
-        runs[name] = run_job_process(tmp_path / name, RUNTIME, mlp_payload(steps=steps))
-        completed(runs[name])
-    whole, half = runs["whole"], runs["half"]
+def test_resume_from_zip_continues_at_saved_step_with_same_batches(run_job: Runner,
+                                                                   tmp_path: Path) -> None:
+    # Given a 20-step run that also checkpointed at step 10
+    whole = run_job(RUNTIME, mlp_payload(steps=20, checkpoint_every=10))
+    completed(whole)
     archive = tmp_path / "ckpt.zip"
-    folder = half.package_dir / "artifacts" / "checkpoints" / "step-000010"
+    folder = whole.package_dir / "artifacts" / "checkpoints" / "step-000010"
     with zipfile.ZipFile(archive, "w") as zf:
         for item in folder.iterdir():
             zf.write(item, f"step-000010/{item.name}")
-    rest_dir = tmp_path / "rest"
-    rest_dir.mkdir()
-    # When a third run resumes from the zip
-    rest = run_job_process(rest_dir, RUNTIME, mlp_payload(steps=20, resume_from={
+    # When a second job resumes from a zip of the step-10 checkpoint
+    (tmp_path / "rest").mkdir()
+    rest = run_job_process(tmp_path / "rest", RUNTIME, mlp_payload(steps=20, resume_from={
         "uri": str(archive)}))
-    # Then it starts at step 11 and ends where the uninterrupted run ended
+    # Then it starts at step 11, sees the same batches, and ends where the first run ended
     completed(rest)
-    assert [m["step"] for m in metrics_lines(rest)] == list(range(11, 21))
     assert rest.named("resumed")[0]["step"] == 10
-    expected = metrics_lines(whole)[-1]["loss"]
-    assert metrics_lines(rest)[-1]["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    resumed, original = metrics_lines(rest), metrics_lines(whole)
+    assert [m["step"] for m in resumed] == list(range(11, 21))
+    for got, want in zip(resumed, original[10:], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
+        assert got["lr"] == want["lr"]
 
 
 @pytest.mark.slow
@@ -124,6 +123,7 @@ def test_npz_dataset_then_resume_from_the_checkpoints_folder(tmp_path: Path) -> 
     assert [m["step"] for m in metrics_lines(more)] == [7, 8]
 
 
+@pytest.mark.slow
 def test_jsonl_text_trains_gpt_and_reports_tokens(run_job: Runner, tmp_path: Path) -> None:
     lines = [json.dumps({"text": f"the cat sat on mat number {i % 7}."}) for i in range(80)]
     (tmp_path / "text.jsonl").write_text("\n".join(lines) + "\n")
@@ -139,6 +139,7 @@ def test_jsonl_text_trains_gpt_and_reports_tokens(run_job: Runner, tmp_path: Pat
     assert lines_out[-1]["loss"] < lines_out[0]["loss"] - 1.5
 
 
+@pytest.mark.slow
 def test_cancel_saves_checkpoint_at_current_step_and_marks_partial(run_job: Runner) -> None:
     sent: list[int] = []
 
@@ -184,6 +185,7 @@ def test_invalid_payload_fails_the_job_with_invalid_job(run_job: Runner) -> None
     assert "clip_grad_norm" in finished["error_message"]
 
 
+@pytest.mark.slow
 def test_bad_model_config_fails_with_invalid_job(run_job: Runner) -> None:
     payload = mlp_payload(steps=3, model={"arch": "gpt", "config": {"n_embd": 30,
                                                                     "n_head": 4}},
@@ -233,3 +235,17 @@ def test_loss_plot_is_a_valid_png_of_the_requested_size() -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(data[16:20], "big") == 200
     assert int.from_bytes(data[20:24], "big") == 100
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_executor(tmp_path: Path) -> None:
+    from agent.errors import Outcome
+    from agent.executor import run_job_sync
+    from agent.jobs import Job
+
+    job = Job.from_dict({"job_id": "train-e2e", "payload": mlp_payload(steps=5)})
+    report = run_job_sync(job, tmp_path / "out", launcher="spawn")
+    assert report.outcome == Outcome.COMPLETED, report
+    assert report.folder is not None
+    assert (report.folder / "artifacts" / "checkpoints" / "step-000005" / "meta.json").exists()
+    assert report.output["metrics"]["final_step"] == 5
