@@ -198,3 +198,28 @@ def test_cancel_mid_batches_keeps_every_finished_part(run_job, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out, model(x[:done]))
     assert "PARTIAL" in (result.package_dir / "result.txt").read_text()
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_executor(tmp_path):
+    from agent.executor import run_job_sync
+    from agent.jobs import Job
+    from tests.runtimes.conftest import REPO_ROOT
+
+    model, weights = saved_mlp(tmp_path)
+    x = torch.randn(9, 6)
+    save_file({"inputs": x}, str(tmp_path / "x.safetensors"))
+    job = Job.from_dict({"job_id": "batch-e2e", "payload": {
+        "type": "batch_inference", "batch_size": 4,
+        "model": {"format": "builtin", "arch": "mlp", "config": MLP,
+                  "weights": {"uri": str(weights)}},
+        "inputs": {"uri": str(tmp_path / "x.safetensors")}}})
+    report = run_job_sync(job, tmp_path / "out", launcher="spawn",
+                          contract_env={"MINER_CACHE_DIR": str(tmp_path / "cache")},
+                          environ={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                   "CUDA_VISIBLE_DEVICES": ""})
+    assert report.outcome.value == "completed", report.error_message
+    assert report.output["metrics"]["samples"] == 9
+    _index, out = read_outputs(report.folder)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))

@@ -201,3 +201,22 @@ def test_cancel_mid_generation_keeps_the_text_so_far(run_job, tiny_llm):
     # special tokens a random model emits decode to nothing, hence <=
     assert 0 < len(text.split()) <= made and result.stdout == text
     assert result.finished["metrics"]["stop_reason"] == "canceled"
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_executor(tmp_path, tiny_llm):
+    from agent.executor import run_job_sync
+    from agent.jobs import Job
+    from tests.runtimes.conftest import REPO_ROOT
+
+    job = Job.from_dict({"job_id": "inference-e2e", "payload": {
+        "type": "inference", "model": "tiny", "prompt": "hello world", "max_new_tokens": 16}})
+    report = run_job_sync(job, tmp_path / "out", launcher="spawn",
+                          contract_env={"MINER_MODELS": json.dumps({"tiny": str(tiny_llm)})},
+                          environ={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                   "CUDA_VISIBLE_DEVICES": ""})
+    assert report.outcome.value == "completed", report.error_message
+    assert report.output["metrics"]["tokens_generated"] == 16
+    text = (report.folder / "result.txt").read_text()
+    assert text.strip()
+    assert (report.folder / "logs" / "stdout.log").read_text() == text
