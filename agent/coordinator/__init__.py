@@ -17,6 +17,7 @@ from agent.coordinator.client import (
 from agent.coordinator.retry import CallStats, RetryPolicy
 from agent.coordinator.transport import (
     AuthError,
+    BodyTooLarge,
     CoordinatorHTTPError,
     CoordinatorUnavailable,
     LeaseLost,
@@ -25,7 +26,7 @@ from agent.coordinator.transport import (
 )
 
 __all__ = [
-    "SUPPORTED_EXTENSIONS", "AuthError", "CallStats", "CoordinatorClient",
+    "SUPPORTED_EXTENSIONS", "AuthError", "BodyTooLarge", "CallStats", "CoordinatorClient",
     "CoordinatorHTTPError", "CoordinatorUnavailable", "HeartbeatAnswer", "LeaseLost",
     "LogOffsetConflict", "LogOffsets", "NotRegistered", "PackageAnswer", "PolledJob",
     "RegisterAnswer", "RetriesStopped", "RetryPolicy",

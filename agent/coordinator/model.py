@@ -95,7 +95,7 @@ def iso(ts: float | None) -> str | None:
     """A UTC ISO-8601 timestamp with a Z, or None."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from agent.coordinator.model import Problem
 
 logger = logging.getLogger(__name__)
 
+_DRAIN_MAX_BYTES = 64 * 1024 * 1024
+
 
 @dataclass
 class Request:
@@ -201,9 +203,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self, limit: int) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         if length > limit:
-            self.close_connection = True  # the unread body makes the stream unusable
+            # Drain a moderately large body so the client reads the 413 instead of a
+            # reset mid-upload; past that, close and let it see the reset.
+            if length <= _DRAIN_MAX_BYTES:
+                self._skip(length)
+            self.close_connection = True
             raise Problem(413, "Request body too large")
         return self.rfile.read(length) if length > 0 else b""
+
+    def _skip(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1024 * 1024))
+            if not chunk:
+                return
+            length -= len(chunk)
 
     def _discard_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -15,6 +15,7 @@ One loop (:meth:`Transport.request`) decides, per answer, between "return it",
 from __future__ import annotations
 
 import asyncio
+import json as jsonlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 Content = bytes | Callable[[], AsyncIterator[bytes]]
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MIN_ATTEMPT_TIMEOUT_S = 0.05
+MAX_BODY_BYTES = 10 * 1024 * 1024
 
 
 class AuthError(CoordinatorError):
@@ -64,6 +66,12 @@ class CoordinatorHTTPError(CoordinatorError):
         self.body = body
 
 
+class BodyTooLarge(CoordinatorError):
+    """Raised before sending a JSON body over the coordinator's 10 MiB limit (it answers 413)."""
+
+    code = "body_too_large"
+
+
 class CoordinatorUnavailable(CoordinatorError):
     """Raised when a call's deadline passed while the coordinator was unreachable or busy."""
 
@@ -93,6 +101,14 @@ def _detail(resp: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])[:300]
     return (resp.reason_phrase or "")[:300]
+
+
+def _encode_json(endpoint: str, body: Any) -> bytes:
+    data = jsonlib.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_BODY_BYTES:
+        raise BodyTooLarge(f"{endpoint} body is {len(data)} bytes, over the coordinator's "
+                           f"{MAX_BODY_BYTES}-byte limit; trim it (e.g. the result's log tail)")
+    return data
 
 
 def _transport_error_name(exc: httpx.TransportError) -> str:
@@ -153,6 +169,9 @@ class Transport:
                       accept: frozenset[int] = frozenset()) -> httpx.Response:
         """Send until an answer that is not retryable; see the module docstring."""
         deadline = Deadline(deadline_s)
+        if json is not None:
+            content, json = _encode_json(endpoint, json), None
+            headers = {"Content-Type": "application/json", **(headers or {})}
         self.stats.call_started(endpoint)
         attempt = 0
         while True:
@@ -227,7 +246,7 @@ class Transport:
         logger.info("coordinator %s: %s, retry %d in %.2fs", endpoint, error, attempt + 1, wait)
         try:
             await asyncio.wait_for(self._stop.wait(), timeout=wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         self.stats.call_finished(endpoint, False, attempt)
         raise RetriesStopped(f"{endpoint}: not retrying ({error}), agent is stopping", error)
