@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agent.errors import ExitCode
+from agent.errors import ConfigError, ExitCode
 from agent.telemetry import Telemetry
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -292,6 +292,20 @@ def load_plain_config(path: str | os.PathLike[str]) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **data}, load_error=None)
 
 
+def _load_config(path: str) -> Any:
+    """The agent's own loader where it exists; a failure becomes the config check's FAIL."""
+    try:
+        from agent.config import load_config
+    except ImportError:
+        return load_plain_config(path)
+    try:
+        return load_config(Path(path))
+    except ConfigError as exc:
+        plain = load_plain_config(path)
+        plain.load_error = exc.message
+        return plain
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``miner-agent doctor``."""
     p = subparsers.add_parser("doctor", help="check this node is ready to run jobs")
@@ -307,7 +321,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     ``args.agent_config`` (the loaded config object), when the CLI sets it, wins over
     reading ``args.config`` here.
     """
-    cfg = getattr(args, "agent_config", None) or load_plain_config(args.config)
+    cfg = getattr(args, "agent_config", None) or _load_config(args.config)
     checks = run_checks(cfg, timeout_s=args.timeout_s)
     out(format_checks(checks))
     failed = [c for c in checks if c.status == "FAIL"]

@@ -60,12 +60,12 @@ miner_id = "{miner_id}"
 # Durable state (journal, results) and caches (models, inputs). systemd creates both.
 state_dir = "/var/lib/miner-agent"
 cache_dir = "/var/cache/miner-agent"
-# "text" for people reading journalctl, "json" for log shippers.
-log_format = "text"
+# "auto" (journal under systemd, else text), "text", "journal" or "json".
+log_format = "auto"
 
 # Seconds between heartbeats (they carry GPU telemetry) and between polls for work.
-heartbeat_interval_s = 10
-poll_interval_s = 2
+heartbeat_interval_s = 5
+poll_interval_s = 1
 # On stop: let running jobs finish for up to drain_timeout_s, then cancel them and
 # wait cancel_grace_s before killing. Keep TimeoutStopSec= in the unit above the sum.
 drain_timeout_s = 120
@@ -74,6 +74,8 @@ cancel_grace_s = 10
 jobs_per_gpu = 1
 # Prometheus metrics on 127.0.0.1:PORT/metrics; 0 turns them off.
 metrics_port = 0
+# Figures from `miner-agent bench --attach-capabilities`, sent with the capabilities.
+# bench_file = "/var/lib/miner-agent/bench-summary.json"
 
 # Models this node serves, by the name jobs ask for, and where the weights are.
 # Paths outside /var/cache/miner-agent need ReadOnlyPaths= in a unit drop-in.

@@ -179,3 +179,10 @@ def test_cli_exit_code_and_broken_config_file(tmp_path: Path, coordinator: str,
     args.agent_config = _cfg(tmp_path, coordinator, key="wrong")
     code = doctor.run(args, out=lines.append)
     assert code == 1 and "FAIL  api key" in lines[0]
+
+
+def test_an_invalid_config_file_is_a_config_fail(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text('coordinator_url = "ftp://x"\nmetrics_port = -1\n')
+    cfg = doctor._load_config(str(tmp_path / "agent.toml"))
+    verdict = doctor.check_config(cfg)
+    assert verdict.status == "FAIL"
