@@ -8,13 +8,14 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent import commands_local
+from agent import commands_daemon, commands_local
 from agent.errors import AgentError, ExitCode
 
 # Each entry adds one subcommand; its module stays importable without torch.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     commands_local.add_exec_parser,
     commands_local.add_verify_parser,
+    commands_daemon.add_parsers,
 ]
 
 

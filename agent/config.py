@@ -1,0 +1,226 @@
+"""The one frozen config object, and where it is loaded from.
+
+Order: defaults, then the TOML file (``/etc/miner-agent/agent.toml`` unless
+``--config`` names another), then ``MINER_AGENT_<FIELD>`` environment variables,
+then command-line flags. The API key comes from ``api_key`` (discouraged), the
+file named by ``api_key_file``, or systemd's credential ``api-key``
+(``$CREDENTIALS_DIRECTORY/api-key``); it is masked everywhere it is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/miner-agent/agent.toml")
+ENV_PREFIX = "MINER_AGENT_"
+SECRET_FIELDS = ("api_key",)
+LogFormat = Literal["auto", "text", "journal", "json"]
+LauncherName = Literal["auto", "forkserver", "spawn"]
+
+
+def _default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/miner-agent")
+    return Path.home() / ".local/state/miner-agent"
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/cache/miner-agent")
+    return Path.home() / ".cache/miner-agent"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent reads from outside, typed, with units in the names."""
+
+    coordinator_url: str | None = None  # None: serve the embedded reference coordinator
+    miner_id: str = field(default_factory=socket.gethostname)
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    region: str | None = None
+    state_dir: Path = field(default_factory=_default_state_dir)
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    heartbeat_interval_s: float = 5.0
+    poll_interval_s: float = 1.0
+    poll_max_interval_s: float = 15.0
+    poll_jitter: float = 0.2
+    cancel_check_interval_s: float = 5.0
+    progress_interval_s: float = 2.0
+    log_ship_interval_s: float = 1.0
+    max_log_chunk_bytes: int = 1 << 20
+    drain_timeout_s: float = 120.0
+    cancel_grace_s: float = 10.0
+    jobs_per_gpu: int = 1
+    cpu_slots: int = 1
+    gpus: tuple[int, ...] | None = None  # None: every GPU NVML sees
+    launcher: LauncherName = "auto"
+    max_result_text_bytes: int = 256 * 1024
+    log_tail_bytes: int = 8 * 1024
+    cache_max_bytes: int = 50 << 30
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    extensions: tuple[str, ...] | None = None  # None: whatever the coordinator offers
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"
+    log_format: LogFormat = "auto"
+    log_level: str = "INFO"
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = 8731
+    bench_file: Path | None = None  # `miner-agent bench --attach-capabilities` output
+    models: Mapping[str, str] = field(default_factory=dict)
+    runtimes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.coordinator_url
+
+    def resolved_api_key(self) -> str | None:
+        """The API key from the credential, the key file or the config, in that order."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        candidates = [Path(cred_dir) / "api-key"] if cred_dir else []
+        if self.api_key_file is not None:
+            candidates.append(self.api_key_file)
+        for path in candidates:
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ConfigError(f"cannot read the API key from {path}: {exc.strerror}; "
+                                  "check its owner and mode (0600, owned by the agent's user)"
+                                  ) from None
+        return self.api_key
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets masked."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+_HINTS = get_type_hints(AgentConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError."""
+    hint = _HINTS[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value == "" and type(None) in get_args(hint)):
+        return None
+    base = args[0] if args and getattr(hint, "__origin__", None) is not Literal else hint
+    try:
+        return _convert(base, value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config field {name}: {exc}") from None
+
+
+def _convert(base: Any, value: Any) -> Any:
+    origin = getattr(base, "__origin__", None)
+    if origin is Literal:
+        if value not in get_args(base):
+            raise ValueError(f"must be one of {', '.join(map(str, get_args(base)))}")
+        return value
+    if base is bool:
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        return base(value)
+    if base is Path:
+        return Path(os.path.expanduser(str(value)))
+    if origin is tuple:
+        items = json.loads(value) if isinstance(value, str) and value.startswith("[") else (
+            value.split(",") if isinstance(value, str) else value)
+        inner = get_args(base)[0]
+        return tuple(inner(x) for x in items if str(x).strip() != "")
+    if origin in (Mapping, dict) or base is Mapping:
+        data = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(data, dict):
+            raise ValueError("must be a table of name = value")
+        return {str(k): str(v) for k, v in data.items()}
+    return str(value)
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Defaults, then the file, then the environment, then ``overrides`` (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    file_path = path or (Path(environ["MINER_AGENT_CONFIG"]) if "MINER_AGENT_CONFIG" in environ
+                         else DEFAULT_CONFIG)
+    if path is not None or file_path.exists():
+        values.update(_read_toml(file_path))
+    for name in _HINTS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = environ[key]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_HINTS))
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; "
+                          "`miner-agent config show` lists the valid ones")
+    cfg = AgentConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; create it with "
+                          "`miner-agent install-service` or pass --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _validate(cfg: AgentConfig) -> None:
+    positive = ("heartbeat_interval_s", "poll_interval_s", "poll_max_interval_s",
+                "cancel_check_interval_s", "progress_interval_s", "log_ship_interval_s",
+                "connect_timeout_s", "read_timeout_s")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"config field {name} must be greater than 0")
+    for name in ("drain_timeout_s", "cancel_grace_s"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config field {name} must not be negative")
+    if cfg.jobs_per_gpu < 1 or cfg.cpu_slots < 0:
+        raise ConfigError("jobs_per_gpu must be at least 1 and cpu_slots at least 0")
+    if cfg.coordinator_url and not cfg.coordinator_url.startswith(("http://", "https://")):
+        raise ConfigError("coordinator_url must start with http:// or https://")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port must be 0 (off) or a TCP port")

@@ -1,0 +1,112 @@
+"""The final report of a job: the `/result` or `/fail` body, built once from its package.
+
+In the core protocol everything a client gets is the ``result`` object (under
+10 MiB): the main text output (bounded), the package's sha256 manifest and result
+hash, where the package is, the tail of both logs, and the metrics. ``metrics``
+carries ``duration_ms``, ``units`` and ``unit_type`` ("gpu_seconds") for the
+coordinator's signed receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import Outcome
+from agent.executor import JobReport
+from agent.logs import tail_bytes
+
+MAX_MANIFEST_ENTRIES = 2000
+_THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_s")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One call to make: ``kind`` is "result", "fail" or "none" (nothing may be sent)."""
+
+    kind: str
+    body: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "body": self.body}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Report:
+        return cls(str(raw["kind"]), dict(raw["body"]))
+
+
+def read_text(path: Path, limit: int) -> tuple[str, bool]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError:
+        return "", False
+    return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+
+
+def receipt_metrics(output: dict[str, Any], gpu_count: int) -> dict[str, Any]:
+    """The metrics that feed the receipt, plus throughput figures the runtime measured."""
+    runtime = output.get("metrics") or {}
+    duration_ms = float(runtime.get("duration_ms") or 0.0)
+    metrics: dict[str, Any] = {
+        "duration_ms": round(duration_ms, 1),
+        # A CPU-only job is billed as one device-second per second: say which it was.
+        "units": round(duration_ms / 1000 * max(1, gpu_count), 3),
+        "unit_type": "gpu_seconds",
+        "gpus": gpu_count,
+        "device": "cuda" if gpu_count else "cpu",
+    }
+    throughput = {k: runtime[k] for k in _THROUGHPUT_KEYS if k in runtime}
+    if throughput:
+        metrics["throughput"] = throughput
+    return metrics
+
+
+def package_block(report: JobReport, location: str | None) -> dict[str, Any]:
+    pkg = report.package
+    if pkg is None:
+        return {"error": "the package could not be written"}
+    manifest = pkg.manifest[:MAX_MANIFEST_ENTRIES]
+    return {"result_hash": pkg.result_hash, "manifest": manifest,
+            "manifest_truncated": len(pkg.manifest) > len(manifest),
+            "zip_sha256": pkg.zip_sha256,
+            "location": location or (pkg.zip_path.as_uri() if pkg.zip_path else
+                                     pkg.folder.as_uri())}
+
+
+def build_report(report: JobReport, *, gpu_count: int, extensions: Collection[str],
+                 location: str | None, lease_id: str | None,
+                 max_text_bytes: int, log_tail_bytes: int) -> Report:
+    """Turn a finished run into the one call the coordinator should get."""
+    output = report.output
+    metrics = receipt_metrics(output, gpu_count)
+    folder = report.folder
+    text, truncated = read_text(folder / "result.txt", max_text_bytes) if folder else ("", False)
+    logs = {f"{s}_tail": tail_bytes(folder / "logs" / f"{s}.log", log_tail_bytes)
+            for s in ("stdout", "stderr")} if folder else {}
+    if report.outcome == Outcome.CANCELED and "cancel" not in extensions:
+        # Core: a canceled job has left the coordinator's list; a /result would flip it
+        # back to COMPLETED. Nothing is sent.
+        return Report("none", {})
+    if report.outcome in (Outcome.COMPLETED, Outcome.CANCELED):
+        result = {"status": report.outcome.value, "partial": report.partial, "output": text,
+                  "output_truncated": truncated, "package": package_block(report, location),
+                  "logs": logs, "metrics": output.get("metrics") or {},
+                  "environment": output.get("environment"),
+                  "started_at": output.get("started_at"),
+                  "finished_at": output.get("finished_at")}
+        body: dict[str, Any] = {"result": result, "metrics": metrics}
+        if lease_id:
+            body["lease_id"] = lease_id
+        return Report("result", body)
+    metrics["package"] = package_block(report, location)
+    metrics["logs"] = logs
+    metrics["partial"] = report.partial
+    body = {"error_code": report.error_code or "runtime_error",
+            "error_message": (report.error_message or report.outcome.value)[:2000],
+            "metrics": metrics}
+    if lease_id:
+        body["lease_id"] = lease_id
+    return Report("fail", body)
