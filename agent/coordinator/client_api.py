@@ -134,6 +134,8 @@ class ClientAPI:
         token = req.params["token"]
         if self.store.presigned(token) is None:
             raise Problem(403, "upload URL is not valid")
+        if req.headers.get("X-Api-Key"):  # the URL may belong to a third party
+            raise Problem(400, "an upload URL must not be sent the coordinator's API key")
         actual = hashlib.sha256(req.body).hexdigest()
         expected = (req.headers.get("X-Content-SHA256") or "").strip().lower()
         if expected and expected != actual:

@@ -61,7 +61,7 @@ class LogsAPI:
                               error="offset_ahead", **ends)
             fresh = data[end - offset:]
             if fresh:
-                self.store.append_log(job["job_id"], stream, fresh)
+                self.store.append_log(job["job_id"], stream, end, fresh)
                 ends[stream] = end + len(fresh)
             if job["state"] == "RUNNING" and job.get("started_at") is None:
                 self.store.update_job(job["job_id"], started_at=time.time())

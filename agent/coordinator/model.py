@@ -122,7 +122,8 @@ def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -
         "created_at": iso(job.get("created_at")), "started_at": iso(job.get("assigned_at")),
         "finished_at": iso(job.get("finished_at")), "expires_at": iso(job.get("expires_at")),
         "progress": percent, "progress_detail": progress, "estimated_completion": eta,
-        "result": job.get("result"), "error": error, "partial": job.get("partial"),
+        "result": job.get("result"), "error": error,
+        "partial": None if job.get("partial") is None else bool(job["partial"]),
         "attempts": job.get("attempts", 0),
         "package": dict(package) if package else None,
     }

@@ -36,8 +36,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS receipts (
     receipt_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, body TEXT NOT NULL, created_at REAL);
 CREATE TABLE IF NOT EXISTS logs (
-    job_id TEXT NOT NULL, stream TEXT NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (job_id, stream));
+    job_id TEXT NOT NULL, stream TEXT NOT NULL, start INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (job_id, stream, start));
 CREATE TABLE IF NOT EXISTS packages (
     job_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL,
     created_at REAL);
@@ -226,22 +226,26 @@ class Store:
 
     def log_ends(self, job_id: str) -> dict[str, int]:
         with self.tx() as db:
-            rows = db.execute("SELECT stream, length(data) AS n FROM logs WHERE job_id=?",
-                              (job_id,)).fetchall()
+            rows = db.execute("SELECT stream, MAX(start + length(data)) AS n FROM logs "
+                              "WHERE job_id=? GROUP BY stream", (job_id,)).fetchall()
         ends = {"stdout": 0, "stderr": 0}
         ends.update({r["stream"]: int(r["n"]) for r in rows})
         return ends
 
-    def append_log(self, job_id: str, stream: str, data: bytes) -> None:
+    def append_log(self, job_id: str, stream: str, start: int, data: bytes) -> None:
+        """Store a chunk that begins exactly at the stream's current end."""
         with self.tx() as db:
-            db.execute("INSERT INTO logs VALUES (?, ?, ?) ON CONFLICT(job_id, stream) "
-                       "DO UPDATE SET data = data || excluded.data", (job_id, stream, data))
+            db.execute("INSERT INTO logs VALUES (?, ?, ?, ?)", (job_id, stream, start, data))
 
     def read_log(self, job_id: str, stream: str, offset: int = 0) -> bytes:
+        """The stream's bytes from ``offset`` to its end."""
         with self.tx() as db:
-            row = db.execute("SELECT substr(data, ?) AS d FROM logs WHERE job_id=? "
-                             "AND stream=?", (offset + 1, job_id, stream)).fetchone()
-        return bytes(row["d"]) if row is not None and row["d"] is not None else b""
+            rows = db.execute("SELECT start, data FROM logs WHERE job_id=? AND stream=? "
+                              "AND start + length(data) > ? ORDER BY start",
+                              (job_id, stream, offset)).fetchall()
+        if not rows:
+            return b""
+        return b"".join(bytes(r["data"]) for r in rows)[max(0, offset - rows[0]["start"]):]
 
     def put_package(self, job_id: str, sha256: str, data: bytes) -> None:
         with self.tx() as db:

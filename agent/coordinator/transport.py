@@ -181,7 +181,7 @@ class Transport:
             if resp is not None:
                 self._raise_if_final_error(resp, endpoint, attempt, not_registered, accept)
                 if resp.status_code < 400 or resp.status_code in accept:
-                    self.stats.call_finished(endpoint, True, attempt)
+                    self.stats.call_finished(endpoint, resp.status_code < 400, attempt)
                     return resp
                 if resp.status_code == 429:
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
