@@ -28,6 +28,7 @@ from agent.coordinator.model import Problem
 logger = logging.getLogger(__name__)
 
 _DRAIN_MAX_BYTES = 64 * 1024 * 1024
+_QUERY_RE = re.compile(r"\?[^\s\"]*")
 
 
 @dataclass
@@ -144,7 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: CoordinatorHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s %s", self.address_string(), format % args)
+        # Query strings can hold presigned signatures: keep them out of the log.
+        logger.debug("%s %s", self.address_string(), _QUERY_RE.sub("?<redacted>", format % args))
 
     def do_GET(self) -> None:
         self._serve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -187,8 +188,8 @@ def test_package_upload_is_checked(coordinator: ReferenceCoordinator, tmp_path: 
     assert status(coordinator, job_id)["package"] == {"sha256": sha, "size": path.stat().st_size}
 
 
-def test_presigned_put_carries_no_api_key(coordinator: ReferenceCoordinator,
-                                          tmp_path: Path) -> None:
+def test_presigned_put_carries_no_api_key(coordinator: ReferenceCoordinator, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     path, sha = _zip(tmp_path)
     url = coordinator.presign()
 
@@ -200,5 +201,7 @@ def test_presigned_put_carries_no_api_key(coordinator: ReferenceCoordinator,
             stats = client.stats.get("presigned")
             assert stats.ok == 1 and stats.failed == 1
 
-    asyncio.run(flow())
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(flow())
     assert coordinator.presigned_object(url) == path.read_bytes()
+    assert "/presigned/" in caplog.text and "signature=stand-in" not in caplog.text
