@@ -36,7 +36,7 @@ def train_rank(ctx: JobContext, local_rank: int, rank: int, world: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from runtimes.device import select_device
+    from runtimes.device import oom_guard, select_device
     from runtimes.train_spec import parse_spec
     from runtimes.trainloop import Ranks, build_trainer
 
@@ -52,9 +52,10 @@ def train_rank(ctx: JobContext, local_rank: int, rank: int, world: int) -> None:
     kwargs: dict[str, Any] = {"device_id": setup.device} if backend == "nccl" else {}
     dist.init_process_group(backend, **kwargs)
     try:
-        trainer = build_trainer(spec, ctx, setup, ctx.work_dir, Ranks(rank, world))
-        ctx.set_metrics(startup_s=round(time.monotonic() - started, 3), backend=backend)
-        trainer.run()
+        with oom_guard(setup):
+            trainer = build_trainer(spec, ctx, setup, ctx.work_dir, Ranks(rank, world))
+            ctx.set_metrics(startup_s=round(time.monotonic() - started, 3), backend=backend)
+            trainer.run()
     finally:
         dist.destroy_process_group()
 

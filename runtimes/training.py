@@ -34,10 +34,11 @@ def run(ctx: JobContext) -> None:
         return
     # Imported late on purpose: a bad payload fails before torch loads (seconds on a
     # small node), and the multi-rank path's launcher never needs torch at all.
-    from runtimes.device import select_device
+    from runtimes.device import oom_guard, select_device
     from runtimes.trainloop import build_trainer
 
     setup = select_device(ctx, spec.device_payload)
-    trainer = build_trainer(spec, ctx, setup, ctx.work_dir)
-    ctx.set_metrics(startup_s=round(time.monotonic() - started, 3))
-    trainer.run()
+    with oom_guard(setup):  # CUDA OOM -> JobFailed("cuda_oom") with figures; exit frees it
+        trainer = build_trainer(spec, ctx, setup, ctx.work_dir)
+        ctx.set_metrics(startup_s=round(time.monotonic() - started, 3))
+        trainer.run()

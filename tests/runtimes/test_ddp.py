@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +11,7 @@ import psutil
 import pytest
 
 from tests.runtimes.conftest import JobRun
+from tests.runtimes.test_training import sigterm_after_steps
 
 RUNTIME = "runtimes.training:run"
 Runner = Callable[..., JobRun]
@@ -49,17 +46,12 @@ def test_two_gloo_ranks_train_and_rank0_reports(run_job: Runner) -> None:
     assert [e["step"] for e in run.named("checkpoint")] == [6, 12]
 
 
-def test_cancel_stops_both_ranks_at_one_step_and_saves(run_job: Runner) -> None:
+def test_cancel_stops_both_ranks_at_one_step_and_saves(run_job: Runner,
+                                                        tmp_path: Path) -> None:
     state: dict[str, Any] = {}
-
-    def on_event(event: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
-        step = (event.get("metrics") or {}).get("step", 0)
-        if event.get("stage") == "train" and step >= 3 and "sent" not in state:
-            state["sent"] = time.monotonic()
-            state["ranks"] = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-            os.kill(proc.pid, signal.SIGTERM)  # what the executor does first
-
-    run = run_job(RUNTIME, ddp_payload(steps=1_000_000), on_event=on_event, timeout_s=120)
+    metrics_file = tmp_path / "job" / "package" / "artifacts" / "metrics.jsonl"
+    run = run_job(RUNTIME, ddp_payload(steps=1_000_000), timeout_s=120,
+                  on_event=sigterm_after_steps(metrics_file, 3, state))
     finished = run.finished
     assert "sent" in state, run.stderr[-3000:]
     assert finished["outcome"] == "canceled" and finished["partial"] is True
@@ -68,8 +60,8 @@ def test_cancel_stops_both_ranks_at_one_step_and_saves(run_job: Runner) -> None:
     assert (root / "latest").read_text().strip() == f"step-{last:06d}"
     assert (run.package_dir / "artifacts" / "loss.png").exists()
     # torchrun and both ranks are gone once the job process has exited
-    assert len(state["ranks"]) >= 3
-    assert not [pid for pid in state["ranks"] if psutil.pid_exists(pid)
+    assert len(state["pids"]) >= 3
+    assert not [pid for pid in state["pids"] if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 

@@ -6,12 +6,15 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +23,7 @@ from runtimes.checkpoint import find_checkpoint, flatten_optimizer, unflatten_op
 from runtimes.plot import line_plot_png
 from runtimes.train_spec import parse_spec
 from runtimes.trainloop import lr_at
-from tests.runtimes.conftest import JobRun, run_job_process
+from tests.runtimes.conftest import EventHook, JobRun, run_job_process
 
 RUNTIME = "runtimes.training:run"
 Runner = Callable[..., JobRun]
@@ -31,6 +34,29 @@ def mlp_payload(**extra: Any) -> dict[str, Any]:
     return {"type": "training", "model": {"arch": "mlp", "config": {"hidden": [32]}},
             "dataset": {"synthetic": {"kind": "classification", "samples": 256, "seed": 1}},
             "optimizer": {"name": "adamw", "lr": 0.01}, "batch_size": 32, "seed": 3, **extra}
+
+
+def sigterm_after_steps(metrics_file: Path, steps: int, state: dict[str, Any]) -> EventHook:
+    """An ``on_event`` hook: SIGTERM the job once ``steps`` lines are in metrics.jsonl.
+
+    It watches the file from a thread rather than reacting to a progress event, so the
+    signal is not timed to land while the job is writing that event.
+    """
+
+    def watch(proc: subprocess.Popen[bytes]) -> None:
+        while proc.poll() is None:
+            if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= steps:
+                state["pids"] = [c.pid for c in psutil.Process(proc.pid).children(True)]
+                state["sent"] = True
+                os.kill(proc.pid, signal.SIGTERM)  # what the executor does first
+                return
+            time.sleep(0.02)
+
+    def hook(event: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
+        if event.get("event") == "started":
+            threading.Thread(target=watch, args=(proc,), daemon=True).start()
+
+    return hook
 
 
 def metrics_lines(run: JobRun) -> list[dict[str, Any]]:
@@ -140,16 +166,13 @@ def test_jsonl_text_trains_gpt_and_reports_tokens(run_job: Runner, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_cancel_saves_checkpoint_at_current_step_and_marks_partial(run_job: Runner) -> None:
-    sent: list[int] = []
-
-    def on_event(event: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
-        step = (event.get("metrics") or {}).get("step", 0)
-        if event.get("stage") == "train" and step >= 3 and not sent:
-            sent.append(step)
-            os.kill(proc.pid, signal.SIGTERM)
-
-    run = run_job(RUNTIME, mlp_payload(steps=1_000_000), on_event=on_event)
+def test_cancel_saves_checkpoint_at_current_step_and_marks_partial(run_job: Runner,
+                                                                   tmp_path: Path) -> None:
+    state: dict[str, Any] = {}
+    metrics_file = tmp_path / "job" / "package" / "artifacts" / "metrics.jsonl"
+    run = run_job(RUNTIME, mlp_payload(steps=1_000_000),
+                  on_event=sigterm_after_steps(metrics_file, 3, state))
+    sent = state.get("sent")
     finished = run.finished
     assert sent and finished["outcome"] == "canceled" and finished["partial"] is True
     last = metrics_lines(run)[-1]["step"]
@@ -249,3 +272,40 @@ def test_end_to_end_through_the_executor(tmp_path: Path) -> None:
     assert report.folder is not None
     assert (report.folder / "artifacts" / "checkpoints" / "step-000005" / "meta.json").exists()
     assert report.output["metrics"]["final_step"] == 5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpt_mixed_precision_on_cuda(tmp_path: Path, precision: str) -> None:
+    payload = {"type": "training", "precision": precision, "steps": 30, "batch_size": 16,
+               "model": {"arch": "gpt", "config": {"block_size": 32, "n_layer": 1}},
+               "dataset": {"synthetic": {"kind": "text", "samples": 200}},
+               "optimizer": {"lr": 0.003}}
+    run = run_job_process(tmp_path, RUNTIME, payload, env={"CUDA_VISIBLE_DEVICES": "0"})
+    metrics = completed(run)["metrics"]
+    assert metrics["device"]["kind"] == "cuda" and metrics["device"]["precision"] == precision
+    assert metrics["peak_cuda_allocated_mb"] > 0
+    lines = metrics_lines(run)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    if precision == "fp16":
+        meta = json.loads((run.package_dir / "artifacts/checkpoints/step-000030/meta.json")
+                          .read_text())
+        assert meta["scaler"]["scale"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_oom_fails_with_figures(tmp_path: Path) -> None:
+    free, _total = torch.cuda.mem_get_info()
+    width = int((free / 4) ** 0.5) + 1024  # one Linear weight larger than free memory
+    payload = mlp_payload(steps=2, model={"arch": "mlp", "config": {"hidden": [width]}},
+                          dataset={"synthetic": {"kind": "classification", "samples": 64,
+                                                 "features": width}})
+    run = run_job_process(tmp_path, RUNTIME, payload, env={"CUDA_VISIBLE_DEVICES": "0"})
+    finished = run.finished
+    assert finished["error_code"] == "cuda_oom", finished
+    assert "MiB" in finished["error_message"] and finished["details"]["total_mib"] > 0
