@@ -104,9 +104,10 @@ def resolve_model(payload: Mapping[str, Any], environ: Mapping[str, str]) -> tup
         path = Path(str(payload["model_path"])).expanduser()
         name = str(payload.get("model") or path.name)
     else:
-        name = payload.get("model")
-        if not isinstance(name, str) or not name:
+        wanted = payload.get("model")
+        if not isinstance(wanted, str) or not wanted:
             raise JobFailed("invalid_job", "payload.model must name a model")
+        name = wanted
         registry = load_model_registry(environ)
         if name not in registry:
             have = ", ".join(sorted(registry)) or "no models"
