@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent import commands_daemon, commands_local
+from agent import bench, commands_daemon, commands_local, doctor, service
 from agent.errors import AgentError, ExitCode
 
 # Each entry adds one subcommand; its module stays importable without torch.
@@ -16,6 +16,9 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[
     commands_local.add_exec_parser,
     commands_local.add_verify_parser,
     commands_daemon.add_parsers,
+    service.add_parser,
+    doctor.add_parser,
+    bench.add_parser,
 ]
 
 

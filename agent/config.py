@@ -72,6 +72,8 @@ class AgentConfig:
     max_result_text_bytes: int = 256 * 1024
     log_tail_bytes: int = 8 * 1024
     cache_max_bytes: int = 50 << 30
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 30.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     extensions: tuple[str, ...] | None = None  # None: whatever the coordinator offers
@@ -211,7 +213,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _validate(cfg: AgentConfig) -> None:
     positive = ("heartbeat_interval_s", "poll_interval_s", "poll_max_interval_s",
                 "cancel_check_interval_s", "progress_interval_s", "log_ship_interval_s",
-                "connect_timeout_s", "read_timeout_s")
+                "connect_timeout_s", "read_timeout_s", "retry_base_s", "retry_cap_s")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config field {name} must be greater than 0")

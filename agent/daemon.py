@@ -26,6 +26,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
+from agent.coordinator.retry import RetryPolicy
 from agent.coordinator.transport import AuthError, NotRegistered
 from agent.environment import scrubbed_environ
 from agent.errors import CoordinatorError, ExitCode
@@ -52,7 +53,8 @@ class Agent:
         assert cfg.coordinator_url is not None
         self.client = CoordinatorClient(cfg.coordinator_url, api_key, cfg.miner_id,
                                         connect_timeout_s=cfg.connect_timeout_s,
-                                        read_timeout_s=cfg.read_timeout_s)
+                                        read_timeout_s=cfg.read_timeout_s,
+                                        retry=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s))
         self.journal = Journal(cfg.state_dir / "journal.db")
         self.telemetry = Telemetry(disk_paths=[cfg.state_dir, cfg.cache_dir])
         self.scheduler = self._make_scheduler()
@@ -63,7 +65,7 @@ class Agent:
                                        extra_runtimes=dict(cfg.runtimes),
                                        contract_env=self._contract_env())
         self.metrics = AgentMetrics()
-        self.notifier = Notifier.from_env()
+        self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
         self.flow = JobFlow(self)
         self.active: dict[str, Active] = {}
         self.extensions: frozenset[str] = frozenset()
@@ -223,7 +225,8 @@ class Agent:
         leases = {j: a.lease_id for j, a in self.active.items() if a.lease_id}
         try:
             answer = await self.client.heartbeat(len(self.active), self._metadata(),
-                                                 leases=leases or None)
+                                                 leases=leases or None,
+                                                 deadline_s=self.cfg.heartbeat_interval_s)
         except NotRegistered:
             await self._reregister("heartbeat 404")
             return
@@ -353,8 +356,8 @@ class Agent:
         return env
 
     def _bench_summary(self) -> dict[str, Any] | None:
-        path: Path | None = self.cfg.bench_file
-        if path is None or not path.is_file():
+        path: Path | None = self.cfg.bench_file or self.cfg.state_dir / "bench-summary.json"
+        if not path.is_file():
             return None
         try:
             data = json.loads(path.read_text())

@@ -1,0 +1,271 @@
+"""The real daemon against the real reference coordinator on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.coordinator.reference import ReferenceCoordinator
+from tests.agent.daemon_helpers import AgentProcess, Client, start_coordinator, wait_until
+
+pytestmark = pytest.mark.slow
+SLEEP = {"type": "sleep", "steps": 5, "step_s": 0.02, "print_every": 1}
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
+    coord = start_coordinator(tmp_path, extensions=())
+    yield coord
+    coord.stop()
+
+
+@pytest.fixture
+def ext(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
+    coord = start_coordinator(tmp_path)
+    yield coord
+    coord.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for a in started:
+        a.stop()
+    Client.close_all()
+
+
+def test_core_job_end_to_end(core: ReferenceCoordinator, tmp_path: Path,
+                             agents: list[AgentProcess]) -> None:
+    # Given a core-only coordinator with one job queued
+    client = Client(core)
+    job_id = client.submit(SLEEP)
+    # When the agent runs until there is no work left
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True)
+    agents.append(agent)
+    assert agent.wait(90) == 0, agent.log()
+    # Then the coordinator holds one completed result with the package's manifest
+    job = client.job(job_id)
+    assert job["status"] == "completed", job
+    result = job["result"]
+    assert result["status"] == "completed" and result["output"] == "5 of 5 steps\n"
+    folder = tmp_path / "state/jobs" / f"job_{job_id}"
+    output = json.loads((folder / "output.json").read_text())
+    assert result["package"]["result_hash"] == output["result_hash"]
+    assert {m["path"] for m in result["package"]["manifest"]} >= {"logs/stdout.log",
+                                                                  "result.txt"}
+    assert "step 5/5" in result["logs"]["stdout_tail"]
+    receipts = client.receipts(job_id)
+    assert len(receipts) == 1
+    metrics = receipts[0].get("metrics") or job.get("metrics") or {}
+    assert subprocess.run(["sha256sum", "-c", "output.sha256"], cwd=folder,
+                          capture_output=True).returncode == 0
+    assert metrics == {} or metrics.get("unit_type") == "gpu_seconds"
+    # And the coordinator's in-flight count for the miner went back to zero
+    assert core.store.miner("miner-1")["inflight"] == 0
+
+
+def test_extensions_ship_logs_progress_and_package(ext: ReferenceCoordinator, tmp_path: Path,
+                                                  agents: list[AgentProcess]) -> None:
+    client = Client(ext)
+    job_id = client.submit({"type": "sleep", "steps": 20, "step_s": 0.05, "print_every": 1})
+    agent = AgentProcess(ext.base_url, tmp_path / "state", burst=True)
+    agents.append(agent)
+    seen_progress = []
+    wait_until(lambda: seen_progress.append(client.job(job_id).get("progress")) or
+               client.job(job_id)["status"] == "completed", 90, agent.log)
+    assert agent.wait(60) == 0
+    folder = tmp_path / "state/jobs" / f"job_{job_id}"
+    # Logs: the coordinator's copy is byte for byte the file on disk
+    assert ext.store.read_log(job_id, "stdout") == (folder / "logs/stdout.log").read_bytes()
+    # Progress was visible while the job ran
+    assert any(p is not None and 0 < p < 100 for p in seen_progress)
+    # Package: uploaded, and the bytes match the zip's own sha256
+    data = ext.store.package_data(job_id)
+    zip_sha = (folder.with_name(folder.name + ".zip.sha256")).read_text().split()[0]
+    assert data is not None and hashlib.sha256(data).hexdigest() == zip_sha
+    assert "package" in client.job(job_id)["result"]["package"]["location"]
+
+
+def test_core_cancel_stops_the_job_and_posts_no_result(core: ReferenceCoordinator,
+                                                       tmp_path: Path,
+                                                       agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    job_id = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.01})
+    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(agent)
+    client.wait_status(job_id, "running")
+    agent.wait_log(f"job {job_id}: started")
+    t0 = time.monotonic()
+    client.cancel(job_id)
+    agent.wait_log(f"job {job_id}: canceled", timeout=30)
+    # Then the job stopped within the check interval plus a step, and nothing was reported
+    assert time.monotonic() - t0 < 5
+    time.sleep(1)
+    assert client.job(job_id)["status"] == "canceled"
+    assert client.receipts(job_id) == []
+    output = json.loads((tmp_path / "state/jobs" / f"job_{job_id}/output.json").read_text())
+    assert output["status"] == "canceled" and output["partial"] is True
+
+
+def test_extension_cancel_reports_partial(ext: ReferenceCoordinator, tmp_path: Path,
+                                          agents: list[AgentProcess]) -> None:
+    client = Client(ext)
+    job_id = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.01})
+    agent = AgentProcess(ext.base_url, tmp_path / "state", cancel_check_interval_s=60)
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: started")
+    client.cancel(job_id)
+    job = client.wait_status(job_id, "canceled", timeout=30)
+    agent.wait_log(f"job {job_id}: reported")
+    assert "cancel received" in agent.log()
+    assert job["partial"] is True or (job.get("result") or {}).get("partial") is True
+
+
+def test_failure_is_reported_and_the_slot_released(core: ReferenceCoordinator,
+                                                   tmp_path: Path,
+                                                   agents: list[AgentProcess]) -> None:
+    # Given one slot, a job that fails, an unknown type, and a good job after them
+    client = Client(core)
+    bad = client.submit({"type": "sleep", "steps": 5, "step_s": 0, "fail_at": 2})
+    unknown = client.submit({"type": "transcribe", "url": "http://example.invalid/a.wav"})
+    good = client.submit(SLEEP)
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True, cpu_slots=1)
+    agents.append(agent)
+    assert agent.wait(90) == 0, agent.log()
+    # Then both failures carry stable codes and the good job still ran
+    assert client.job(bad)["error"]["code"] == "runtime_error"
+    assert client.job(unknown)["error"]["code"] == "unsupported_job_type"
+    assert client.job(good)["status"] == "completed"
+    assert core.store.miner("miner-1")["inflight"] == 0
+
+
+def test_two_jobs_run_side_by_side_on_two_slots(core: ReferenceCoordinator, tmp_path: Path,
+                                                agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    jobs = [client.submit({"type": "sleep", "steps": 30, "step_s": 0.05}) for _ in range(2)]
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True, cpu_slots=2)
+    agents.append(agent)
+    assert agent.wait(90) == 0, agent.log()
+    outputs = [json.loads((tmp_path / "state/jobs" / f"job_{j}/output.json").read_text())
+               for j in jobs]
+    assert all(o["status"] == "completed" for o in outputs)
+    # The second started before the first finished: they overlapped.
+    first, second = sorted(outputs, key=lambda o: o["started_at"])
+    assert second["started_at"] < first["finished_at"]
+
+
+def test_coordinator_down_then_back_loses_nothing(core: ReferenceCoordinator, tmp_path: Path,
+                                                  agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    job_id = client.submit({"type": "sleep", "steps": 20, "step_s": 0.05})
+    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: started")
+    # When the coordinator goes away while the job runs and finishes
+    core.faults.down()
+    agent.wait_log(f"job {job_id}: completed", timeout=30)
+    time.sleep(1.5)
+    assert agent.proc.poll() is None
+    # Then, once it is back, the result arrives exactly once
+    core.faults.up()
+    client.wait_status(job_id, "completed", timeout=30)
+    assert len(client.receipts(job_id)) == 1
+
+
+def test_429_and_5xx_storms_are_ridden_out(core: ReferenceCoordinator, tmp_path: Path,
+                                           agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    job_id = client.submit(SLEEP)
+    core.faults.rate_limit(retry_after_s=0.3, count=5)
+    core.faults.set(status=503, count=15)
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True)
+    agents.append(agent)
+    assert agent.wait(120) == 0, agent.log()
+    assert client.job(job_id)["status"] == "completed"
+    assert len(client.receipts(job_id)) == 1
+    assert "Traceback" not in agent.log()
+
+
+def test_sigkill_mid_job_then_restart_reports_agent_restart(core: ReferenceCoordinator,
+                                                           tmp_path: Path,
+                                                           agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    job_id = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.01,
+                            "print_every": 10})
+    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: started")
+    time.sleep(0.5)
+    agent.kill()
+    # When a new agent starts on the same state directory
+    again = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(again)
+    job = client.wait_status(job_id, "failed", timeout=60)
+    # Then the job is reported once as failed with agent_restart, its logs packaged
+    assert job["error"]["code"] == "agent_restart"
+    folder = tmp_path / "state/jobs" / f"job_{job_id}"
+    assert b"step 10/100000" in (folder / "logs/stdout.log").read_bytes()
+    assert subprocess.run(["sha256sum", "-c", "output.sha256"], cwd=folder,
+                          capture_output=True).returncode == 0
+    time.sleep(1)
+    assert client.receipts(job_id) == []
+
+
+def test_sigkill_mid_report_then_restart_reports_once(core: ReferenceCoordinator,
+                                                      tmp_path: Path,
+                                                      agents: list[AgentProcess]) -> None:
+    # Given a coordinator whose /result keeps failing, so the agent is stuck reporting
+    client = Client(core)
+    job_id = client.submit(SLEEP)
+    core.faults.set(status=503, count=10_000, paths=(f"/v1/miners/{job_id}/result",))
+    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: completed")
+    time.sleep(1)
+    # When the agent is SIGKILLed mid-report and restarted after the coordinator recovers
+    agent.kill()
+    core.faults.clear()
+    again = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(again)
+    client.wait_status(job_id, "completed", timeout=60)
+    again.wait_log(f"job {job_id}: reported")
+    time.sleep(1)
+    # Then exactly one result landed
+    assert len(client.receipts(job_id)) == 1
+
+
+def test_sigterm_drains_then_second_sigterm_cancels(core: ReferenceCoordinator,
+                                                    tmp_path: Path,
+                                                    agents: list[AgentProcess]) -> None:
+    client = Client(core)
+    short = client.submit({"type": "sleep", "steps": 30, "step_s": 0.05})
+    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agents.append(agent)
+    agent.wait_log(f"job {short}: started")
+    beats_before = agent.log().count("/v1/miners/heartbeat")
+    agent.signal(signal.SIGTERM)
+    # The running job finishes and is reported during the drain; nothing new is polled
+    later = client.submit(SLEEP)
+    assert agent.wait(60) == 0, agent.log()
+    assert client.job(short)["status"] == "completed"
+    assert client.job(later)["status"] == "pending"
+    assert agent.log().count("/v1/miners/heartbeat") >= beats_before
+    # A second agent: two SIGTERMs cancel the running job at once, reported as shutdown
+    long = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.01})
+    again = AgentProcess(core.base_url, tmp_path / "state2")
+    agents.append(again)
+    client.wait_status(later, "completed")
+    again.wait_log(f"job {long}: started")
+    again.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    again.signal(signal.SIGTERM)
+    assert again.wait(60) == 0, again.log()
+    assert client.job(long)["error"]["code"] == "agent_shutdown"
