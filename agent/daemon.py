@@ -65,6 +65,7 @@ class Agent:
                                        extra_runtimes=dict(cfg.runtimes),
                                        contract_env=self._contract_env())
         self.metrics = AgentMetrics()
+        self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
         self.flow = JobFlow(self)
         self.active: dict[str, Active] = {}
@@ -76,6 +77,7 @@ class Agent:
         self.stop_event = asyncio.Event()
         self.hard_stop = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
+        self._poll_now = asyncio.Event()
         self._register_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self._job_tasks: set[asyncio.Task[Any]] = set()
@@ -129,8 +131,6 @@ class Agent:
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
         self.metrics.set_running(len(self.active))
-        for endpoint, stats in self.client.stats.snapshot().items():
-            del endpoint, stats  # exported on scrape by the metrics endpoint
 
     async def drain(self) -> None:
         """Stop leasing; let jobs finish up to the drain timeout; then cancel and report."""
@@ -233,6 +233,8 @@ class Agent:
         except CoordinatorError as exc:
             log.warning("heartbeat failed: %s", exc)
             return
+        if len(self.active) < self.scheduler.capacity:
+            self._poll_now.set()
         for job_id in answer.cancel:
             if job_id in self.active:
                 log.info("job %s: cancel received in a heartbeat answer", job_id)
@@ -244,6 +246,9 @@ class Agent:
 
     def wake_heartbeat(self) -> None:
         self._heartbeat_now.set()
+
+    def wake_poll(self) -> None:
+        self._poll_now.set()
 
     async def _poll_loop(self) -> None:
         interval = self.cfg.poll_interval_s
@@ -268,8 +273,12 @@ class Agent:
                 log.info("burst mode: no work left; stopping")
                 self.stop_event.set()
                 return
-            await asyncio.sleep(interval * random.uniform(1 - self.cfg.poll_jitter,
-                                                          1 + self.cfg.poll_jitter))
+            # Idle: back off with jitter, but poll at once when a report or heartbeat has
+            # just told the coordinator a slot is free (it counts in-flight jobs itself).
+            self._poll_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), interval * random.uniform(
+                    1 - self.cfg.poll_jitter, 1 + self.cfg.poll_jitter))
             interval = min(interval * 1.5, self.cfg.poll_max_interval_s)
 
     def _accept(self, polled: PolledJob) -> None:

@@ -383,6 +383,9 @@ class JobRun:
             metrics.setdefault("duration_ms", round((finished - started) * 1000, 1))
         if started and self.times["requested"]:
             metrics["start_latency_ms"] = round((started - self.times["requested"]) * 1000, 2)
+        if self.times["first_progress"] and self.times["created"]:
+            metrics["first_progress_ms"] = round(
+                (self.times["first_progress"] - self.times["created"]) * 1000, 2)
         return {
             "job_id": self.job.job_id, "type": self.job.type, "status": verdict.outcome.value,
             "partial": self._partial(verdict),

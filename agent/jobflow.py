@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ class Active:
     assignment: Assignment | None = None
     cancel_reason: str | None = None
     dropped: bool = False  # the coordinator no longer lists it: never report it
+    accepted_at: float = field(default_factory=time.time)  # when poll handed it over
 
     def cancel(self, reason: str, dropped: bool = False) -> None:
         self.dropped = self.dropped or dropped
@@ -97,7 +99,8 @@ class JobFlow:
         a = self.agent
         active.job, active.assignment = job, assignment
         run = JobRun(job, a.exec_cfg, a.launcher, gpu_ids=assignment.cuda_visible_devices,
-                     gpu_names=list(assignment.gpu_names), environ=a.job_environ)
+                     gpu_names=list(assignment.gpu_names), environ=a.job_environ,
+                     created_at=active.accepted_at)
         active.run = run
         if active.cancel_reason is not None:
             run.cancel(active.cancel_reason)
@@ -165,6 +168,7 @@ class JobFlow:
         a.journal.set_phase(job_id, "reported")
         log.info("job %s: reported (%s)", job_id, report.kind)
         a.wake_heartbeat()
+        a.wake_poll()
 
     async def _still_ours(self, job_id: str, report: Report) -> bool:
         a = self.agent

@@ -62,4 +62,5 @@ def setup_logging(fmt: str = "auto", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    for noisy in ("httpx", "httpcore"):  # a line per request (or per socket step) is noise
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -49,7 +49,9 @@ class EventChannel:
 
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
-        self._lock = threading.Lock()
+        # Re-entrant: the SIGTERM handler sends "cancel_seen" on the main thread, maybe
+        # while that thread is inside send(); a plain Lock would deadlock the job there.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_env(cls) -> EventChannel:

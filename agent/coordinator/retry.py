@@ -10,6 +10,7 @@ import email.utils
 import math
 import random
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 
@@ -108,6 +109,8 @@ class CallStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_endpoint: dict[str, EndpointStats] = {}
+        # Called per attempt as (endpoint, latency_s, ok): the agent's Prometheus metrics.
+        self.observer: Callable[[str, float, bool], None] | None = None
 
     def _get(self, endpoint: str) -> EndpointStats:
         return self._by_endpoint.setdefault(endpoint, EndpointStats())
@@ -125,6 +128,8 @@ class CallStats:
             stats.latency_max_s = max(stats.latency_max_s, latency_s)
             if error is not None:
                 stats.errors[error] = stats.errors.get(error, 0) + 1
+        if self.observer is not None:
+            self.observer(endpoint, latency_s, error is None)
 
     def call_finished(self, endpoint: str, ok: bool, retries: int) -> None:
         with self._lock:
