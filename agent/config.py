@@ -14,10 +14,11 @@ import json
 import os
 import socket
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from agent.errors import ConfigError
 
@@ -135,10 +136,10 @@ _HINTS = get_type_hints(AgentConfig)
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or environment value into the field's type, or raise ConfigError."""
     hint = _HINTS[name]
-    args = [a for a in get_args(hint) if a is not type(None)]
-    if value is None or (isinstance(value, str) and value == "" and type(None) in get_args(hint)):
+    optional = get_origin(hint) in (Union, types.UnionType)
+    if value is None or (optional and isinstance(value, str) and value == ""):
         return None
-    base = args[0] if args and getattr(hint, "__origin__", None) is not Literal else hint
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
     try:
         return _convert(base, value)
     except (TypeError, ValueError) as exc:
@@ -146,7 +147,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _convert(base: Any, value: Any) -> Any:
-    origin = getattr(base, "__origin__", None)
+    origin = get_origin(base)
     if origin is Literal:
         if value not in get_args(base):
             raise ValueError(f"must be one of {', '.join(map(str, get_args(base)))}")

@@ -1,0 +1,48 @@
+"""Slots and GPU assignment."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.jobs import Constraints
+from agent.scheduler import Device, NoCapacity, Scheduler
+
+GPUS = [Device(0, "A100", 40960), Device(1, "A100", 81920), Device(2, "L4", 23034)]
+
+
+def test_one_slot_per_gpu_and_exact_devices() -> None:
+    s = Scheduler(GPUS)
+    assert s.capacity == 3
+    a = s.reserve("a", Constraints(gpu_count=1, min_vram_mb=80000))
+    assert a is not None and a.cuda_visible_devices == ["1"]
+    b = s.reserve("b", Constraints(gpu_count=2))
+    assert b is not None and sorted(b.gpu_indices) == [0, 2]
+    assert s.reserve("c", Constraints(gpu_count=1)) is None  # full
+    s.release("b")
+    c = s.reserve("c", Constraints(gpu_count=1))
+    assert c is not None and c.gpu_indices[0] in (0, 2)
+
+
+def test_several_small_jobs_per_gpu_but_multi_gpu_jobs_take_whole_gpus() -> None:
+    s = Scheduler(GPUS[:2], jobs_per_gpu=2)
+    assert s.capacity == 4
+    assert s.reserve("a", Constraints(gpu_count=1)) is not None
+    assert s.reserve("b", Constraints(gpu_count=1)) is not None
+    # Two GPUs each hold one job: a 2-GPU job must wait
+    assert s.reserve("big", Constraints(gpu_count=2)) is None
+    s.release("a")
+    s.release("b")
+    big = s.reserve("big", Constraints(gpu_count=2))
+    assert big is not None and len(big.gpu_indices) == 2
+    assert s.reserve("c", Constraints(gpu_count=1)) is None
+
+
+def test_impossible_constraints_raise_no_capacity() -> None:
+    s = Scheduler(GPUS)
+    with pytest.raises(NoCapacity, match="at least 100000 MiB"):
+        s.reserve("x", Constraints(gpu_count=1, min_vram_mb=100000))
+    cpu = Scheduler([], cpu_slots=2)
+    assert cpu.capacity == 2
+    assert cpu.reserve("cpu-job", Constraints()) is not None
+    with pytest.raises(NoCapacity, match="CPU-only"):
+        cpu.reserve("gpu-job", Constraints(gpu_count=1))
