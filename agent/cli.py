@@ -12,7 +12,7 @@ from agent import bench, commands_daemon, commands_local, doctor, service
 from agent.errors import AgentError, ExitCode
 
 # Each entry adds one subcommand; its module stays importable without torch.
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignore[type-arg]
     commands_local.add_exec_parser,
     commands_local.add_verify_parser,
     commands_daemon.add_parsers,

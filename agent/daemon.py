@@ -365,7 +365,7 @@ class Agent:
         return env
 
     def _bench_summary(self) -> dict[str, Any] | None:
-        path: Path | None = self.cfg.bench_file or self.cfg.state_dir / "bench-summary.json"
+        path: Path = self.cfg.bench_file or self.cfg.state_dir / "bench-summary.json"
         if not path.is_file():
             return None
         try:

@@ -60,7 +60,7 @@ class ShutdownRequested(BaseException):
     """Raised to unwind on agent shutdown; a BaseException so `except Exception` can't eat it."""
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a job's run ended. Every exit maps to exactly one of these."""
 
     COMPLETED = "completed"

@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ STREAMS = ("stdout", "stderr")
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -409,8 +409,8 @@ class JobRun:
         if self.cancel_reason is None:
             return None
         t = self.cancel_times
-        latency = (t["exited"] - t["requested"]) * 1000 \
-            if t.get("exited") and t.get("requested") else None
+        exited, requested = t.get("exited"), t.get("requested")
+        latency = (exited - requested) * 1000 if exited and requested else None
         return {"reason": self.cancel_reason, "requested_at": iso(t.get("requested")),
                 "signalled_at": iso(t.get("signalled")), "exited_at": iso(t.get("exited")),
                 "packaged_at": None, "forced_kill": self.forced_kill,

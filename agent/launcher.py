@@ -135,7 +135,7 @@ class ForkServerLauncher:
         assert self._proc.stdout is not None
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), FORKSERVER_START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             line = b""
         if not line:
             await self._stop_server()
@@ -148,7 +148,7 @@ class ForkServerLauncher:
         try:
             reader, writer = await self._connect(request)
             line = await asyncio.wait_for(reader.readline(), 30)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise LaunchError(f"fork server request failed: {exc}") from exc
         answer = json.loads(line) if line else {"error": "fork server closed the connection"}
         if "pid" not in answer:

@@ -53,8 +53,12 @@ async def _run_jobs(launcher: Launcher, root: Path, jobs: list[Job],
     runs = []
     for job in jobs:
         sink: list[int] = []
+
+        def count(_stream: str, line: bytes, sink: list[int] = sink) -> None:
+            sink.append(len(line))
+
         run = JobRun(job, ExecutorConfig(root, cancel_grace_s=5), launcher,
-                     on_line=(lambda _s, line: sink.append(len(line))) if on_line else None)
+                     on_line=count if on_line else None)
         task = asyncio.create_task(run.run())
         if cancel_after_s is not None:
             while not run.progress:
@@ -106,7 +110,6 @@ def log_throughput(root: Path, lines: int) -> dict[str, float]:
     root.mkdir(parents=True, exist_ok=True)
     direct_file = root / "direct.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    t0 = time.perf_counter()
     with open(direct_file, "wb") as fh:
         proc = subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=subprocess.PIPE,
                               check=True, env=env, text=True)

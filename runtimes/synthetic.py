@@ -3,9 +3,9 @@
 Payload: ``{"type": "sleep", "steps": 100, "step_s": 0.01, "print_every": 0,
 "fail_at": null, "torch": false}``. With ``"torch": true`` it imports torch
 first, as every real workload does (free in the fork server, ~2 s in a spawn).
-Each step sleeps ``step_s``, reports progress, and honours a cancel at the step boundary, writing a partial artifact
-of the steps done. It measures the agent's own overhead (start, cancel, progress)
-without a model in the way.
+Each step sleeps ``step_s``, reports progress, and honours a cancel at the step
+boundary, writing a partial artifact of the steps done. It measures the agent's
+own overhead (start, cancel, progress) without a model in the way.
 """
 
 from __future__ import annotations

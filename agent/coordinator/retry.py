@@ -10,8 +10,8 @@ import email.utils
 import math
 import random
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A Retry-After beyond this is treated as this: a coordinator asking for an hour's

@@ -17,7 +17,8 @@ import json, os, sys
 fd = int(os.environ["MINER_EVENTS_FD"])
 for i in range(1, 4):
     print(f"line {i}")
-    os.write(fd, (json.dumps({"event": "progress", "fraction": i / 3, "stage": "work"}) + "\n").encode())
+    event = {"event": "progress", "fraction": i / 3, "stage": "work"}
+    os.write(fd, (json.dumps(event) + "\n").encode())
 print("warning", file=sys.stderr)
 open(os.environ["MINER_RESULT_FILE"], "w").write("the answer\n")
 open(os.path.join(os.environ["MINER_ARTIFACTS_DIR"], "a.bin"), "wb").write(b"\x00" * 1000)

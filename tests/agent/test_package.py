@@ -86,8 +86,9 @@ def test_zip_with_escaping_paths_is_rejected(tmp_path: Path) -> None:
 
 
 def test_verify_cli_exit_codes(package: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "agent", "verify", str(package)], capture_output=True, text=True)
+    cli = [sys.executable, "-m", "agent", "verify", str(package)]
+    ok = subprocess.run(cli, capture_output=True, text=True)
     assert ok.returncode == 0 and "OK" in ok.stdout
     (package / "result.txt").write_text("changed\n")
-    bad = subprocess.run([sys.executable, "-m", "agent", "verify", str(package)], capture_output=True, text=True)
+    bad = subprocess.run(cli, capture_output=True, text=True)
     assert bad.returncode == 8 and "FAIL result.txt: checksum mismatch" in bad.stdout
