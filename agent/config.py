@@ -84,6 +84,7 @@ class AgentConfig:
     log_level: str = "INFO"
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 8731
+    keep_packages_days: float = 14.0  # reported packages older than this are removed
     bench_file: Path | None = None  # `miner-agent bench --attach-capabilities` output
     models: Mapping[str, str] = field(default_factory=dict)
     runtimes: Mapping[str, str] = field(default_factory=dict)

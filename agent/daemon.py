@@ -42,6 +42,7 @@ from agent.telemetry import Telemetry, capabilities
 from agent.uploads import Uploads
 
 log = logging.getLogger(__name__)
+PRUNE_INTERVAL_S = 3600.0
 
 
 class Agent:
@@ -84,6 +85,7 @@ class Agent:
         self._signals = 0
         self.draining = False
         self.registered_at: float | None = None
+        self._last_prune = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> int:
@@ -113,6 +115,7 @@ class Agent:
             return False
         if warm_task is not None:
             await self._until_stopped(warm_task)
+        self.flow.prune()
         await self.flow.recover()
         self.notifier.ready(status=self._status_line())
         for loop in (self._heartbeat_loop, self._poll_loop, self._cancel_check_loop,
@@ -128,6 +131,10 @@ class Agent:
                 await asyncio.wait_for(self.stop_event.wait(), interval)
 
     def on_tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune > PRUNE_INTERVAL_S:
+            self._last_prune = now
+            self.flow.prune()
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
         self.metrics.set_running(len(self.active))
@@ -288,6 +295,7 @@ class Agent:
             return
         log.info("job %s: accepted (%s)", polled.job_id,
                  (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
+        self.flow.set_aside_earlier_attempt(polled.job_id)
         self.active[polled.job_id] = Active(polled.job_id, polled.lease_id)
         task = asyncio.create_task(self.flow.handle(polled.job_id, raw, polled.lease_id))
         self._job_tasks.add(task)

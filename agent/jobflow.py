@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,35 @@ class JobFlow:
             await client.fail(job_id, body["error_code"], body.get("error_message", ""),
                               body.get("metrics"), body.get("lease_id"))
 
+    def set_aside_earlier_attempt(self, job_id: str) -> None:
+        """A requeued job runs again here: keep the earlier attempt's package, out of the way."""
+        root = self.agent.exec_cfg.out_root
+        folder = root / f"job_{job_id}"
+        if not folder.exists():
+            return
+        aside = root / "superseded" / f"job_{job_id}-{int(time.time() * 1000)}"
+        aside.mkdir(parents=True)
+        for path in (folder, folder.with_name(folder.name + ".zip"),
+                     folder.with_name(folder.name + ".zip.sha256")):
+            if path.exists():
+                path.rename(aside / path.name)
+        log.info("job %s: a new attempt; the earlier package is kept in %s", job_id, aside)
+
     # -- recovery ---------------------------------------------------------------------
+    def prune(self) -> None:
+        """Remove packages of jobs reported (or dropped) more than keep_packages_days ago."""
+        a = self.agent
+        keep_s = a.cfg.keep_packages_days * 86400
+        for job_id in a.journal.prune(keep_s):
+            folder = a.exec_cfg.out_root / f"job_{job_id}"
+            shutil.rmtree(folder, ignore_errors=True)
+            for suffix in (".zip", ".zip.sha256"):
+                folder.with_name(folder.name + suffix).unlink(missing_ok=True)
+        if a.exec_cfg.work_root is not None and a.exec_cfg.work_root.is_dir():
+            for work in a.exec_cfg.work_root.iterdir():
+                if work.name not in a.active:  # scratch of a job that died with an agent
+                    shutil.rmtree(work, ignore_errors=True)
+
     async def recover(self) -> None:
         """Deal with what a previous run of the agent left unfinished."""
         a = self.agent

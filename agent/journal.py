@@ -78,14 +78,30 @@ class Journal:
             return self._db.execute(sql, args).fetchall()
 
     def accept(self, job_id: str, job: dict[str, Any], lease_id: str | None) -> bool:
-        """Record a job handed to us; False if we already know it (a duplicate poll answer)."""
+        """Record a job handed to us; False for a repeat of one we hold.
+
+        A job we finished or dropped that comes back under a new lease is a new attempt
+        (the coordinator requeued it after our lease lapsed): its record starts over.
+        """
         now = time.time()
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, job_json, lease_id, phase, created_at, "
                 "updated_at) VALUES (?, ?, ?, 'accepted', ?, ?)",
                 (job_id, json.dumps(job), lease_id, now, now))
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            if lease_id is None:
+                return False
+            cur = self._db.execute(
+                "UPDATE jobs SET job_json = ?, lease_id = ?, phase = 'accepted', outcome = NULL, "
+                "report_json = NULL, updated_at = ? WHERE job_id = ? AND lease_id IS NOT ? "
+                "AND phase IN ('reported', 'dropped', 'rejected')",
+                (json.dumps(job), lease_id, now, job_id, lease_id))
+            if cur.rowcount == 1:
+                self._db.execute("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
+                return True
+            return False
 
     def set_phase(self, job_id: str, phase: str, **fields: Any) -> None:
         sets = ["phase = ?", "updated_at = ?"]
@@ -125,8 +141,8 @@ class Journal:
         return {phase: n for phase, n in
                 self._exec("SELECT phase, COUNT(*) FROM jobs GROUP BY phase")}
 
-    def prune(self, keep_s: float) -> int:
-        """Forget reported and dropped jobs older than ``keep_s`` (their folders stay)."""
+    def prune(self, keep_s: float) -> list[str]:
+        """Forget reported and dropped jobs older than ``keep_s``; returns their ids."""
         cutoff = time.time() - keep_s
         with self._lock:
             ids = [r[0] for r in self._db.execute(
@@ -135,7 +151,7 @@ class Journal:
             for job_id in ids:
                 self._db.execute("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
-        return len(ids)
+        return ids
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:

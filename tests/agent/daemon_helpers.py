@@ -30,6 +30,7 @@ def start_coordinator(tmp: Path, extensions: tuple[str, ...] | None = None,
     args: dict[str, Any] = {"api_keys": {"miner": MINER_KEY, "client": CLIENT_KEY}, **kwargs}
     if extensions is not None:
         args["extensions"] = extensions
+    tmp.mkdir(parents=True, exist_ok=True)
     coord = ReferenceCoordinator(str(tmp / "coordinator.db"), **args)
     coord.start()
     return coord

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.jobs import Constraints
@@ -46,3 +48,18 @@ def test_impossible_constraints_raise_no_capacity() -> None:
     assert cpu.reserve("cpu-job", Constraints()) is not None
     with pytest.raises(NoCapacity, match="CPU-only"):
         cpu.reserve("gpu-job", Constraints(gpu_count=1))
+
+
+def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> None:
+    from agent.journal import Journal
+
+    j = Journal(tmp_path / "j.db")
+    assert j.accept("a", {"job_id": "a"}, "lease-1")
+    assert not j.accept("a", {"job_id": "a"}, "lease-1")  # a repeat of the same answer
+    assert not j.accept("a", {"job_id": "a"}, "lease-2")  # still running: not a new attempt
+    j.set_phase("a", "dropped")
+    assert j.accept("a", {"job_id": "a"}, "lease-2")
+    assert j.get("a").phase == "accepted"  # type: ignore[union-attr]
+    j.set_phase("a", "reported")
+    assert j.prune(-1) == ["a"] and j.get("a") is None
+    j.close()

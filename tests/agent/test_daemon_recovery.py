@@ -1,0 +1,162 @@
+"""The daemon when the coordinator forgets it, leases lapse, or the agent dies mid-stream."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.coordinator.reference import ReferenceCoordinator
+from tests.agent.daemon_helpers import (
+    CLIENT_KEY,
+    MINER_KEY,
+    AgentProcess,
+    Client,
+    start_coordinator,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for a in started:
+        a.stop()
+    Client.close_all()
+
+
+def test_forgotten_miner_registers_again(tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given an agent registered with a coordinator
+    first = start_coordinator(tmp_path / "a")
+    port = int(first.base_url.rsplit(":", 1)[1])
+    agent = AgentProcess(first.base_url, tmp_path / "state")
+    agents.append(agent)
+    agent.wait_log("registered as")
+    # When the coordinator is replaced by one that never heard of this miner
+    first.stop()
+    (tmp_path / "b").mkdir()
+    second = ReferenceCoordinator(str(tmp_path / "b/coordinator.db"), port=port,
+                                  api_keys={"miner": MINER_KEY, "client": CLIENT_KEY})
+    second.start()
+    try:
+        # Then the heartbeat 404 (or poll 500) leads to a new registration, not a crash loop
+        agent.wait_log("registering again", timeout=30)
+        agent.wait_log("registered as", count=2, timeout=30)
+        job_id = Client(second).submit({"type": "sleep", "steps": 2, "step_s": 0})
+        Client(second).wait_status(job_id, "completed", timeout=30)
+        assert agent.proc.poll() is None
+    finally:
+        agent.stop()
+        second.stop()
+
+
+def test_presigned_upload_url_in_the_payload(tmp_path: Path, agents: list[AgentProcess]) -> None:
+    coord = start_coordinator(tmp_path, extensions=())
+    try:
+        client = Client(coord)
+        url = coord.presign()
+        job_id = client.submit({"type": "sleep", "steps": 2, "step_s": 0, "upload_url": url})
+        agent = AgentProcess(coord.base_url, tmp_path / "state", burst=True)
+        agents.append(agent)
+        assert agent.wait(60) == 0, agent.log()
+        stored = coord.presigned_object(url)
+        zip_path = tmp_path / "state/jobs" / f"job_{job_id}.zip"
+        assert stored is not None and stored == zip_path.read_bytes()
+        location = client.job(job_id)["result"]["package"]["location"]
+        assert location.startswith("http") and "?" not in location  # no signature leaked
+    finally:
+        coord.stop()
+
+
+def test_sigkill_mid_job_resumes_log_shipping_without_gaps_or_repeats(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    coord = start_coordinator(tmp_path)
+    try:
+        client = Client(coord)
+        job_id = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.002,
+                                "print_every": 1})
+        agent = AgentProcess(coord.base_url, tmp_path / "state")
+        agents.append(agent)
+        wait_until(lambda: len(coord.store.read_log(job_id, "stdout")) > 2000, 60, agent.log)
+        agent.kill()
+        again = AgentProcess(coord.base_url, tmp_path / "state")
+        agents.append(again)
+        job = client.wait_status(job_id, "failed", timeout=60)
+        assert job["error"]["code"] == "agent_restart"
+        on_disk = (tmp_path / "state/jobs" / f"job_{job_id}/logs/stdout.log").read_bytes()
+        wait_until(lambda: coord.store.read_log(job_id, "stdout") == on_disk, 30,
+                   lambda: f"{len(coord.store.read_log(job_id, 'stdout'))} != {len(on_disk)}")
+    finally:
+        coord.stop()
+
+
+def test_lost_lease_stops_the_job_and_it_is_never_reported(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given leases that lapse faster than a slow agent renews them
+    coord = start_coordinator(tmp_path, lease_ttl_s=0.5)
+    try:
+        client = Client(coord)
+        job_id = client.submit({"type": "sleep", "steps": 40, "step_s": 0.05})
+        slow = AgentProcess(coord.base_url, tmp_path / "slow", heartbeat_interval_s=3,
+                            progress_interval_s=3, miner_id="slow")
+        agents.append(slow)
+        # Then it stops each attempt it loses, and reports none of them
+        slow.wait_log(f"job {job_id}: (lease lost|no longer in the coordinator)", timeout=60)
+        slow.wait_log(f"job {job_id}: canceled", timeout=30)
+        slow.stop()
+        assert client.receipts(job_id) == []
+        assert "reported (result)" not in slow.log()
+        # And a miner that renews in time completes it, reported once
+        fast = AgentProcess(coord.base_url, tmp_path / "fast", heartbeat_interval_s=0.1,
+                            miner_id="fast")
+        agents.append(fast)
+        job = client.wait_status(job_id, "completed", timeout=90)
+        assert job["miner_id"] == "fast" and job["attempts"] >= 2
+        assert len(client.receipts(job_id)) == 1
+    finally:
+        coord.stop()
+
+
+def test_embedded_default_run_submit_status(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINER_AGENT_")}
+    env.update({"MINER_AGENT_CONFIG": "/dev/null", "MINER_AGENT_STATE_DIR": str(tmp_path),
+                "MINER_AGENT_CACHE_DIR": str(tmp_path / "cache"),
+                "MINER_AGENT_EMBEDDED_PORT": str(port), "MINER_AGENT_LAUNCHER": "spawn",
+                "MINER_AGENT_POLL_MAX_INTERVAL_S": "0.5"})
+    cli = [sys.executable, "-m", "agent"]
+    log = open(tmp_path / "agent.log", "wb")
+    agent = subprocess.Popen([*cli, "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "registered as" in (tmp_path / "agent.log").read_text(), 60)
+        job = tmp_path / "job.json"
+        job.write_text('{"payload": {"type": "sleep", "steps": 3, "step_s": 0.01}}')
+        submitted = subprocess.run([*cli, "submit", str(job)], env=env, capture_output=True,
+                                   text=True, check=True)
+        job_id = submitted.stdout.strip()
+        status = subprocess.run([*cli, "status", job_id, "--wait"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "completed" in status.stdout and "3 of 3 steps" in status.stdout
+        keys = tmp_path / "embedded.json"
+        assert oct(keys.stat().st_mode & 0o777) == "0o600"
+        folder = tmp_path / "jobs" / f"job_{job_id}"
+        assert hashlib.sha256((folder / "result.txt").read_bytes()).hexdigest()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        log.close()
+    assert time.time() > 0
