@@ -2,14 +2,21 @@
 # Create .venv with the agent and its test tools. Installs the CPU build of torch first
 # (a plain `pip install torch` would pull a multi-GB CUDA build); on a GPU node install
 # the CUDA build of torch instead (see README, "Install on a GPU node").
+# Re-running is cheap: the project is reinstalled only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q -e ".[test]" 2> .venv/pip-install.log \
+        || { cat .venv/pip-install.log; exit 1; }
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
