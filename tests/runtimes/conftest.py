@@ -69,12 +69,13 @@ def run_job_process(tmp_path: Path, runtime: str, payload: dict[str, Any],
                                 cwd=REPO_ROOT, env=full_env, stdout=out, stderr=err,
                                 pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
-    events = _read_events(read_fd, proc, on_event, timeout_s)
     try:
+        events = _read_events(read_fd, proc, on_event, timeout_s)
         code = proc.wait(timeout=timeout_s)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a hung job (or a test timeout): no process outlives the test
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return JobRun(code, events, package_dir, out_path.read_text(errors="replace"),
                   err_path.read_text(errors="replace"))
 
