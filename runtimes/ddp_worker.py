@@ -20,7 +20,6 @@ from typing import Any
 from runtimes.base import EventChannel, JobContext, JobFailed, install_cancel_handler
 from runtimes.host import classify_exception, die_with_parent, exit_now
 
-
 # The rank's trainer (and its DDP Reducer) must never be freed before os._exit: the
 # Reducer's destructor joins gloo's worker thread while holding the GIL, and that
 # thread may be waiting for the GIL to drop a tensor. Seen as a hang at the end of

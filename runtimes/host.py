@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -121,8 +122,11 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
 
 def _finish(channel: EventChannel, ctx: JobContext, outcome: str, code: str | None,
             message: str | None, details: dict[str, Any]) -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    metrics = {**ctx.metrics, "cpu_user_s": round(usage.ru_utime, 3),
+               "cpu_system_s": round(usage.ru_stime, 3), "minor_page_faults": usage.ru_minflt}
     channel.send("finished", outcome=outcome, error_code=code, error_message=message,
-                 partial=ctx.partial, metrics=ctx.metrics, details=details or None)
+                 partial=ctx.partial, metrics=metrics, details=details or None)
     return {"completed": EXIT_COMPLETED, "canceled": EXIT_CANCELED,
             "timed_out": EXIT_TIMED_OUT}.get(outcome, EXIT_FAILED)
 
