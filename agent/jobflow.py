@@ -129,15 +129,22 @@ class JobFlow:
             return
         location = await a.uploads.upload(active, report)
         gpu_count = len(active.assignment.gpu_indices) if active.assignment else 0
+        rep = await self._finish(report, active.lease_id, gpu_count, location)
+        await self.deliver(report.job_id, rep, active.lease_id)
+
+    async def _finish(self, report: JobReport, lease_id: str | None, gpu_count: int,
+                      location: str | None) -> Report:
+        """Build the report once, journal it, and ship the logs' last bytes."""
+        a = self.agent
         rep = build_report(report, gpu_count=gpu_count, extensions=a.extensions,
-                           location=location, lease_id=active.lease_id,
+                           location=location, lease_id=lease_id,
                            max_text_bytes=a.cfg.max_result_text_bytes,
                            log_tail_bytes=a.cfg.log_tail_bytes)
         a.journal.set_phase(report.job_id, "finished", outcome=report.outcome.value,
                             report=rep.to_dict())
         if a.shipper is not None and report.folder is not None:
             await a.shipper.ship(report.job_id, report.folder)
-        await self.deliver(report.job_id, rep, active.lease_id)
+        return rep
 
     # -- reporting ------------------------------------------------------------------
     async def deliver(self, job_id: str, report: Report, lease_id: str | None) -> None:
@@ -227,14 +234,7 @@ class JobFlow:
             if a.shipper is not None:
                 await a.shipper.resume(record.job_id)
             report = self._package_leftovers(record.job_id, record.job)
-            rep = build_report(report, gpu_count=0, extensions=a.extensions, location=None,
-                               lease_id=record.lease_id,
-                               max_text_bytes=a.cfg.max_result_text_bytes,
-                               log_tail_bytes=a.cfg.log_tail_bytes)
-            a.journal.set_phase(record.job_id, "finished", outcome=report.outcome.value,
-                                report=rep.to_dict())
-            if a.shipper is not None and report.folder is not None:
-                await a.shipper.ship(record.job_id, report.folder)
+            await self._finish(report, record.lease_id, 0, None)
         for record in a.journal.in_phase("finished"):
             if record.report is not None:
                 await self.deliver(record.job_id, Report.from_dict(record.report),

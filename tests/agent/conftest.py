@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from agent.executor import ExecutorConfig, JobReport, JobRun
 from agent.jobs import Job
 from agent.launcher import make_launcher
+from tests.agent.daemon_helpers import AgentProcess, Client
 
 PY = sys.executable
 
@@ -65,3 +66,13 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    """Daemons a test starts; each is stopped (and clients closed) afterwards."""
+    started: list[AgentProcess] = []
+    yield started
+    for a in started:
+        a.stop()
+    Client.close_all()

@@ -33,15 +33,6 @@ def ext(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
     coord.stop()
 
 
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for a in started:
-        a.stop()
-    Client.close_all()
-
-
 def test_core_job_end_to_end(core: ReferenceCoordinator, tmp_path: Path,
                              agents: list[AgentProcess]) -> None:
     # Given a core-only coordinator with one job queued
