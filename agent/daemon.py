@@ -32,6 +32,7 @@ from agent.environment import scrubbed_environ
 from agent.errors import CoordinatorError, ExitCode
 from agent.executor import ExecutorConfig
 from agent.jobflow import Active, JobFlow
+from agent.jobs import valid_job_id
 from agent.journal import Journal
 from agent.launcher import make_launcher
 from agent.metrics import AgentMetrics, MetricsServer
@@ -295,7 +296,8 @@ class Agent:
             return
         log.info("job %s: accepted (%s)", polled.job_id,
                  (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
-        self.flow.set_aside_earlier_attempt(polled.job_id)
+        if valid_job_id(polled.job_id):  # a bad id fails the job; it never names a path
+            self.flow.set_aside_earlier_attempt(polled.job_id)
         self.active[polled.job_id] = Active(polled.job_id, polled.lease_id)
         task = asyncio.create_task(self.flow.handle(polled.job_id, raw, polled.lease_id))
         self._job_tasks.add(task)

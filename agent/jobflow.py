@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from agent.coordinator.transport import CoordinatorHTTPError, LeaseLost
 from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
 from agent.executor import JobReport, JobRun
-from agent.jobs import Job
+from agent.jobs import Job, valid_job_id
 from agent.package import PackageInfo, write_package
 from agent.reporter import Report, build_report
 from agent.scheduler import Assignment, NoCapacity
@@ -241,6 +241,9 @@ class JobFlow:
                                    record.lease_id)
 
     def _package_leftovers(self, job_id: str, raw: dict[str, Any]) -> JobReport:
+        if not valid_job_id(job_id):  # refused before it ran: nothing on disk to package
+            return JobReport(job_id, Outcome.FAILED, "invalid_job", "malformed job id", False,
+                             {"status": "failed", "metrics": {}}, None)
         folder = self.agent.exec_cfg.out_root / f"job_{job_id}"
         existing = folder / "output.json"
         if existing.is_file():  # packaged before the crash: report what it says

@@ -23,6 +23,11 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_TIMEOUT_S = 3600.0
 
 
+def valid_job_id(job_id: object) -> bool:
+    """True when ``job_id`` is safe as a folder name (job_<ID>) and a URL segment."""
+    return isinstance(job_id, str) and bool(_JOB_ID_RE.match(job_id)) and ".." not in job_id
+
+
 @dataclass(frozen=True)
 class Constraints:
     """What a job needs from the node."""
@@ -80,7 +85,7 @@ class Job:
         if not isinstance(raw, dict):
             raise InvalidJob("a job must be a JSON object with job_id and payload")
         job_id = raw.get("job_id", raw.get("id"))
-        if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id) or ".." in job_id:
+        if not valid_job_id(job_id):
             raise InvalidJob(
                 "job_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
                 "starting with a letter or digit"
@@ -95,7 +100,7 @@ class Job:
         lease = raw.get("lease_id")
         if lease is not None and not isinstance(lease, str):
             raise InvalidJob("lease_id must be a string")
-        return cls(job_id=job_id, payload=payload, constraints=constraints, lease_id=lease)
+        return cls(job_id=str(job_id), payload=payload, constraints=constraints, lease_id=lease)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Job:

@@ -14,6 +14,7 @@ import base64
 import enum
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -214,7 +215,7 @@ class CoordinatorClient:
                            deadline_s: Deadline = DEFAULT) -> set[str]:
         """Ids of the jobs the coordinator thinks this miner runs (a missing one: stop it)."""
         resp = await self._t.request(
-            "running_jobs", "POST", f"/v1/miners/{self.miner_id}/jobs", json={},
+            "running_jobs", "POST", f"/v1/miners/{_seg(self.miner_id)}/jobs", json={},
             params={"job_status": "running", "limit": limit},
             deadline_s=self._deadline("running_jobs", deadline_s))
         jobs = _json_object(resp, "running_jobs").get("jobs") or []
@@ -231,7 +232,7 @@ class CoordinatorClient:
         body: dict[str, Any] = {"result": dict(result), "metrics": dict(metrics or {})}
         if lease_id is not None:
             body["lease_id"] = lease_id
-        resp = await self._t.request("result", "POST", f"/v1/miners/{job_id}/result",
+        resp = await self._t.request("result", "POST", f"/v1/miners/{_seg(job_id)}/result",
                                      json=body, deadline_s=self._deadline("result", deadline_s))
         receipt = _json_object(resp, "result").get("receipt")
         return receipt if isinstance(receipt, dict) else None
@@ -244,7 +245,7 @@ class CoordinatorClient:
                                 "metrics": dict(metrics or {})}
         if lease_id is not None:
             body["lease_id"] = lease_id
-        await self._t.request("fail", "POST", f"/v1/miners/{job_id}/fail", json=body,
+        await self._t.request("fail", "POST", f"/v1/miners/{_seg(job_id)}/fail", json=body,
                               deadline_s=self._deadline("fail", deadline_s))
 
     # -- extensions ---------------------------------------------------------------------
@@ -259,7 +260,7 @@ class CoordinatorClient:
                   "message": message, "eta_s": eta_s,
                   "metrics": dict(metrics) if metrics is not None else None}
         body = {k: v for k, v in fields.items() if v is not None}
-        resp = await self._t.request("progress", "POST", f"/v1/miners/{job_id}/progress",
+        resp = await self._t.request("progress", "POST", f"/v1/miners/{_seg(job_id)}/progress",
                                      json=body, deadline_s=self._deadline("progress", deadline_s))
         return bool(_json_object(resp, "progress").get("cancel"))
 
@@ -279,7 +280,7 @@ class CoordinatorClient:
                                 "data_b64": base64.b64encode(data).decode("ascii")}
         if lease_id is not None:
             body["lease_id"] = lease_id
-        resp = await self._t.request("logs", "POST", f"/v1/miners/{job_id}/logs", json=body,
+        resp = await self._t.request("logs", "POST", f"/v1/miners/{_seg(job_id)}/logs", json=body,
                                      deadline_s=self._deadline("logs", deadline_s),
                                      accept=frozenset({409}))
         answer = response_json(resp)
@@ -294,7 +295,7 @@ class CoordinatorClient:
                           deadline_s: Deadline = DEFAULT) -> LogOffsets:
         """Where the coordinator's copy of each stream ends (resume point after a crash)."""
         resp = await self._t.request("log_offsets", "GET",
-                                     f"/v1/miners/{job_id}/logs/offsets",
+                                     f"/v1/miners/{_seg(job_id)}/logs/offsets",
                                      deadline_s=self._deadline("log_offsets", deadline_s))
         return LogOffsets.from_body(response_json(resp))
 
@@ -305,7 +306,7 @@ class CoordinatorClient:
         headers = _upload_headers(zip_path, sha256)
         if lease_id is not None:
             headers["X-Lease-ID"] = lease_id
-        resp = await self._t.request("package", "PUT", f"/v1/miners/{job_id}/package",
+        resp = await self._t.request("package", "PUT", f"/v1/miners/{_seg(job_id)}/package",
                                      content=lambda: _file_chunks(zip_path), headers=headers,
                                      deadline_s=self._deadline("package", deadline_s),
                                      accept=frozenset({422}))
@@ -329,6 +330,11 @@ class CoordinatorClient:
         if resp.status_code == 422:
             raise CoordinatorHTTPError("upload URL rejected the package: checksum mismatch",
                                        422, response_json(resp), code="sha256_mismatch")
+
+
+def _seg(value: str) -> str:
+    """One path segment, quoted: an id from the wire never changes which endpoint is hit."""
+    return urllib.parse.quote(str(value), safe="")
 
 
 def _json_object(resp: Any, endpoint: str) -> dict[str, Any]:

@@ -150,3 +150,25 @@ def test_embedded_default_run_submit_status(tmp_path: Path) -> None:
         agent.wait(30)
         log.close()
     assert time.time() > 0
+
+
+def test_malformed_job_from_the_coordinator_fails_cleanly(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a coordinator that hands out a job whose id would climb out of the jobs folder
+    coord = start_coordinator(tmp_path / "coord", extensions=())
+    try:
+        client = Client(coord)
+        bad = client.submit({"type": "sleep", "steps": 1, "step_s": 0})
+        with coord.store.tx() as db:
+            db.execute("UPDATE jobs SET job_id = ? WHERE job_id = ?", ("../../escape", bad))
+        good = client.submit({"type": "sleep", "steps": 1, "step_s": 0})
+        agent = AgentProcess(coord.base_url, tmp_path / "state", burst=True)
+        agents.append(agent)
+        # Then the agent refuses it, keeps serving, and writes nothing outside its folders
+        assert agent.wait(60) == 0, agent.log()
+        assert "job ../../escape refused: invalid_job" in agent.log()
+        assert client.job(good)["status"] == "completed"
+        assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+        assert "Traceback" not in agent.log()
+    finally:
+        coord.stop()
