@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -106,14 +107,16 @@ def throughput(b: Bench, n: int) -> float:
     return n / (time.monotonic() - t0)
 
 
-def cancel_latency(b: Bench, n: int) -> list[float]:
+def cancel_latency(b: Bench, n: int, spread_s: float) -> list[float]:
+    """Cancels land at a random point of the agent's check period, as clients' do."""
     figures = []
+    rng = random.Random(7)
     for _ in range(n):
         job_id = b.submit({"type": "sleep", "steps": 10**7, "step_s": 0.01})
         b.wait(job_id, ("running",))
         while not (b.state / "jobs" / f"job_{job_id}").exists():
             time.sleep(0.01)
-        time.sleep(0.3)
+        time.sleep(0.3 + rng.uniform(0, spread_s))
         t0 = time.time()
         b.http.post(f"/v1/jobs/{job_id}/cancel", json={})
         out = b.output(job_id)
@@ -141,19 +144,20 @@ def main() -> None:
         try:
             fp = first_progress(core, n)
             jps = throughput(core, n * 5)
-            core_cancel = cancel_latency(core, max(3, n // 2))
+            core_cancel = cancel_latency(core, max(3, n // 2),
+                                         defaults.cancel_check_interval_s)
         finally:
             core.close()
         ext = Bench(root / "ext", extensions=None, cpu_slots=2)
         try:
             first_progress(ext, 1)  # warm
-            ext_cancel = cancel_latency(ext, max(3, n // 2))
+            ext_cancel = cancel_latency(ext, max(3, n // 2), defaults.heartbeat_interval_s)
         finally:
             ext.close()
     print("== agent loop (reference coordinator on loopback, fork server) ==")
     print(f"poll to first progress          : {summary(fp)}")
     print(f"tiny jobs through the whole loop: {jps:.1f} jobs/s with 2 slots "
-          f"({1000 / jps:.0f} ms of agent overhead per job per slot pair)")
+          f"(a job every {1000 / jps:.0f} ms: poll, start, run, package, report)")
     print(f"cancel, core (running-list check every {defaults.cancel_check_interval_s:.0f} s): "
           f"{summary(core_cancel)}")
     print(f"cancel, extensions (heartbeat every {defaults.heartbeat_interval_s:.0f} s, progress "
