@@ -227,7 +227,7 @@ class Agent:
             self._heartbeat_now.clear()
             await self._heartbeat()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._heartbeat_now.wait(), self.cfg.heartbeat_interval_s)
+                await asyncio.wait_for(self._heartbeat_now.wait(), self._heartbeat_every_s())
 
     async def _heartbeat(self) -> None:
         leases = {j: a.lease_id for j, a in self.active.items() if a.lease_id}
@@ -251,6 +251,11 @@ class Agent:
             if job_id in self.active:
                 log.warning("job %s: lease lost; stopping it", job_id)
                 self.active[job_id].cancel("lease_lost", dropped=True)
+
+    def _heartbeat_every_s(self) -> float:
+        """The configured interval, or a third of the shortest lease held, if shorter."""
+        ttls = [a.lease_ttl_s for a in self.active.values() if a.lease_ttl_s]
+        return min([self.cfg.heartbeat_interval_s, *(t / 3 for t in ttls)])
 
     def wake_heartbeat(self) -> None:
         self._heartbeat_now.set()
@@ -298,7 +303,8 @@ class Agent:
                  (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
         if valid_job_id(polled.job_id):  # a bad id fails the job; it never names a path
             self.flow.set_aside_earlier_attempt(polled.job_id)
-        self.active[polled.job_id] = Active(polled.job_id, polled.lease_id)
+        self.active[polled.job_id] = Active(polled.job_id, polled.lease_id,
+                                            lease_ttl_s=polled.lease_ttl_s)
         task = asyncio.create_task(self.flow.handle(polled.job_id, raw, polled.lease_id))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_done)

@@ -38,6 +38,7 @@ class Active:
 
     job_id: str
     lease_id: str | None
+    lease_ttl_s: float | None = None
     job: Job | None = None
     run: JobRun | None = None
     assignment: Assignment | None = None
