@@ -29,20 +29,19 @@ LogFormat = Literal["auto", "text", "journal", "json"]
 LauncherName = Literal["auto", "forkserver", "spawn"]
 
 
+def _systemd_or(variable: str, system: str, user: str) -> Path:
+    """systemd's StateDirectory=/CacheDirectory= path, else the root or per-user default."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable].split(":")[0])
+    return Path(system) if os.geteuid() == 0 else Path.home() / user
+
+
 def _default_state_dir() -> Path:
-    if os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    if os.geteuid() == 0:
-        return Path("/var/lib/miner-agent")
-    return Path.home() / ".local/state/miner-agent"
+    return _systemd_or("STATE_DIRECTORY", "/var/lib/miner-agent", ".local/state/miner-agent")
 
 
 def _default_cache_dir() -> Path:
-    if os.environ.get("CACHE_DIRECTORY"):
-        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
-    if os.geteuid() == 0:
-        return Path("/var/cache/miner-agent")
-    return Path.home() / ".cache/miner-agent"
+    return _systemd_or("CACHE_DIRECTORY", "/var/cache/miner-agent", ".cache/miner-agent")
 
 
 @dataclass(frozen=True)
