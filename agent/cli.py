@@ -8,14 +8,15 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent import bench, commands_daemon, commands_local, doctor, service
+from agent.commands import jobs, local, service
 from agent.errors import AgentError, ExitCode
+from agent.node import bench, doctor
 
 # Each entry adds one subcommand; its module stays importable without torch.
 PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignore[type-arg]
-    commands_local.add_exec_parser,
-    commands_local.add_verify_parser,
-    commands_daemon.add_parsers,
+    local.add_exec_parser,
+    local.add_verify_parser,
+    jobs.add_parsers,
     service.add_parser,
     doctor.add_parser,
     bench.add_parser,

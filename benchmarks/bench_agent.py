@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from agent.config import AgentConfig
-from agent.coordinator.reference import ReferenceCoordinator
+from agent.reference.coordinator import ReferenceCoordinator
 
 KEYS = {"miner": "bench-miner", "client": "bench-client"}
 TINY = {"type": "sleep", "steps": 1, "step_s": 0, "torch": True}

@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.executor import ExecutorConfig, JobRun
+from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.launcher import ForkServerLauncher, Launcher, SpawnLauncher
+from agent.execution.package import sha256_many
 from agent.jobs import Job
-from agent.launcher import ForkServerLauncher, Launcher, SpawnLauncher
-from agent.package import sha256_many
 
 # The child times its own printing loop, so interpreter start-up is not in the ratio.
 CHATTY = """import sys, time

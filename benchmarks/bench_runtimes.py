@@ -7,7 +7,7 @@ runtime on a built-in MLP) it runs the runtime's own ``run(ctx)``:
 
 - bare: in this process, with a :class:`runtimes.base.JobContext` whose events
   channel has no fd, so the code path is the job's, minus the process and pipes;
-- as a job: through :class:`agent.executor.JobRun` and a warm fork server, the way
+- as a job: through :class:`agent.execution.executor.JobRun` and a warm fork server, the way
   the daemon runs it, reading ``samples_per_s`` from the package's ``output.json``.
 
 Both figures are the runtime's own ``samples_per_s`` metric, which times the loop
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import Outcome
-from agent.executor import ExecutorConfig, JobRun
+from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.launcher import ForkServerLauncher
 from agent.jobs import Job
-from agent.launcher import ForkServerLauncher
 from runtimes.base import EventChannel, JobContext
 from runtimes.registry import load, resolve_path
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_cancel_check [--launcher forkserver|spawn] [--gpu N]
 
-Starts a ``training`` job through :class:`agent.executor.JobRun` (the fork server
+Starts a ``training`` job through :class:`agent.execution.executor.JobRun` (the fork server
 by default) whose model, gradients and AdamW state hold a few GiB of CUDA memory,
 waits until the loop is stepping and NVML shows the memory in use, cancels the
 job, and checks:
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.executor import ExecutorConfig, JobRun
+from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.launcher import Launcher, make_launcher
 from agent.jobs import Job
-from agent.launcher import Launcher, make_launcher
 
 MARGIN_MIB = 256
 MIB = 1 << 20

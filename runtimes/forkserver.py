@@ -1,6 +1,6 @@
 """The fork server: a process that has imported torch and the runtimes, and forks jobs.
 
-Started by the agent (``agent.launcher``) as ``python -m runtimes.forkserver
+Started by the agent (``agent.execution.launcher``) as ``python -m runtimes.forkserver
 SOCKET PARENT_PID``. It imports torch and every runtime once, never touches
 CUDA, and then, for each request on its Unix socket, forks a fresh process that
 becomes its own session leader with the job's stdout, stderr and events pipes

@@ -1,7 +1,7 @@
 """Node benchmark, torch side: what this node's devices actually deliver.
 
 Run as ``python -m runtimes.nodebench [--quick] [--device auto|cpu|cuda|cuda:N]``
-by ``miner-agent bench`` (``agent/bench.py``), which never imports torch. Writes
+by ``miner-agent bench`` (``agent/node/bench.py``), which never imports torch. Writes
 JSON lines on stdout: ``{"event": "progress", "done", "total", "task"}`` before
 each measurement and one ``{"event": "result", "result": {...}}`` at the end.
 
@@ -241,7 +241,7 @@ def describe(device: torch.device) -> Result:
 
 
 def emit(event: str, **fields: Any) -> None:
-    """One JSON line on stdout for the parent (``agent/bench.py``)."""
+    """One JSON line on stdout for the parent (``agent/node/bench.py``)."""
     sys.stdout.write(json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 

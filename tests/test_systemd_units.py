@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import service
+from agent.commands import service
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "systemd"
 

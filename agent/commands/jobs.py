@@ -16,7 +16,7 @@ import httpx
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, ExitCode, InvalidJob
 from agent.jobs import Job
-from agent.logging_setup import setup_logging
+from agent.node.logging_setup import setup_logging
 
 Sub = argparse._SubParsersAction  # type: ignore[type-arg]
 TERMINAL = ("completed", "failed", "canceled", "expired")
@@ -95,8 +95,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Agent
-    from agent.embedded import start_embedded
+    from agent.daemon.lifecycle import Agent
+    from agent.reference.embedded import start_embedded
 
     cfg = load(args, coordinator_url=args.coordinator, miner_id=args.miner_id)
     setup_logging(cfg.log_format, cfg.log_level)
@@ -125,7 +125,7 @@ def _client(args: argparse.Namespace) -> httpx.Client:
             raise ConfigError("--coordinator needs --client-key")
         url, key = args.coordinator, args.client_key
     else:
-        from agent.embedded import read_embedded
+        from agent.reference.embedded import read_embedded
 
         info = read_embedded(load(args))
         url, key = info.url, args.client_key or info.client_key

@@ -9,12 +9,12 @@ import signal
 import sys
 from pathlib import Path
 
-from agent.console import JobConsole
+from agent.commands.console import JobConsole
 from agent.errors import OUTCOME_EXIT, ExitCode, InvalidJob
-from agent.executor import ExecutorConfig, JobRun
+from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.launcher import make_launcher
+from agent.execution.verify import verify
 from agent.jobs import Job
-from agent.launcher import make_launcher
-from agent.verify import verify
 
 
 def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

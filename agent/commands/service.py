@@ -132,7 +132,7 @@ def render_config(coordinator_url: str = "https://coordinator.example.com",
 def find_units_dir(explicit: str | None = None) -> Path:
     """Where the unit files ship: ``explicit``, the source tree, or ``share/``."""
     candidates = [Path(explicit)] if explicit else [
-        Path(__file__).resolve().parents[1] / "systemd",
+        Path(__file__).resolve().parents[2] / "systemd",
         Path(sys.prefix) / "share" / "miner-agent" / "systemd",
     ]
     for path in candidates:

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.coordinator.transport import CoordinatorHTTPError, LeaseLost
+from agent.daemon.report import Report, build_report
+from agent.daemon.scheduler import Assignment, NoCapacity
 from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
-from agent.executor import JobReport, JobRun
+from agent.execution.executor import JobReport, JobRun
+from agent.execution.package import PackageInfo, write_package
 from agent.jobs import Job, valid_job_id
-from agent.package import PackageInfo, write_package
-from agent.reporter import Report, build_report
-from agent.scheduler import Assignment, NoCapacity
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.daemon.lifecycle import Agent
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Active:
 
 
 class JobFlow:
-    """Runs and reports jobs for an :class:`~agent.daemon.Agent`."""
+    """Runs and reports jobs for an :class:`~agent.daemon.lifecycle.Agent`."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent

@@ -28,19 +28,19 @@ from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
 from agent.coordinator.retry import RetryPolicy
 from agent.coordinator.transport import AuthError, NotRegistered
-from agent.environment import scrubbed_environ
+from agent.daemon.flow import Active, JobFlow
+from agent.daemon.journal import Journal
+from agent.daemon.scheduler import Device, Scheduler
+from agent.daemon.shipping import LogShipper, ProgressSender
+from agent.daemon.uploads import Uploads
 from agent.errors import CoordinatorError, ExitCode
-from agent.executor import ExecutorConfig
-from agent.jobflow import Active, JobFlow
+from agent.execution.environment import scrubbed_environ
+from agent.execution.executor import ExecutorConfig
+from agent.execution.launcher import make_launcher
 from agent.jobs import valid_job_id
-from agent.journal import Journal
-from agent.launcher import make_launcher
-from agent.metrics import AgentMetrics, MetricsServer
-from agent.notify import Notifier, watchdog_interval_s
-from agent.scheduler import Device, Scheduler
-from agent.shipper import LogShipper, ProgressSender
-from agent.telemetry import Telemetry, capabilities
-from agent.uploads import Uploads
+from agent.node.metrics import AgentMetrics, MetricsServer
+from agent.node.notify import Notifier, watchdog_interval_s
+from agent.node.telemetry import Telemetry, capabilities
 
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import Outcome
-from agent.executor import JobReport
-from agent.logs import tail_bytes
+from agent.execution.capture import tail_bytes
+from agent.execution.executor import JobReport
 
 MAX_MANIFEST_ENTRIES = 2000
 _THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_s")

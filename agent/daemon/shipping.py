@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.coordinator.client import CoordinatorClient, LogOffsetConflict
+from agent.daemon.journal import Journal
 from agent.errors import CoordinatorError
-from agent.journal import Journal
 
 log = logging.getLogger(__name__)
 STREAMS = ("stdout", "stderr")

@@ -7,11 +7,11 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from agent.errors import CoordinatorError
-from agent.executor import JobReport
+from agent.execution.executor import JobReport
 
 if TYPE_CHECKING:
     from agent.coordinator.client import CoordinatorClient
-    from agent.jobflow import Active
+    from agent.daemon.flow import Active
 
 log = logging.getLogger(__name__)
 UPLOAD_DEADLINE_S = 600.0

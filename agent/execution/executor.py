@@ -27,13 +27,13 @@ from typing import Any
 
 import psutil
 
-from agent.environment import environment_info, job_environ
 from agent.errors import LaunchError, Outcome, PackageError
+from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
+from agent.execution.environment import environment_info, job_environ
+from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, SpawnLauncher
+from agent.execution.outcome import Verdict, classify, signal_name
+from agent.execution.package import PackageInfo, write_package
 from agent.jobs import Job
-from agent.launcher import Launcher, LaunchRequest, ProcessHandle, SpawnLauncher
-from agent.logs import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
-from agent.outcome import Verdict, classify, signal_name
-from agent.package import PackageInfo, write_package
 from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ async def run_job(job: Job, cfg: ExecutorConfig, launcher: Launcher | None = Non
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:
     """Blocking helper for scripts and tests: run ``job`` and return its report."""
-    from agent.launcher import make_launcher
+    from agent.execution.launcher import make_launcher
 
     cfg_keys = {"cancel_grace_s", "contract_env", "extra_runtimes", "make_zip"}
     cfg = ExecutorConfig(Path(out_root), **{k: kwargs.pop(k) for k in list(kwargs)

@@ -8,7 +8,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from agent.package import CHECKSUMS, HASH_CHUNK, OUTPUT_JSON, sha256_file
+from agent.execution.package import CHECKSUMS, HASH_CHUNK, OUTPUT_JSON, sha256_file
 
 
 @dataclass

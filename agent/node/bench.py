@@ -218,7 +218,7 @@ def child_command(quick: bool, device: str) -> list[str]:
 
 def _child_env() -> dict[str, str]:
     # The child must import runtimes/ from the same tree as this agent/, installed or not.
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")
     return dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
 

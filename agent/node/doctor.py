@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.errors import ConfigError, ExitCode
-from agent.telemetry import Telemetry
+from agent.node.telemetry import Telemetry
 
 Status = Literal["OK", "WARN", "FAIL"]
 GIB = 1024**3

@@ -278,7 +278,7 @@ class AgentMetrics:
             self.coordinator_errors.inc(endpoint=endpoint)
 
     def update_gpus(self, sample: dict[str, Any]) -> None:
-        """Set the GPU gauges from a :meth:`agent.telemetry.Telemetry.sample`; figures a GPU
+        """Set the GPU gauges from a :meth:`agent.node.telemetry.Telemetry.sample`; figures a GPU
         does not report (None) and GPUs no longer present drop out."""
         seen: set[LabelKey] = set()
         for gpu in sample.get("gpus", []):

@@ -12,7 +12,7 @@ import hashlib
 import time
 from typing import Any
 
-from agent.coordinator.model import (
+from agent.reference.model import (
     CANCELED,
     QUEUED,
     RUNNING,
@@ -21,8 +21,8 @@ from agent.coordinator.model import (
     coordinator_states,
     job_view,
 )
-from agent.coordinator.server import Request, Response, Route, route
-from agent.coordinator.store import Store
+from agent.reference.server import Request, Response, Route, route
+from agent.reference.store import Store
 
 
 class ClientAPI:

@@ -7,7 +7,7 @@ keeps its state in SQLite (WAL), and takes injected faults::
         url = coord.base_url
         coord.faults.set(status=503, count=3)
 
-``extensions=()`` gives the core only. Standalone: ``python -m agent.coordinator.reference``.
+``extensions=()`` gives the core only. Standalone: ``python -m agent.reference.coordinator``.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
-from agent.coordinator.client_api import ClientAPI
-from agent.coordinator.faults import Faults, RateLimiter
-from agent.coordinator.miner_api import MinerAPI
-from agent.coordinator.model import EXTENSIONS, Settings
-from agent.coordinator.server import CoordinatorHTTPServer
-from agent.coordinator.store import Store
+from agent.reference.client_api import ClientAPI
+from agent.reference.faults import Faults, RateLimiter
+from agent.reference.miner_api import MinerAPI
+from agent.reference.model import EXTENSIONS, Settings
+from agent.reference.server import CoordinatorHTTPServer
+from agent.reference.store import Store
 
 logger = logging.getLogger(__name__)
 

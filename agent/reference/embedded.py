@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import AgentConfig
-from agent.coordinator.reference import ReferenceCoordinator
 from agent.errors import ConfigError
+from agent.reference.coordinator import ReferenceCoordinator
 
 KEYS_FILE = "embedded.json"
 

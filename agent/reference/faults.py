@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.coordinator.model import Problem
+from agent.reference.model import Problem
 
 RESET = -1  # a Problem with this status means: cut the connection, answer nothing
 

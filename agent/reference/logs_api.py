@@ -15,12 +15,12 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from agent.coordinator.model import Problem, Settings
-from agent.coordinator.server import Request, Response, Route, route
-from agent.coordinator.store import Store
+from agent.reference.model import Problem, Settings
+from agent.reference.server import Request, Response, Route, route
+from agent.reference.store import Store
 
 if TYPE_CHECKING:
-    from agent.coordinator.miner_api import MinerAPI
+    from agent.reference.miner_api import MinerAPI
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 

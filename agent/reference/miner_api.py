@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from agent.coordinator.logs_api import LogsAPI
-from agent.coordinator.model import (
+from agent.reference.logs_api import LogsAPI
+from agent.reference.model import (
     CANCELED,
     COMPLETED,
     FAILED,
@@ -30,8 +30,8 @@ from agent.coordinator.model import (
     Settings,
     matches,
 )
-from agent.coordinator.server import Request, Response, Route, route
-from agent.coordinator.store import Store
+from agent.reference.server import Request, Response, Route, route
+from agent.reference.store import Store
 
 
 class MinerAPI:

@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from agent.coordinator.faults import Faults, RateLimiter
-from agent.coordinator.model import Problem
+from agent.reference.faults import Faults, RateLimiter
+from agent.reference.model import Problem
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from agent.coordinator.model import CANCELED, EXPIRED, QUEUED, RUNNING, Problem
+from agent.reference.model import CANCELED, EXPIRED, QUEUED, RUNNING, Problem
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS miners (

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from agent.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.launcher import make_launcher
 from agent.jobs import Job
-from agent.launcher import make_launcher
-from tests.agent.daemon_helpers import AgentProcess, Client
+from tests.agent.daemon.helpers import AgentProcess, Client
 
 PY = sys.executable
 

@@ -202,7 +202,7 @@ def test_cancel_mid_batches_keeps_every_finished_part(run_job, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_through_the_executor(tmp_path):
-    from agent.executor import run_job_sync
+    from agent.execution.executor import run_job_sync
     from agent.jobs import Job
     from tests.runtimes.conftest import REPO_ROOT
 

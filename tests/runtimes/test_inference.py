@@ -191,7 +191,7 @@ def test_cancel_mid_generation_keeps_the_text_so_far(run_job, tiny_llm):
 
 @pytest.mark.slow
 def test_end_to_end_through_the_executor(tmp_path, tiny_llm):
-    from agent.executor import run_job_sync
+    from agent.execution.executor import run_job_sync
     from agent.jobs import Job
     from tests.runtimes.conftest import REPO_ROOT
 

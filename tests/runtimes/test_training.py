@@ -263,7 +263,7 @@ def test_loss_plot_is_a_valid_png_of_the_requested_size() -> None:
 @pytest.mark.slow
 def test_end_to_end_through_the_executor(tmp_path: Path) -> None:
     from agent.errors import Outcome
-    from agent.executor import run_job_sync
+    from agent.execution.executor import run_job_sync
     from agent.jobs import Job
 
     job = Job.from_dict({"job_id": "train-e2e", "payload": mlp_payload(steps=5)})

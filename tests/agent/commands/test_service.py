@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import service
+from agent.commands import service
 from agent.errors import ExitCode
 
 
@@ -108,7 +108,7 @@ def test_a_hand_written_config_without_our_hash_is_refused(tmp_path: Path) -> No
 
 
 def test_print_config_is_the_template_doctor_can_read(tmp_path: Path) -> None:
-    from agent import doctor
+    from agent.node import doctor
 
     code, lines = _run("--print-config", "--miner-id", "m1",
                        "--coordinator-url", "https://coord.example")

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from agent.coordinator.client import CoordinatorClient
-from agent.coordinator.reference import ReferenceCoordinator
 from agent.coordinator.retry import RetryPolicy
+from agent.reference.coordinator import ReferenceCoordinator
 
 MINER_KEY = "miner-secret-key-123"
 CLIENT_KEY = "client-secret-key-456"

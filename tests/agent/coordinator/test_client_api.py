@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from agent.coordinator.model import client_status, coordinator_states
-from agent.coordinator.reference import ReferenceCoordinator, main
-from tests.coordinator.conftest import GPU_CAPS, MINER_KEY, client_http, miner, submit
+from agent.reference.coordinator import ReferenceCoordinator, main
+from agent.reference.model import client_status, coordinator_states
+from tests.agent.coordinator.conftest import GPU_CAPS, MINER_KEY, client_http, miner, submit
 
 
 @pytest.mark.parametrize(("state", "kwargs", "expected"), [
@@ -67,7 +67,7 @@ def test_client_endpoints_need_the_client_role(core: ReferenceCoordinator) -> No
 
 
 def test_standalone_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "agent.coordinator.reference", "--help"],
+    out = subprocess.run([sys.executable, "-m", "agent.reference.coordinator", "--help"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert "--extensions" in out and "--job-ttl" in out and "REFCOORD_MINER_KEY" in out
     with pytest.raises(SystemExit):

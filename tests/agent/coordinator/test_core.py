@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from agent.coordinator.reference import ReferenceCoordinator
 from agent.coordinator.transport import AuthError, BodyTooLarge, NotRegistered
-from tests.coordinator.conftest import GPU_CAPS, MINER_KEY, miner, status, submit
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.coordinator.conftest import GPU_CAPS, MINER_KEY, miner, status, submit
 
 
 def test_register_poll_result_flow(core: ReferenceCoordinator) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent.coordinator.client import LogOffsetConflict, LogOffsets
-from agent.coordinator.reference import ReferenceCoordinator
 from agent.coordinator.transport import CoordinatorHTTPError, LeaseLost
-from tests.coordinator.conftest import GPU_CAPS, client_http, miner, status, submit
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.coordinator.conftest import GPU_CAPS, client_http, miner, status, submit
 
 
 def test_register_agrees_on_the_intersection(coordinator: ReferenceCoordinator) -> None:

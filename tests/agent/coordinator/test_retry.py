@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.coordinator.reference import ReferenceCoordinator
 from agent.coordinator.retry import RetryPolicy, parse_retry_after
 from agent.coordinator.transport import CoordinatorUnavailable, RetriesStopped
-from tests.coordinator.conftest import GPU_CAPS, miner
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.coordinator.conftest import GPU_CAPS, miner
 
 
 def test_backoff_is_full_jitter_under_a_cap() -> None:

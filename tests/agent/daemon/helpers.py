@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from agent.coordinator.reference import ReferenceCoordinator
+from agent.reference.coordinator import ReferenceCoordinator
 
 MINER_KEY = "test-miner-key"
 CLIENT_KEY = "test-client-key"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.coordinator.reference import ReferenceCoordinator
-from tests.agent.daemon_helpers import AgentProcess, Client, start_coordinator, wait_until
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
 
 pytestmark = pytest.mark.slow
 SLEEP = {"type": "sleep", "steps": 5, "step_s": 0.02, "print_every": 1}

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.agent.daemon_helpers import (
+from tests.agent.daemon.helpers import (
     MINER_KEY,
     AgentProcess,
     Client,

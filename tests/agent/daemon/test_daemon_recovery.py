@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.coordinator.reference import ReferenceCoordinator
-from agent.verify import verify
-from tests.agent.daemon_helpers import (
+from agent.execution.verify import verify
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.daemon.helpers import (
     CLIENT_KEY,
     MINER_KEY,
     AgentProcess,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.scheduler import Device, NoCapacity, Scheduler
 from agent.jobs import Constraints
-from agent.scheduler import Device, NoCapacity, Scheduler
 
 GPUS = [Device(0, "A100", 40960), Device(1, "A100", 81920), Device(2, "L4", 23034)]
 
@@ -51,7 +51,7 @@ def test_impossible_constraints_raise_no_capacity() -> None:
 
 
 def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> None:
-    from agent.journal import Journal
+    from agent.daemon.journal import Journal
 
     j = Journal(tmp_path / "j.db")
     assert j.accept("a", {"job_id": "a"}, "lease-1")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from agent.errors import Outcome
-from agent.executor import JobRun
+from agent.execution.executor import JobRun
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
 
 PROGRESS_SCRIPT = r"""

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from agent.errors import Outcome
-from agent.executor import ExecutorConfig, JobRun
-from agent.launcher import AutoLauncher, ForkServerLauncher
+from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.launcher import AutoLauncher, ForkServerLauncher
 from tests.agent.conftest import PY, make_job
 
 ISOLATION = r"""

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.package import write_package
-from agent.verify import verify
+from agent.execution.package import write_package
+from agent.execution.verify import verify
 
 
 @pytest.fixture

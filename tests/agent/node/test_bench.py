@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from agent import bench
+from agent.node import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CLI = """
 import argparse, sys
-from agent import bench
+from agent.node import bench
 parser = argparse.ArgumentParser(prog="miner-agent")
 bench.add_parser(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from agent import doctor
-from agent.doctor import Check
+from agent.node import doctor
+from agent.node.doctor import Check
 
 GOOD_KEY = "miner-key-123"
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from agent.errors import Outcome
-from agent.metrics import AgentMetrics, MetricsServer, Registry
+from agent.node.metrics import AgentMetrics, MetricsServer, Registry
 
 
 def _scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.notify import Notifier, watchdog_interval_s
+from agent.node.notify import Notifier, watchdog_interval_s
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_unset_hides_the_socket_from_children(listener: tuple[socket.socket, str
     sock, path = listener
     code = (
         "import os, subprocess, sys\n"
-        "from agent.notify import Notifier\n"
+        "from agent.node.notify import Notifier\n"
         "n = Notifier.from_env(unset=True)\n"
         "n.ready()\n"
         "child = 'import os; print(os.environ.get(\"NOTIFY_SOCKET\", \"-\"))'\n"

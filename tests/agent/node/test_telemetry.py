@@ -10,8 +10,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent import telemetry
-from agent.telemetry import GpuInfo, Telemetry, capabilities, decode_throttle_reasons
+from agent.node import telemetry
+from agent.node.telemetry import GpuInfo, Telemetry, capabilities, decode_throttle_reasons
 
 MIB = 1024 * 1024
 

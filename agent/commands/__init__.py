@@ -1,0 +1,1 @@
+"""The `miner-agent` verbs, one module per command group; everything below is theirs to use."""
