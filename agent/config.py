@@ -26,7 +26,8 @@ DEFAULT_CONFIG = Path("/etc/miner-agent/agent.toml")
 ENV_PREFIX = "MINER_AGENT_"
 SECRET_FIELDS = ("api_key",)
 LogFormat = Literal["auto", "text", "journal", "json"]
-LauncherName = Literal["auto", "forkserver", "spawn"]
+LauncherKind = Literal["auto", "forkserver", "spawn"]
+LAUNCHER_KINDS: tuple[str, ...] = get_args(LauncherKind)
 
 
 def _systemd_or(variable: str, system: str, user: str) -> Path:
@@ -68,7 +69,7 @@ class AgentConfig:
     jobs_per_gpu: int = 1
     cpu_slots: int = 1
     gpus: tuple[int, ...] | None = None  # None: every GPU NVML sees
-    launcher: LauncherName = "auto"
+    launcher: LauncherKind = "auto"
     max_result_text_bytes: int = 256 * 1024
     log_tail_bytes: int = 8 * 1024
     cache_max_bytes: int = 50 << 30

@@ -26,12 +26,6 @@ class InvalidJob(AgentError):
     code = "invalid_job"
 
 
-class UnsupportedJobType(InvalidJob):
-    """Raised when a job's payload type has no runtime on this node."""
-
-    code = "unsupported_job_type"
-
-
 class ConfigError(AgentError):
     """Raised when the agent's configuration is invalid or unreadable."""
 
@@ -56,10 +50,6 @@ class CoordinatorError(AgentError):
     code = "coordinator_error"
 
 
-class ShutdownRequested(BaseException):
-    """Raised to unwind on agent shutdown; a BaseException so `except Exception` can't eat it."""
-
-
 class Outcome(enum.StrEnum):
     """How a job's run ended. Every exit maps to exactly one of these."""
 
@@ -69,6 +59,38 @@ class Outcome(enum.StrEnum):
     TIMED_OUT = "timed_out"
     KILLED = "killed"  # killed by a signal nobody in the agent sent
     LOST = "lost"  # interrupted by the agent's own shutdown or crash
+
+
+class CancelReason(enum.StrEnum):
+    """Why a job was stopped before it ended by itself: one member per cancel source.
+
+    :attr:`recorded` is what the package's ``cancel.reason`` and the error message say;
+    those spellings are public (clients read them) and older than this enum.
+    """
+
+    DELISTED = "delisted"  # gone from the coordinator's running list (the core's cancel)
+    HEARTBEAT = "heartbeat"  # a heartbeat answer listed it (cancel extension)
+    PROGRESS = "progress"  # a progress answer said cancel (progress extension)
+    LEASE_LOST = "lease_lost"  # the lease lapsed: the coordinator gave the job to another
+    DRAIN = "drain"  # still running when the agent's drain timeout passed
+    SIGNAL = "signal"  # a second SIGTERM/SIGINT to the agent: stop jobs now
+    TIMEOUT = "timeout"  # ran past its timeout (the executor's backstop)
+    INTERRUPTED = "interrupted"  # Ctrl-C under `miner-agent exec`
+    REQUESTED = "requested"  # asked through the executor's API with no named source
+
+    @property
+    def recorded(self) -> str:
+        return _RECORDED.get(self, self.value)
+
+    @property
+    def is_shutdown(self) -> bool:
+        """The agent itself is going away: the job is lost, not the job's failure."""
+        return self in (CancelReason.DRAIN, CancelReason.SIGNAL)
+
+
+_RECORDED = {CancelReason.DELISTED: "coordinator", CancelReason.HEARTBEAT: "coordinator",
+             CancelReason.PROGRESS: "coordinator", CancelReason.DRAIN: "shutdown",
+             CancelReason.SIGNAL: "shutdown"}
 
 
 class ExitCode(enum.IntEnum):
@@ -94,24 +116,4 @@ OUTCOME_EXIT = {
     Outcome.TIMED_OUT: ExitCode.TIMED_OUT,
     Outcome.KILLED: ExitCode.KILLED,
     Outcome.LOST: ExitCode.LOST,
-}
-
-# Stable error codes reported to coordinators (`/fail` error_code, output.json).
-ERROR_CODES = {
-    "invalid_job": "the job description is malformed",
-    "unsupported_job_type": "no runtime on this node handles the payload type",
-    "launch_failed": "the job's process could not be started",
-    "runtime_error": "the job's code raised an exception",
-    "nonzero_exit": "the job's program exited with a non-zero status",
-    "timeout": "the job ran past its timeout",
-    "canceled": "the job was canceled",
-    "killed": "the job's process was killed by a signal",
-    "cuda_oom": "the job ran out of GPU memory",
-    "model_not_found": "the named model is not on this node",
-    "input_error": "an input could not be fetched or failed its checksum",
-    "no_capacity": "the node has no GPU that meets the job's constraints",
-    "agent_restart": "the agent restarted while the job was running",
-    "agent_shutdown": "the agent shut down while the job was running",
-    "lease_lost": "the coordinator gave the job to another miner",
-    "package_error": "the result package could not be written",
 }

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.errors import CancelReason
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.launcher import ForkServerLauncher, Launcher, SpawnLauncher
 from agent.execution.package import sha256_many
@@ -64,7 +65,7 @@ async def _run_jobs(launcher: Launcher, root: Path, jobs: list[Job],
             while not run.progress:
                 await asyncio.sleep(0.005)
             await asyncio.sleep(cancel_after_s)
-            run.cancel("bench")
+            run.cancel(CancelReason.REQUESTED)
         await task
         runs.append(run)
     return runs

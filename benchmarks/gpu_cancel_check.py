@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.errors import CancelReason
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.launcher import Launcher, make_launcher
 from agent.jobs import Job
@@ -133,7 +134,7 @@ async def check(launcher_kind: str, gpu: Gpu, root: Path) -> int:
               f"{ {pid: round(mib) for pid, mib in in_nvml.items()} }", flush=True)
         checks(peak >= 1024 and not task.done(), "the job is training on the GPU with "
                f">= 1 GiB of device memory ({peak:,.0f} MiB)")
-        run.cancel("gpu_check")
+        run.cancel(CancelReason.REQUESTED)
         report = await task
         await _check_report(checks, run, report.outcome.value, report.partial)
         pids = {p for p in (run.pid, _server_pid(launcher)) if p}

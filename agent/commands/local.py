@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 
 from agent.commands.console import JobConsole
-from agent.errors import OUTCOME_EXIT, ExitCode, InvalidJob
+from agent.config import LAUNCHER_KINDS
+from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.launcher import make_launcher
 from agent.execution.verify import verify
 from agent.jobs import Job
+from agent.signals import capture_signals
 
 
 def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -28,7 +29,7 @@ def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "5 killed by a signal, 7 invalid job.")
     p.add_argument("job_file", metavar="JOB.json", help="the job description")
     p.add_argument("--out", default="out", help="where the package goes (default: ./out)")
-    p.add_argument("--launcher", choices=("auto", "forkserver", "spawn"), default="auto",
+    p.add_argument("--launcher", choices=LAUNCHER_KINDS, default="auto",
                    help="how the job's process starts: a torch-preloaded fork server, a "
                    "plain spawn, or auto (fork server, falling back to spawn)")
     p.add_argument("--grace", type=float, default=10.0, metavar="S",
@@ -86,23 +87,19 @@ async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
     launcher = make_launcher(args.launcher)
     run = JobRun(job, cfg, launcher, gpu_ids=gpu_ids, on_line=console.line,
                  on_event=console.event)
-    loop = asyncio.get_running_loop()
 
-    def interrupt() -> None:
+    def interrupt(signum: int) -> None:
         if run.cancel_reason is None:
             console.note("cancel requested; saving partial results (Ctrl-C again to kill)")
-            run.cancel("interrupted")
+            run.cancel(CancelReason.INTERRUPTED)
         else:
             console.note("killing the job now")
             run.kill_now()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt)
     try:
-        report = await run.run()
+        with capture_signals(interrupt):
+            report = await run.run()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await launcher.close()
         console.close()
     where = report.folder or cfg.out_root

@@ -21,32 +21,26 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from agent.errors import LaunchError, Outcome, PackageError
+from agent.clock import iso
+from agent.errors import CancelReason, LaunchError, Outcome, PackageError
 from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
 from agent.execution.environment import environment_info, job_environ
-from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, SpawnLauncher
+from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
 from agent.execution.outcome import Verdict, classify, signal_name
 from agent.execution.package import PackageInfo, write_package
 from agent.jobs import Job
+from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_folder, log_path
 from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
-STREAMS = ("stdout", "stderr")
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -96,13 +90,13 @@ class JobRun:
         self.on_line = on_line
         self.on_event = on_event
         self.environ = dict(os.environ if environ is None else environ)
-        self.folder = cfg.out_root / f"job_{job.job_id}"
+        self.folder = job_folder(cfg.out_root, job.job_id)
         self.work_dir = (cfg.work_root or cfg.out_root / ".work") / job.job_id
         self.times: dict[str, float | None] = {"created": created_at or time.time(),
                                                "requested": None, "started": None,
                                                "first_progress": None, "finished": None}
         self.cancel_times: dict[str, float | None] = {}
-        self.cancel_reason: str | None = None
+        self.cancel_reason: CancelReason | None = None
         self.forced_kill = False
         self.progress: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
@@ -124,20 +118,20 @@ class JobRun:
         capture = self.captures.get(stream)
         return capture.size if capture else 0
 
-    def cancel(self, reason: str = "requested") -> None:
+    def cancel(self, reason: CancelReason = CancelReason.REQUESTED) -> None:
         """Ask the job to stop now: SIGTERM at once, SIGKILL to its group after the grace."""
         if self.cancel_reason is not None or self._exited.is_set():
             return
         self.cancel_reason = reason
         self.cancel_times["requested"] = time.time()
-        log.info("job %s: cancel requested (%s)", self.job.job_id, reason)
+        log.info("job %s: cancel requested (%s)", self.job.job_id, reason.value)
         if self.handle is not None:
             self._signal_cancel()
 
     def kill_now(self) -> None:
         """Skip the grace period (a second Ctrl-C, a second SIGTERM)."""
         if self.cancel_reason is None:
-            self.cancel("requested")
+            self.cancel(CancelReason.REQUESTED)
         if self.handle is not None and not self._exited.is_set():
             self.forced_kill = True
             self._kill_group(signal.SIGKILL)
@@ -205,7 +199,7 @@ class JobRun:
         for stream in STREAMS:
             read_fd, write_fd = make_pipe()
             child_ends[stream] = write_fd
-            capture = StreamCapture(stream, read_fd, self.folder / "logs" / f"{stream}.log",
+            capture = StreamCapture(stream, read_fd, log_path(self.folder, stream),
                                     self._on_data if self.on_line else None,
                                     self.cfg.max_log_bytes)
             self.captures[stream] = capture
@@ -242,7 +236,8 @@ class JobRun:
             await asyncio.wait_for(events_task, 5)
         if not events_task.done():
             events_task.cancel()
-        return status, timeout_task.cancelled() is False and self.cancel_reason == "timeout"
+        timed_out = self.cancel_reason is CancelReason.TIMEOUT
+        return status, timeout_task.cancelled() is False and timed_out
 
     async def _read_events(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,7 +285,7 @@ class JobRun:
         if not self._exited.is_set():
             log.warning("job %s: past its timeout of %.1f s", self.job.job_id,
                         self.job.constraints.timeout_s)
-            self.cancel("timeout")
+            self.cancel(CancelReason.TIMEOUT)
 
     # -- cancel and kill ----------------------------------------------------------------
     def _signal_cancel(self) -> None:
@@ -368,9 +363,9 @@ class JobRun:
         fin = self.events_seen.get("finished") or {}
         if fin.get("partial") or "partial" in self.events_seen:
             return True
-        result = self.folder / "result.txt"
+        result = self.folder / RESULT_TEXT
         has_result = result.is_file() and result.stat().st_size > 0
-        return has_result or any((self.folder / "artifacts").iterdir())
+        return has_result or any((self.folder / ARTIFACTS_DIR).iterdir())
 
     def build_output(self, verdict: Verdict, status: int | None) -> dict[str, Any]:
         progress = dict(self.progress)
@@ -411,7 +406,7 @@ class JobRun:
         t = self.cancel_times
         exited, requested = t.get("exited"), t.get("requested")
         latency = (exited - requested) * 1000 if exited and requested else None
-        return {"reason": self.cancel_reason, "requested_at": iso(t.get("requested")),
+        return {"reason": self.cancel_reason.recorded, "requested_at": iso(t.get("requested")),
                 "signalled_at": iso(t.get("signalled")), "exited_at": iso(t.get("exited")),
                 "packaged_at": None, "forced_kill": self.forced_kill,
                 "latency_ms": round(latency, 1) if latency is not None else None}
@@ -437,32 +432,18 @@ class JobRun:
     async def _report_without_process(self, code: str, message: str) -> JobReport:
         """A job refused before its process exists still leaves a package."""
         if not self.folder.exists():
-            (self.folder / "logs").mkdir(parents=True)
-            (self.folder / "artifacts").mkdir()
+            (self.folder / LOGS_DIR).mkdir(parents=True)
+            (self.folder / ARTIFACTS_DIR).mkdir()
             for stream in STREAMS:
-                (self.folder / "logs" / f"{stream}.log").touch()
+                log_path(self.folder, stream).touch()
         elif code == "package_error":  # the folder is someone else's: never touch it
             return JobReport(self.job.job_id, Outcome.FAILED, code, message, False, {}, None)
         verdict = Verdict(Outcome.FAILED, code, message)
         return await self._package(verdict, None)
 
 
-async def run_job(job: Job, cfg: ExecutorConfig, launcher: Launcher | None = None,
-                  **kwargs: Any) -> JobReport:
-    """Run one job to its package with a given (or a plain-spawn) launcher."""
-    own = launcher is None
-    launcher = launcher or SpawnLauncher()
-    try:
-        return await JobRun(job, cfg, launcher, **kwargs).run()
-    finally:
-        if own:
-            await launcher.close()
-
-
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:
     """Blocking helper for scripts and tests: run ``job`` and return its report."""
-    from agent.execution.launcher import make_launcher
-
     cfg_keys = {"cancel_grace_s", "contract_env", "extra_runtimes", "make_zip"}
     cfg = ExecutorConfig(Path(out_root), **{k: kwargs.pop(k) for k in list(kwargs)
                                             if k in cfg_keys})

@@ -20,13 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
+from agent.config import LauncherKind
 from agent.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
-LauncherKind = Literal["auto", "forkserver", "spawn"]
 FORKSERVER_START_TIMEOUT_S = 120.0
 
 

@@ -6,9 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import Outcome
-
-SHUTDOWN_REASONS = ("shutdown", "agent_shutdown")
+from agent.errors import CancelReason, Outcome
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,8 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def classify(status: int | None, finished: dict[str, Any] | None, cancel_reason: str | None,
+def classify(status: int | None, finished: dict[str, Any] | None,
+             cancel_reason: CancelReason | None,
              last_error: dict[str, Any] | None = None) -> Verdict:
     """Decide the outcome from the exit status, the runtime's last word and the cancel state.
 
@@ -36,13 +35,13 @@ def classify(status: int | None, finished: dict[str, Any] | None, cancel_reason:
     said = fin.get("outcome")
     if status == 0 and said == "completed":
         return Verdict(Outcome.COMPLETED, None, None)  # finished before a late cancel landed
-    if cancel_reason == "timeout" or said == "timed_out":
+    if cancel_reason is CancelReason.TIMEOUT or said == "timed_out":
         return Verdict(Outcome.TIMED_OUT, "timeout", "the job ran past its timeout")
-    if cancel_reason in SHUTDOWN_REASONS:
+    if cancel_reason is not None and cancel_reason.is_shutdown:
         return Verdict(Outcome.LOST, "agent_shutdown",
                        "the agent shut down while the job was running")
     if cancel_reason is not None:
-        return Verdict(Outcome.CANCELED, "canceled", f"canceled ({cancel_reason})")
+        return Verdict(Outcome.CANCELED, "canceled", f"canceled ({cancel_reason.recorded})")
     if said == "failed" and status != 0:
         return Verdict(Outcome.FAILED, fin.get("error_code") or "runtime_error",
                        fin.get("error_message"))

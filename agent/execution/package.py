@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import PackageError
+from agent.layout import CHECKSUMS, OUTPUT_JSON, checksum_of, zip_of
 
-OUTPUT_JSON = "output.json"
-CHECKSUMS = "output.sha256"
 HASH_CHUNK = 1 << 20
 _TEXT_SUFFIXES = {".log", ".txt", ".json", ".jsonl", ".csv", ".md", ".yaml", ".toml"}
 
@@ -154,7 +153,7 @@ def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True) -
 
 def write_zip(folder: Path, files: list[str]) -> tuple[Path, str]:
     """Zip the package (folder name as the top entry) and write its .sha256 beside it."""
-    zip_path = folder.with_name(folder.name + ".zip")
+    zip_path = zip_of(folder)
     tmp = zip_path.with_name(f".{zip_path.name}.tmp")
     with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         for rel in [OUTPUT_JSON, CHECKSUMS, *files]:
@@ -172,6 +171,6 @@ def write_zip(folder: Path, files: list[str]) -> tuple[Path, str]:
                         dst.write(chunk)
     os.replace(tmp, zip_path)
     digest = sha256_file(zip_path)
-    _atomic_write(zip_path.with_name(zip_path.name + ".sha256"),
+    _atomic_write(checksum_of(zip_path),
                   f"{digest}  {zip_path.name}\n".encode())
     return zip_path, digest

@@ -8,7 +8,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from agent.execution.package import CHECKSUMS, HASH_CHUNK, OUTPUT_JSON, sha256_file
+from agent.execution.package import HASH_CHUNK, sha256_file
+from agent.layout import CHECKSUMS, OUTPUT_JSON, checksum_of
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _check_manifest(report: VerifyReport, entries: list[tuple[str, str]],
 
 def verify_zip(zip_path: Path) -> VerifyReport:
     report = VerifyReport(zip_path)
-    side = zip_path.with_name(zip_path.name + ".sha256")
+    side = checksum_of(zip_path)
     if side.is_file():
         expected = side.read_text().split()[0].lower() if side.read_text().split() else ""
         if sha256_file(zip_path) != expected:

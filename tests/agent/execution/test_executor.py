@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from agent.errors import Outcome
+from agent.errors import CancelReason, Outcome
 from agent.execution.executor import JobRun
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
 
@@ -123,7 +123,7 @@ for i in range(10000):
 
     async def cancel_after_steps(job_run: JobRun) -> None:
         await wait_for(lambda: (out / "job_t1/artifacts/step3.txt").exists())
-        job_run.cancel("client")
+        job_run.cancel(CancelReason.HEARTBEAT)
 
     # When it is canceled mid-run
     report = run(job, out, during=cancel_after_steps)
@@ -132,7 +132,7 @@ for i in range(10000):
     names = {f["path"] for f in report.output["files"]}
     assert "artifacts/partial.txt" in names and "artifacts/step0.txt" in names
     cancel = report.output["cancel"]
-    assert cancel["reason"] == "client" and cancel["forced_kill"] is False
+    assert cancel["reason"] == "coordinator" and cancel["forced_kill"] is False
     for stage in ("requested_at", "signalled_at", "exited_at", "packaged_at"):
         assert cancel[stage], stage
     assert cancel["latency_ms"] < 2000
