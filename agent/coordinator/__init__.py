@@ -1,11 +1,13 @@
-"""The coordinator protocol: the miner-side client and a reference coordinator.
+"""The coordinator protocol, client side only: transport, retry, core calls, extensions.
 
 ``client`` speaks the core protocol and this project's extensions
-(docs/protocol-extensions.md); ``reference`` is a coordinator for tests and local runs.
+(docs/protocol-extensions.md) for the daemon; ``capabilities`` is what a coordinator
+offers, as one object; ``jobs_api`` is what the client verbs (`submit`, `status`,
+`cancel`) call. The reference coordinator lives in :mod:`agent.reference`.
 """
 
+from agent.coordinator.capabilities import SUPPORTED_EXTENSIONS, Capabilities
 from agent.coordinator.client import (
-    SUPPORTED_EXTENSIONS,
     CoordinatorClient,
     HeartbeatAnswer,
     LogOffsetConflict,
@@ -26,7 +28,8 @@ from agent.coordinator.transport import (
 )
 
 __all__ = [
-    "SUPPORTED_EXTENSIONS", "AuthError", "BodyTooLarge", "CallStats", "CoordinatorClient",
+    "SUPPORTED_EXTENSIONS", "AuthError", "BodyTooLarge", "CallStats", "Capabilities",
+    "CoordinatorClient",
     "CoordinatorHTTPError", "CoordinatorUnavailable", "HeartbeatAnswer", "LeaseLost",
     "LogOffsetConflict", "LogOffsets", "NotRegistered", "PackageAnswer", "PolledJob",
     "RegisterAnswer", "RetriesStopped", "RetryPolicy",

@@ -17,8 +17,9 @@ import os
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from agent.coordinator.capabilities import SUPPORTED_EXTENSIONS, Capabilities
 from agent.coordinator.retry import CallStats, RetryPolicy
 from agent.coordinator.transport import (
     CoordinatorHTTPError,
@@ -27,13 +28,12 @@ from agent.coordinator.transport import (
     response_json,
 )
 from agent.errors import CoordinatorError
+from agent.layout import STREAMS, Stream
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_EXTENSIONS = frozenset({"lease", "progress", "logs", "package", "cancel"})
 MAX_LOG_CHUNK_BYTES = 4 * 1024 * 1024
 _UPLOAD_CHUNK_BYTES = 1024 * 1024
-Stream = Literal["stdout", "stderr"]
 
 
 class _Default(enum.Enum):
@@ -67,6 +67,11 @@ class RegisterAnswer:
     session_token: str | None
     extensions: frozenset[str]
     announced: frozenset[str] = frozenset()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the daemon may use: ask this, not the extension names."""
+        return Capabilities(self.extensions)
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ class CoordinatorClient:
         Safe to repeat: the coordinator appends only bytes past its end. Raises
         :class:`LogOffsetConflict` when ``offset`` is past its end (resend from there).
         """
-        if stream not in ("stdout", "stderr"):
+        if stream not in STREAMS:
             raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
         if len(data) > MAX_LOG_CHUNK_BYTES:
             raise ValueError(f"log chunk of {len(data)} bytes exceeds {MAX_LOG_CHUNK_BYTES}")

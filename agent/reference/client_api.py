@@ -12,6 +12,7 @@ import hashlib
 import time
 from typing import Any
 
+from agent.layout import STREAMS
 from agent.reference.model import (
     CANCELED,
     QUEUED,
@@ -112,7 +113,7 @@ class ClientAPI:
 
     def logs(self, req: Request) -> Response:
         stream = req.query.get("stream", "stdout")
-        if stream not in ("stdout", "stderr"):
+        if stream not in STREAMS:
             raise Problem(422, "stream must be stdout or stderr")
         offset = max(0, int(req.query.get("offset", "0")))
         job = self.store.job_or_404(req.params["job_id"])

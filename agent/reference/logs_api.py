@@ -13,14 +13,16 @@ import binascii
 import hashlib
 import re
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
+from agent.layout import STREAMS
 from agent.reference.model import Problem, Settings
 from agent.reference.server import Request, Response, Route, route
 from agent.reference.store import Store
 
-if TYPE_CHECKING:
-    from agent.reference.miner_api import MinerAPI
+# The miner API's check that a job is this miner's (and its lease current), passed in.
+OwnedJob = Callable[[Request, Any], dict[str, Any]]
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -28,10 +30,10 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 class LogsAPI:
     """Handlers for ``/v1/miners/{job_id}/logs``, ``.../logs/offsets`` and ``.../package``."""
 
-    def __init__(self, store: Store, settings: Settings, miners: MinerAPI) -> None:
+    def __init__(self, store: Store, settings: Settings, owned_job: OwnedJob) -> None:
         self.store = store
         self.settings = settings
-        self.miners = miners
+        self.owned_job = owned_job
 
     def routes(self) -> list[Route]:
         return [
@@ -44,7 +46,7 @@ class LogsAPI:
     def append(self, req: Request) -> Response:
         body = req.json_object()
         stream, offset = body.get("stream"), body.get("offset")
-        if stream not in ("stdout", "stderr"):
+        if stream not in STREAMS:
             raise Problem(422, "stream must be stdout or stderr")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise Problem(422, "offset must be an integer >= 0")
@@ -53,7 +55,7 @@ class LogsAPI:
         except (binascii.Error, ValueError):
             raise Problem(422, "data_b64 must be base64") from None
         with self.store.tx():
-            job = self.miners.owned_job(req, body.get("lease_id"))
+            job = self.owned_job(req, body.get("lease_id"))
             ends = self.store.log_ends(job["job_id"])
             end = ends[stream]
             if offset > end:
@@ -68,7 +70,7 @@ class LogsAPI:
         return Response(200, ends)
 
     def offsets(self, req: Request) -> Response:
-        job = self.miners.owned_job(req, None)
+        job = self.owned_job(req, None)
         return Response(200, self.store.log_ends(job["job_id"]))
 
     def package(self, req: Request) -> Response:
@@ -81,7 +83,7 @@ class LogsAPI:
             raise Problem(422, "sha256 mismatch", error="sha256_mismatch",
                           expected=expected, actual=actual)
         with self.store.tx():
-            job = self.miners.owned_job(req, req.headers.get("X-Lease-ID"))
+            job = self.owned_job(req, req.headers.get("X-Lease-ID"))
             self.store.put_package(job["job_id"], actual, req.body)
         return Response(200, {"status": "ok", "sha256": actual, "size": len(req.body),
                               "url": f"/v1/jobs/{job['job_id']}/package"})

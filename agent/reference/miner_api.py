@@ -40,7 +40,7 @@ class MinerAPI:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.logs = LogsAPI(store, settings, self)
+        self.logs = LogsAPI(store, settings, self.owned_job)
 
     def routes(self) -> list[Route]:
         return [

@@ -6,10 +6,11 @@ and the HTTP layer; nothing here touches SQLite or sockets.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from agent import clock
 
 QUEUED, RUNNING, COMPLETED = "QUEUED", "RUNNING", "COMPLETED"
 FAILED, CANCELED, EXPIRED = "FAILED", "CANCELED", "EXPIRED"
@@ -92,10 +93,8 @@ def matches(capabilities: Mapping[str, Any], payload: Mapping[str, Any],
 
 
 def iso(ts: float | None) -> str | None:
-    """A UTC ISO-8601 timestamp with a Z, or None."""
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    """A UTC ISO-8601 timestamp with a Z (the wire's spelling), or None."""
+    return clock.iso(ts, timespec="auto", zulu=True)
 
 
 def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -> dict[str, Any]:
