@@ -1,1 +1,1 @@
-"""The long-running side: lifecycle, one module per loop, the job flow, cancels, reports, journal."""
+"""The long-running side: lifecycle, one module per loop, the job flow, cancels, journal."""

@@ -14,6 +14,7 @@ state the next start can resume from.
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import threading
@@ -43,7 +44,20 @@ CREATE TABLE IF NOT EXISTS log_offsets (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-OPEN_PHASES = ("accepted", "running")
+
+
+class Phase(enum.StrEnum):
+    """Where a job stands on this node; stored by value, so the spellings are fixed."""
+
+    ACCEPTED = "accepted"  # handed over by poll, not started yet
+    RUNNING = "running"  # its process may be running; its package folder is named
+    FINISHED = "finished"  # packaged; the report stored here is not acknowledged yet
+    REPORTED = "reported"  # the coordinator acknowledged the report
+    DROPPED = "dropped"  # not reported, on purpose (canceled or expired meanwhile)
+    REJECTED = "rejected"  # the coordinator refused the report for good
+
+
+OPEN_PHASES = (Phase.ACCEPTED, Phase.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,7 @@ class JobRecord:
     job_id: str
     job: dict[str, Any]
     lease_id: str | None
-    phase: str
+    phase: Phase
     outcome: str | None
     report: dict[str, Any] | None
     package_dir: str | None
@@ -103,9 +117,9 @@ class Journal:
                 return True
             return False
 
-    def set_phase(self, job_id: str, phase: str, **fields: Any) -> None:
+    def set_phase(self, job_id: str, phase: Phase, **fields: Any) -> None:
         sets = ["phase = ?", "updated_at = ?"]
-        args: list[Any] = [phase, time.time()]
+        args: list[Any] = [Phase(phase).value, time.time()]
         for name in ("outcome", "package_dir", "lease_id"):
             if name in fields:
                 sets.append(f"{name} = ?")
@@ -120,11 +134,11 @@ class Journal:
                           "package_dir FROM jobs WHERE job_id = ?", (job_id,))
         return _record(rows[0]) if rows else None
 
-    def in_phase(self, *phases: str) -> list[JobRecord]:
+    def in_phase(self, *phases: Phase) -> list[JobRecord]:
         marks = ",".join("?" for _ in phases)
         rows = self._exec("SELECT job_id, job_json, lease_id, phase, outcome, report_json, "
                           f"package_dir FROM jobs WHERE phase IN ({marks}) ORDER BY created_at",
-                          phases)
+                          tuple(Phase(p).value for p in phases))
         return [_record(r) for r in rows]
 
     def shipped(self, job_id: str, stream: str) -> int:
@@ -155,6 +169,6 @@ class Journal:
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
-    return JobRecord(job_id=row[0], job=json.loads(row[1]), lease_id=row[2], phase=row[3],
+    return JobRecord(job_id=row[0], job=json.loads(row[1]), lease_id=row[2], phase=Phase(row[3]),
                      outcome=row[4], report=json.loads(row[5]) if row[5] else None,
                      package_dir=row[6])

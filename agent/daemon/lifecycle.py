@@ -2,12 +2,14 @@
 
     serve():  startup -> (return early if it failed) -> main loop -> drain -> shutdown
 
-Periodic work runs in its own loops so that none starves another: heartbeats on
-their own timer (never behind job work), polling only while a slot is free (with
-jitter and an idle back-off), the running-jobs check that detects core cancels,
-and log/progress shipping where the coordinator offers those extensions.
-Signal handlers only set flags: the first SIGTERM drains, the second cancels
-running jobs at once, the third kills them.
+Periodic work runs in its own loops so that none starves another, one module each:
+heartbeats (:mod:`~agent.daemon.heartbeat`), polling while a slot is free
+(:mod:`~agent.daemon.poll`), the running-list check that detects core cancels
+(:mod:`~agent.daemon.cancel_check`) and log/progress shipping
+(:mod:`~agent.daemon.shipping`). Jobs go through :mod:`~agent.daemon.flow`; every
+cancel goes through one inbox (:mod:`~agent.daemon.cancels`). Signal handlers only
+set flags: the first SIGTERM drains, the second cancels running jobs at once, the
+third kills them.
 """
 
 from __future__ import annotations
@@ -17,30 +19,36 @@ import contextlib
 import json
 import logging
 import os
-import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.coordinator.client import CoordinatorClient, PolledJob
+from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.retry import RetryPolicy
-from agent.coordinator.transport import AuthError, NotRegistered
-from agent.daemon.flow import Active, JobFlow
+from agent.coordinator.transport import AuthError
+from agent.daemon.cancel_check import CancelCheckLoop
+from agent.daemon.cancels import CancelInbox
+from agent.daemon.flow import JobFlow, JobStarter
+from agent.daemon.heartbeat import HeartbeatLoop
+from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal
+from agent.daemon.poll import PollLoop
+from agent.daemon.recovery import Recovery
 from agent.daemon.scheduler import Device, Scheduler
-from agent.daemon.shipping import LogShipper, ProgressSender
-from agent.daemon.uploads import Uploads
-from agent.errors import CoordinatorError, ExitCode
+from agent.daemon.session import Session
+from agent.daemon.shipping import ShipLoop
+from agent.errors import CancelReason, CoordinatorError, ExitCode
 from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
 from agent.execution.launcher import make_launcher
-from agent.jobs import valid_job_id
 from agent.node.metrics import AgentMetrics, MetricsServer
 from agent.node.notify import Notifier, watchdog_interval_s
 from agent.node.telemetry import Telemetry, capabilities
+from agent.signals import capture_signals
+from runtimes.registry import BUILTIN_RUNTIMES
 
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0
@@ -60,37 +68,53 @@ class Agent:
         self.journal = Journal(cfg.state_dir / "journal.db")
         self.telemetry = Telemetry(disk_paths=[cfg.state_dir, cfg.cache_dir])
         self.scheduler = self._make_scheduler()
-        self.job_environ = scrubbed_environ(os.environ)
-        self.launcher = make_launcher(cfg.launcher, env=self.job_environ)
-        self.exec_cfg = ExecutorConfig(cfg.jobs_dir, work_root=cfg.state_dir / "work",
-                                       cancel_grace_s=cfg.cancel_grace_s,
-                                       extra_runtimes=dict(cfg.runtimes),
-                                       contract_env=self._contract_env())
+        self.held = HeldJobs()
+        self.inbox = CancelInbox(self.held)
+        job_environ = scrubbed_environ(os.environ)
+        self.launcher = make_launcher(cfg.launcher, env=job_environ)
+        exec_cfg = ExecutorConfig(cfg.jobs_dir, work_root=cfg.state_dir / "work",
+                                  cancel_grace_s=cfg.cancel_grace_s,
+                                  extra_runtimes=dict(cfg.runtimes),
+                                  contract_env=self._contract_env())
         self.metrics = AgentMetrics()
         self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
-        self.flow = JobFlow(self)
-        self.active: dict[str, Active] = {}
-        self.extensions: frozenset[str] = frozenset()
-        self.shipper: LogShipper | None = None
-        self.progress: ProgressSender | None = None
-        self.uploads = Uploads(self.client, frozenset())
-        self.slot_freed = asyncio.Event()
+        self.session = Session.core(self.client, cfg.coordinator_url)
+        self.flow = JobFlow(cfg=cfg, journal=self.journal, client=self.client,
+                            scheduler=self.scheduler, held=self.held,
+                            starter=JobStarter(exec_cfg, self.launcher, job_environ),
+                            metrics=self.metrics, session=self._session,
+                            wake_heartbeat=self.wake_heartbeat, wake_poll=self.wake_poll)
+        self.recovery = Recovery(flow=self.flow, journal=self.journal, held=self.held,
+                                 out_root=exec_cfg.out_root, work_root=exec_cfg.work_root,
+                                 keep_packages_days=cfg.keep_packages_days,
+                                 session=self._session)
+        self.heartbeats = HeartbeatLoop(
+            client=self.client, held=self.held, inbox=self.inbox,
+            interval_s=cfg.heartbeat_interval_s, capacity=self.scheduler.capacity,
+            metadata=self._metadata, reregister=self._reregister, on_free_slot=self.wake_poll)
+        self.polls = PollLoop(cfg=cfg, client=self.client, held=self.held,
+                              capacity=self.scheduler.capacity, accept=self.flow.accept,
+                              reregister=self._reregister, draining=lambda: self.draining,
+                              on_empty=self._burst_done)
+        self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
+                                             inbox=self.inbox,
+                                             interval_s=cfg.cancel_check_interval_s)
+        self.shipping = ShipLoop(held=self.held, inbox=self.inbox, session=self._session,
+                                 interval_s=cfg.log_ship_interval_s)
         self.stop_event = asyncio.Event()
         self.hard_stop = asyncio.Event()
-        self._heartbeat_now = asyncio.Event()
-        self._poll_now = asyncio.Event()
         self._register_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._job_tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self._metrics_server: MetricsServer | None = None
         self.draining = False
         self.registered_at: float | None = None
         self._last_prune = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> int:
-        with self.capture_signals():
+        with capture_signals(self._on_signal):
             if not await self.startup():
                 await self.shutdown()
                 return ExitCode.UNAVAILABLE
@@ -102,9 +126,7 @@ class Agent:
     async def startup(self) -> bool:
         self.cfg.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-        metrics_server = self._start_metrics()
-        if metrics_server is not None:
-            self._metrics_server = metrics_server
+        self._metrics_server = self._start_metrics()
         warm = getattr(self.launcher, "warm_up", None)
         warm_task = asyncio.create_task(warm()) if warm else None
         try:
@@ -116,12 +138,12 @@ class Agent:
             return False
         if warm_task is not None:
             await self._until_stopped(warm_task)
-        self.flow.prune()
-        await self.flow.recover()
+        self.recovery.prune()
+        await self.recovery.recover()
         self.notifier.ready(status=self._status_line())
-        for loop in (self._heartbeat_loop, self._poll_loop, self._cancel_check_loop,
-                     self._ship_loop):
-            self._tasks.append(asyncio.create_task(self._forever(loop), name=loop.__name__))
+        for loop in (self.heartbeats, self.polls, self.cancel_checks, self.shipping):
+            self._tasks.append(asyncio.create_task(self._forever(loop.run),
+                                                   name=type(loop).__name__))
         return True
 
     async def main_loop(self) -> None:
@@ -135,30 +157,30 @@ class Agent:
         now = time.monotonic()
         if now - self._last_prune > PRUNE_INTERVAL_S:
             self._last_prune = now
-            self.flow.prune()
+            self.recovery.prune()
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
-        self.metrics.set_running(len(self.active))
+        self.metrics.set_running(len(self.held))
 
     async def drain(self) -> None:
         """Stop leasing; let jobs finish up to the drain timeout; then cancel and report."""
         # 1. Stop leasing: the poll loop sees `draining` and returns.
         self.draining = True
-        self.notifier.stopping(status=f"draining {len(self.active)} job(s)")
-        log.info("draining: %d job(s) running, up to %.0f s", len(self.active),
+        self.notifier.stopping(status=f"draining {len(self.held)} job(s)")
+        log.info("draining: %d job(s) running, up to %.0f s", len(self.held),
                  self.cfg.drain_timeout_s)
         # 2. Heartbeats and log shipping keep running (their loops are untouched).
         # 3. Wait for running jobs, up to the drain timeout or a second signal.
         deadline = time.monotonic() + self.cfg.drain_timeout_s
-        while self.active and time.monotonic() < deadline and not self.hard_stop.is_set():
+        while len(self.held) and time.monotonic() < deadline and not self.hard_stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.hard_stop.wait(), 0.2)
         # 4. Cancel what is left: SIGTERM, grace period, SIGKILL (the executor's job).
-        for active in list(self.active.values()):
-            active.cancel("shutdown")
+        self.inbox.cancel_all(CancelReason.SIGNAL if self.hard_stop.is_set()
+                              else CancelReason.DRAIN)
         # 5. Each job packages and reports itself; wait for that, bounded.
-        if self._job_tasks:
-            done, pending = await asyncio.wait(self._job_tasks,
+        if self.flow.tasks:
+            done, pending = await asyncio.wait(self.flow.tasks,
                                                timeout=self.cfg.cancel_grace_s + 60)
             if pending:
                 self.client.stop_retrying()  # reports stay journaled for the next start
@@ -172,7 +194,7 @@ class Agent:
             await self.client.heartbeat(0, self._metadata(), deadline_s=2.0)
         await self.launcher.close()
         await self.client.aclose()
-        if getattr(self, "_metrics_server", None) is not None:
+        if self._metrics_server is not None:
             self._metrics_server.stop()
         self.telemetry.close()
         self.journal.close()
@@ -183,26 +205,24 @@ class Agent:
         async with self._register_lock:
             caps = capabilities(self.telemetry.inventory(), self.telemetry.reason,
                                 models=sorted(self.cfg.models), bench=self._bench_summary())
-            caps["runtimes"] = sorted({"command", "sleep", "inference", "batch_inference",
-                                       "training", *self.cfg.runtimes})
+            caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes})
             if self.cfg.extensions is not None:
                 caps["extensions"] = list(self.cfg.extensions)
             answer = await self.client.register(caps, self.scheduler.capacity, self.cfg.region)
-            self._set_extensions(answer.extensions)
+            self.session = Session.open(
+                answer.capabilities, client=self.client, journal=self.journal,
+                base_url=self.cfg.coordinator_url or "",
+                max_log_chunk_bytes=self.cfg.max_log_chunk_bytes,
+                progress_interval_s=self.cfg.progress_interval_s,
+                on_log_bytes=self.metrics.log_bytes_shipped)
             self.registered_at = time.time()
             log.info("registered as %s with concurrency %d%s; extensions: %s",
                      self.cfg.miner_id, self.scheduler.capacity,
                      "" if self.telemetry.has_gpus else " (CPU-only: no GPU found)",
-                     ", ".join(sorted(self.extensions)) or "none (core protocol)")
+                     self.session.caps.describe())
 
-    def _set_extensions(self, extensions: frozenset[str]) -> None:
-        self.extensions = extensions
-        self.uploads = Uploads(self.client, extensions, self.cfg.coordinator_url or "")
-        self.shipper = LogShipper(self.client, self.journal, self.cfg.max_log_chunk_bytes,
-                                  self.metrics.log_bytes_shipped) \
-            if "logs" in extensions else None
-        self.progress = ProgressSender(self.client, self.cfg.progress_interval_s) \
-            if "progress" in extensions else None
+    def _session(self) -> Session:
+        return self.session
 
     async def _reregister(self, why: str) -> None:
         log.warning("the coordinator does not know this miner (%s); registering again", why)
@@ -219,141 +239,31 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("%s failed; restarting it in 1 s", loop.__name__)
+                log.exception("%s failed; restarting it in 1 s", loop.__qualname__)
                 await asyncio.sleep(1)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            self._heartbeat_now.clear()
-            await self._heartbeat()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._heartbeat_now.wait(), self._heartbeat_every_s())
-
-    async def _heartbeat(self) -> None:
-        leases = {j: a.lease_id for j, a in self.active.items() if a.lease_id}
-        try:
-            answer = await self.client.heartbeat(len(self.active), self._metadata(),
-                                                 leases=leases or None,
-                                                 deadline_s=self.cfg.heartbeat_interval_s)
-        except NotRegistered:
-            await self._reregister("heartbeat 404")
-            return
-        except CoordinatorError as exc:
-            log.warning("heartbeat failed: %s", exc)
-            return
-        if len(self.active) < self.scheduler.capacity:
-            self._poll_now.set()
-        for job_id in answer.cancel:
-            if job_id in self.active:
-                log.info("job %s: cancel received in a heartbeat answer", job_id)
-                self.active[job_id].cancel("coordinator")
-        for job_id in answer.lost:
-            if job_id in self.active:
-                log.warning("job %s: lease lost; stopping it", job_id)
-                self.active[job_id].cancel("lease_lost", dropped=True)
-
-    def _heartbeat_every_s(self) -> float:
-        """The configured interval, or a third of the shortest lease held, if shorter."""
-        ttls = [a.lease_ttl_s for a in self.active.values() if a.lease_ttl_s]
-        return min([self.cfg.heartbeat_interval_s, *(t / 3 for t in ttls)])
-
     def wake_heartbeat(self) -> None:
-        self._heartbeat_now.set()
+        self.heartbeats.wake()
 
     def wake_poll(self) -> None:
-        self._poll_now.set()
+        self.polls.wake()
 
-    async def _poll_loop(self) -> None:
-        interval = self.cfg.poll_interval_s
-        while not self.draining:
-            if len(self.active) >= self.scheduler.capacity:
-                self.slot_freed.clear()
-                await self.slot_freed.wait()
-                continue
-            try:
-                polled = await self.client.poll()
-            except NotRegistered:
-                await self._reregister("poll 500")
-                continue
-            except CoordinatorError as exc:
-                log.warning("poll failed: %s", exc)
-                polled = None
-            if polled is not None:
-                interval = self.cfg.poll_interval_s
-                self._accept(polled)
-                continue
-            if self.burst and not self.active and not self._job_tasks:
-                log.info("burst mode: no work left; stopping")
-                self.stop_event.set()
-                return
-            # Idle: back off with jitter, but poll at once when a report or heartbeat has
-            # just told the coordinator a slot is free (it counts in-flight jobs itself).
-            self._poll_now.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), interval * random.uniform(
-                    1 - self.cfg.poll_jitter, 1 + self.cfg.poll_jitter))
-            interval = min(interval * 1.5, self.cfg.poll_max_interval_s)
-
-    def _accept(self, polled: PolledJob) -> None:
-        raw = polled.job_dict()
-        if not self.journal.accept(polled.job_id, raw, polled.lease_id):
-            log.warning("job %s: handed out twice; ignoring the repeat", polled.job_id)
-            return
-        log.info("job %s: accepted (%s)", polled.job_id,
-                 (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
-        if valid_job_id(polled.job_id):  # a bad id fails the job; it never names a path
-            self.flow.set_aside_earlier_attempt(polled.job_id)
-        self.active[polled.job_id] = Active(polled.job_id, polled.lease_id,
-                                            lease_ttl_s=polled.lease_ttl_s)
-        task = asyncio.create_task(self.flow.handle(polled.job_id, raw, polled.lease_id))
-        self._job_tasks.add(task)
-        task.add_done_callback(self._job_done)
-        self.wake_heartbeat()
-
-    def _job_done(self, task: asyncio.Task[Any]) -> None:
-        self._job_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a job task failed: %r", task.exception())
-
-    async def _cancel_check_loop(self) -> None:
-        """Core cancels: a job that left the coordinator's running list is canceled."""
-        while True:
-            await asyncio.sleep(self.cfg.cancel_check_interval_s)
-            running = [j for j, a in self.active.items() if a.run is not None]
-            if not running:
-                continue
-            try:
-                listed = await self.client.running_jobs()
-            except CoordinatorError as exc:
-                log.warning("running-jobs check failed: %s", exc)
-                continue
-            for job_id in running:
-                if job_id not in listed and job_id in self.active:
-                    log.info("job %s: no longer in the coordinator's running list; "
-                             "canceling it", job_id)
-                    self.active[job_id].cancel("coordinator", dropped=True)
-
-    async def _ship_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.log_ship_interval_s)
-            for job_id, active in list(self.active.items()):
-                if active.run is None:
-                    continue
-                if self.shipper is not None:
-                    await self.shipper.ship(job_id, active.run.folder)
-                if self.progress is not None and await self.progress.maybe_send(
-                        job_id, active.lease_id, active.run.progress):
-                    log.info("job %s: cancel received in a progress answer", job_id)
-                    active.cancel("coordinator")
+    def _burst_done(self) -> bool:
+        """Burst mode: stop once the coordinator has no work and no job is held."""
+        if not self.burst or len(self.held) or self.flow.tasks:
+            return False
+        log.info("burst mode: no work left; stopping")
+        self.stop_event.set()
+        return True
 
     # -- helpers ------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
         jobs = {}
-        for job_id, a in self.active.items():
+        for a in self.held:
             p = dict(a.run.progress) if a.run else {}
             p.pop("t", None)
-            jobs[job_id] = {"progress": p, "phase": "running" if a.run else "waiting",
-                            "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
+            jobs[a.job_id] = {"progress": p, "phase": "running" if a.run else "waiting",
+                              "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
         return {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
                 "agent": {"pid": os.getpid()}}
 
@@ -364,7 +274,7 @@ class Agent:
 
     def _status_line(self) -> str:
         state = "draining" if self.draining else "serving"
-        return (f"{state}: {len(self.active)}/{self.scheduler.capacity} slots busy, "
+        return (f"{state}: {len(self.held)}/{self.scheduler.capacity} slots busy, "
                 f"coordinator {self.cfg.coordinator_url}")
 
     def _make_scheduler(self) -> Scheduler:
@@ -414,20 +324,8 @@ class Agent:
         task.result()
 
     # -- signals -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT set flags: drain, then cancel now, then kill now."""
-        loop = asyncio.get_running_loop()
-        sigs = (signal.SIGTERM, signal.SIGINT)
-        for sig in sigs:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in sigs:
-                loop.remove_signal_handler(sig)
-
     def _on_signal(self, sig: int) -> None:
+        """SIGTERM/SIGINT set flags: drain, then cancel now, then kill now."""
         self._signals += 1
         name = signal.Signals(sig).name
         if self._signals == 1:
@@ -438,6 +336,4 @@ class Agent:
             self.hard_stop.set()
         else:
             log.info("%s a third time: killing running jobs", name)
-            for active in self.active.values():
-                if active.run is not None:
-                    active.run.kill_now()
+            self.inbox.kill_all()

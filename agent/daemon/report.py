@@ -9,7 +9,6 @@ coordinator's signed receipt.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from agent.errors import Outcome
 from agent.execution.capture import tail_bytes
 from agent.execution.executor import JobReport
+from agent.layout import RESULT_TEXT, STREAMS, log_path
 
 MAX_MANIFEST_ENTRIES = 2000
 _THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_s")
@@ -24,10 +24,21 @@ _THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_
 
 @dataclass(frozen=True)
 class Report:
-    """One call to make: ``kind`` is "result", "fail" or "none" (nothing may be sent)."""
+    """One call to make: ``kind`` is "result" or "fail".
+
+    Journals written before the cancel decision moved to :mod:`agent.daemon.cancels`
+    may still hold kind "none" (nothing may be sent); it is read and dropped.
+    """
 
     kind: str
     body: dict[str, Any]
+
+    @property
+    def outcome(self) -> Outcome:
+        """The outcome as far as reporting cares: a result's status, else failed."""
+        if self.kind == "result":
+            return Outcome(self.body["result"].get("status", Outcome.COMPLETED))
+        return Outcome.FAILED
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "body": self.body}
@@ -76,20 +87,19 @@ def package_block(report: JobReport, location: str | None) -> dict[str, Any]:
                                      pkg.folder.as_uri())}
 
 
-def build_report(report: JobReport, *, gpu_count: int, extensions: Collection[str],
-                 location: str | None, lease_id: str | None,
+def build_report(report: JobReport, *, gpu_count: int, location: str | None,
+                 lease_id: str | None,
                  max_text_bytes: int, log_tail_bytes: int) -> Report:
-    """Turn a finished run into the one call the coordinator should get."""
+    """Turn a finished run into the one call the coordinator should get.
+
+    Whether it is sent at all is :func:`agent.daemon.cancels.disposition`'s to say.
+    """
     output = report.output
     metrics = receipt_metrics(output, gpu_count)
     folder = report.folder
-    text, truncated = read_text(folder / "result.txt", max_text_bytes) if folder else ("", False)
-    logs = {f"{s}_tail": tail_bytes(folder / "logs" / f"{s}.log", log_tail_bytes)
-            for s in ("stdout", "stderr")} if folder else {}
-    if report.outcome == Outcome.CANCELED and "cancel" not in extensions:
-        # Core: a canceled job has left the coordinator's list; a /result would flip it
-        # back to COMPLETED. Nothing is sent.
-        return Report("none", {})
+    text, truncated = read_text(folder / RESULT_TEXT, max_text_bytes) if folder else ("", False)
+    logs = {f"{s}_tail": tail_bytes(log_path(folder, s), log_tail_bytes)
+            for s in STREAMS} if folder else {}
     if report.outcome in (Outcome.COMPLETED, Outcome.CANCELED):
         result = {"status": report.outcome.value, "partial": report.partial, "output": text,
                   "output_truncated": truncated, "package": package_block(report, location),

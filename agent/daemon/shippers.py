@@ -18,9 +18,9 @@ from typing import Any
 from agent.coordinator.client import CoordinatorClient, LogOffsetConflict
 from agent.daemon.journal import Journal
 from agent.errors import CoordinatorError
+from agent.layout import STREAMS, log_path
 
 log = logging.getLogger(__name__)
-STREAMS = ("stdout", "stderr")
 
 
 class LogShipper:
@@ -46,6 +46,7 @@ class LogShipper:
             self.journal.set_shipped(job_id, stream, offsets.of(stream))
 
     def forget(self, job_id: str) -> None:
+        """Drop a job's offsets once it has left the node (the journal keeps them)."""
         for stream in STREAMS:
             self._offsets.pop((job_id, stream), None)
 
@@ -53,7 +54,7 @@ class LogShipper:
         """Send what is new; True when both streams are fully shipped."""
         done = True
         for stream in STREAMS:
-            done = await self._ship_stream(job_id, stream, folder / "logs" / f"{stream}.log") \
+            done = await self._ship_stream(job_id, stream, log_path(folder, stream)) \
                 and done
         return done
 

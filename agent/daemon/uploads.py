@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from typing import TYPE_CHECKING
 
+from agent.coordinator.capabilities import Capabilities
+from agent.coordinator.client import CoordinatorClient
 from agent.errors import CoordinatorError
 from agent.execution.executor import JobReport
-
-if TYPE_CHECKING:
-    from agent.coordinator.client import CoordinatorClient
-    from agent.daemon.flow import Active
+from agent.jobs import Job
 
 log = logging.getLogger(__name__)
 UPLOAD_DEADLINE_S = 600.0
@@ -20,18 +18,19 @@ UPLOAD_DEADLINE_S = 600.0
 class Uploads:
     """Uploads a finished package where the job or the coordinator asks for it."""
 
-    def __init__(self, client: CoordinatorClient, extensions: frozenset[str],
+    def __init__(self, client: CoordinatorClient, caps: Capabilities,
                  base_url: str = "") -> None:
         self.client = client
         self.base_url = base_url.rstrip("/") + "/"
-        self.extensions = extensions
+        self.caps = caps
 
-    async def upload(self, active: Active, report: JobReport) -> str | None:
+    async def upload(self, report: JobReport, *, job: Job | None,
+                     lease_id: str | None) -> str | None:
         """The package's location after uploading, or None to keep the node-local one."""
         pkg = report.package
         if pkg is None or pkg.zip_path is None or pkg.zip_sha256 is None:
             return None
-        url = (active.job.payload.get("upload_url") if active.job is not None else None)
+        url = job.payload.get("upload_url") if job is not None else None
         location = None
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             try:
@@ -41,10 +40,10 @@ class Uploads:
                 location = urllib.parse.urlunsplit((*parts[:3], "", ""))  # no signature
             except CoordinatorError as exc:
                 log.warning("job %s: upload to the job's URL failed: %s", report.job_id, exc)
-        if "package" in self.extensions:
+        if self.caps.package:
             try:
                 answer = await self.client.upload_package(
-                    report.job_id, pkg.zip_path, pkg.zip_sha256, lease_id=active.lease_id,
+                    report.job_id, pkg.zip_path, pkg.zip_sha256, lease_id=lease_id,
                     deadline_s=UPLOAD_DEADLINE_S)
                 if answer.url:
                     location = location or urllib.parse.urljoin(self.base_url, answer.url)

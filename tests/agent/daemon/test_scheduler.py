@@ -51,15 +51,15 @@ def test_impossible_constraints_raise_no_capacity() -> None:
 
 
 def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> None:
-    from agent.daemon.journal import Journal
+    from agent.daemon.journal import Journal, Phase
 
     j = Journal(tmp_path / "j.db")
     assert j.accept("a", {"job_id": "a"}, "lease-1")
     assert not j.accept("a", {"job_id": "a"}, "lease-1")  # a repeat of the same answer
     assert not j.accept("a", {"job_id": "a"}, "lease-2")  # still running: not a new attempt
-    j.set_phase("a", "dropped")
+    j.set_phase("a", Phase.DROPPED)
     assert j.accept("a", {"job_id": "a"}, "lease-2")
-    assert j.get("a").phase == "accepted"  # type: ignore[union-attr]
-    j.set_phase("a", "reported")
+    assert j.get("a").phase is Phase.ACCEPTED  # type: ignore[union-attr]
+    j.set_phase("a", Phase.REPORTED)
     assert j.prune(-1) == ["a"] and j.get("a") is None
     j.close()

@@ -1,0 +1,74 @@
+"""The heartbeat loop: the true in-flight count, telemetry, lease renewals, cancels back.
+
+It runs on its own timer so job work never delays it, and beats at once when woken
+(a job accepted, a slot freed, a report sent). With leases held it beats at least
+every third of the shortest lease, so a short lease survives a long interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agent.coordinator.client import CoordinatorClient
+from agent.coordinator.transport import NotRegistered
+from agent.daemon.cancels import CancelInbox
+from agent.daemon.held import HeldJobs
+from agent.errors import CancelReason, CoordinatorError
+
+log = logging.getLogger(__name__)
+
+
+class HeartbeatLoop:
+    """Beats every ``interval_s`` (or sooner, see :meth:`every_s`) until canceled."""
+
+    def __init__(self, *, client: CoordinatorClient, held: HeldJobs, inbox: CancelInbox,
+                 interval_s: float, capacity: int, metadata: Callable[[], dict[str, Any]],
+                 reregister: Callable[[str], Awaitable[None]],
+                 on_free_slot: Callable[[], None]) -> None:
+        self.client = client
+        self.held = held
+        self.inbox = inbox
+        self.interval_s = interval_s
+        self.capacity = capacity
+        self.metadata = metadata
+        self.reregister = reregister
+        self.on_free_slot = on_free_slot
+        self._now = asyncio.Event()
+
+    def wake(self) -> None:
+        """Beat now (the node's state just changed)."""
+        self._now.set()
+
+    async def run(self) -> None:
+        while True:
+            self._now.clear()
+            await self.beat()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._now.wait(), self.every_s())
+
+    async def beat(self) -> None:
+        try:
+            answer = await self.client.heartbeat(len(self.held), self.metadata(),
+                                                 leases=self.held.leases() or None,
+                                                 deadline_s=self.interval_s)
+        except NotRegistered:
+            await self.reregister("heartbeat 404")
+            return
+        except CoordinatorError as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        if len(self.held) < self.capacity:
+            self.on_free_slot()
+        for job_id in answer.cancel:
+            self.inbox.cancel(job_id, CancelReason.HEARTBEAT)
+        for job_id in answer.lost:
+            self.inbox.cancel(job_id, CancelReason.LEASE_LOST)
+
+    def every_s(self) -> float:
+        """The configured interval, or a third of the shortest lease held, if shorter."""
+        ttls = [a.lease_ttl_s for a in self.held if a.lease_ttl_s]
+        return min([self.interval_s, *(t / 3 for t in ttls)])

@@ -1,0 +1,74 @@
+"""The poll loop: ask for work while a slot is free, back off with jitter when idle.
+
+An idle agent backs off up to ``poll_max_interval_s``, but polls at once when a
+report or a heartbeat has just told the coordinator a slot is free (the core counts
+in-flight jobs itself and answers 204 until it knows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from agent.config import AgentConfig
+from agent.coordinator.client import CoordinatorClient, PolledJob
+from agent.coordinator.transport import NotRegistered
+from agent.daemon.held import HeldJobs
+from agent.errors import CoordinatorError
+
+log = logging.getLogger(__name__)
+
+
+class PollLoop:
+    """Polls until ``draining()`` is true or ``on_empty()`` says stop."""
+
+    def __init__(self, *, cfg: AgentConfig, client: CoordinatorClient, held: HeldJobs,
+                 capacity: int, accept: Callable[[PolledJob], None],
+                 reregister: Callable[[str], Awaitable[None]],
+                 draining: Callable[[], bool], on_empty: Callable[[], bool]) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.held = held
+        self.capacity = capacity
+        self.accept = accept
+        self.reregister = reregister
+        self.draining = draining
+        self.on_empty = on_empty
+        self._now = asyncio.Event()
+
+    def wake(self) -> None:
+        """Poll now instead of after the back-off (a slot just freed)."""
+        self._now.set()
+
+    async def run(self) -> None:
+        interval = self.cfg.poll_interval_s
+        while not self.draining():
+            if len(self.held) >= self.capacity:
+                await self.held.slot_freed()
+                continue
+            try:
+                polled = await self.client.poll()
+            except NotRegistered:
+                await self.reregister("poll 500")
+                continue
+            except CoordinatorError as exc:
+                log.warning("poll failed: %s", exc)
+                polled = None
+            if polled is not None:
+                interval = self.cfg.poll_interval_s
+                self.accept(polled)
+                continue
+            if self.on_empty():
+                return
+            await self._idle(interval)
+            interval = min(interval * 1.5, self.cfg.poll_max_interval_s)
+
+    async def _idle(self, interval: float) -> None:
+        jitter = self.cfg.poll_jitter
+        self._now.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._now.wait(),
+                                   interval * random.uniform(1 - jitter, 1 + jitter))

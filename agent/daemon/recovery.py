@@ -1,0 +1,123 @@
+"""What earlier runs of the agent left: unfinished jobs, unsent reports, old packages.
+
+On start: a job that was running when the agent died is packaged from what it left
+and reported as failed with ``agent_restart``; a report that was not acknowledged is
+sent again, as stored, never rebuilt; a job the coordinator canceled or expired
+meanwhile is dropped instead of reported (see :func:`agent.daemon.cancels.disposition`).
+Periodically: packages of reported jobs past ``keep_packages_days`` are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.daemon.cancels import Disposition, disposition
+from agent.daemon.flow import JobFlow
+from agent.daemon.held import HeldJobs
+from agent.daemon.journal import Journal, Phase
+from agent.daemon.report import Report
+from agent.daemon.session import Session
+from agent.errors import Outcome, PackageError
+from agent.execution.executor import JobReport
+from agent.execution.package import PackageInfo, write_package
+from agent.jobs import valid_job_id
+from agent.layout import (
+    ARTIFACTS_DIR,
+    LOGS_DIR,
+    OUTPUT_JSON,
+    RESULT_TEXT,
+    checksum_of,
+    job_folder,
+    job_id_of,
+    package_paths,
+    zip_of,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    """Resumes what a previous run left unfinished, and prunes old packages."""
+
+    def __init__(self, *, flow: JobFlow, journal: Journal, held: HeldJobs, out_root: Path,
+                 work_root: Path | None, keep_packages_days: float,
+                 session: Callable[[], Session]) -> None:
+        self.flow = flow
+        self.journal = journal
+        self.held = held
+        self.out_root = out_root
+        self.work_root = work_root
+        self.keep_s = keep_packages_days * 86400
+        self.session = session
+
+    def prune(self) -> None:
+        """Remove packages of jobs reported (or dropped) more than keep_packages_days ago."""
+        for job_id in self.journal.prune(self.keep_s):
+            folder, *files = package_paths(job_folder(self.out_root, job_id))
+            shutil.rmtree(folder, ignore_errors=True)
+            for path in files:
+                path.unlink(missing_ok=True)
+        if self.work_root is not None and self.work_root.is_dir():
+            for work in self.work_root.iterdir():
+                if work.name not in self.held:  # scratch of a job that died with an agent
+                    shutil.rmtree(work, ignore_errors=True)
+
+    async def recover(self) -> None:
+        """Deal with what a previous run of the agent left unfinished."""
+        for record in self.journal.in_phase(Phase.ACCEPTED, Phase.RUNNING):
+            log.warning("job %s was running when the agent stopped; packaging what it left",
+                        record.job_id)
+            session = self.session()
+            if session.shipper is not None:
+                await session.shipper.resume(record.job_id)
+            report = self._package_leftovers(record.job_id, record.job)
+            if disposition(report.outcome, session.caps) is Disposition.DROP:
+                self.journal.set_phase(record.job_id, Phase.DROPPED,
+                                       outcome=report.outcome.value)
+                continue
+            await self.flow.finish(report, record.lease_id, 0, None)
+        for record in self.journal.in_phase(Phase.FINISHED):
+            if record.report is not None:
+                await self.flow.deliver(record.job_id, Report.from_dict(record.report),
+                                        record.lease_id)
+
+    def _package_leftovers(self, job_id: str, raw: dict[str, Any]) -> JobReport:
+        if not valid_job_id(job_id):  # refused before it ran: nothing on disk to package
+            return JobReport(job_id, Outcome.FAILED, "invalid_job", "malformed job id", False,
+                             {"status": "failed", "metrics": {}}, None)
+        folder = job_folder(self.out_root, job_id)
+        if (folder / OUTPUT_JSON).is_file():  # packaged before the crash: report what it says
+            return report_from_folder(folder)
+        for sub in (LOGS_DIR, ARTIFACTS_DIR):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        partial = any((folder / ARTIFACTS_DIR).iterdir()) or (folder / RESULT_TEXT).exists()
+        output = {"job_id": job_id, "type": (raw.get("payload") or {}).get("type"),
+                  "status": Outcome.FAILED.value, "partial": partial, "progress": {},
+                  "metrics": {}, "error": {"code": "agent_restart",
+                                           "message": "the agent restarted while the job "
+                                                      "was running"}}
+        try:
+            write_package(folder, output)
+        except (OSError, PackageError) as exc:
+            log.error("job %s: cannot package leftovers: %s", job_id, exc)
+        return report_from_folder(folder)
+
+
+def report_from_folder(folder: Path) -> JobReport:
+    """A JobReport rebuilt from a written package (for recovery)."""
+    output = json.loads((folder / OUTPUT_JSON).read_text())
+    zip_path = zip_of(folder)
+    side = checksum_of(zip_path)
+    zip_sha = side.read_text().split()[0] if side.is_file() else None
+    info = PackageInfo(folder, zip_path if zip_path.is_file() else None, zip_sha,
+                       output.get("files", []), output.get("result_hash", ""),
+                       output.get("skipped", []), output)
+    error = output.get("error") or {}
+    return JobReport(output.get("job_id", job_id_of(folder)), Outcome(output["status"]),
+                     error.get("code"), error.get("message"), bool(output.get("partial")),
+                     output, info)
