@@ -8,18 +8,18 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent.commands import jobs, local, service
+from agent.commands import jobs, local, node, run, service
 from agent.errors import AgentError, ExitCode
-from agent.node import bench, doctor
 
 # Each entry adds one subcommand; its module stays importable without torch.
 PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignore[type-arg]
     local.add_exec_parser,
     local.add_verify_parser,
+    run.add_parsers,
     jobs.add_parsers,
     service.add_parser,
-    doctor.add_parser,
-    bench.add_parser,
+    node.add_doctor_parser,
+    node.add_bench_parser,
 ]
 
 

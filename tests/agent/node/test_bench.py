@@ -14,13 +14,13 @@ import pytest
 
 from agent.node import bench
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 CLI = """
 import argparse, sys
-from agent.node import bench
+from agent.commands import node
 parser = argparse.ArgumentParser(prog="miner-agent")
-bench.add_parser(parser.add_subparsers())
+node.add_bench_parser(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])
 code = args.func(args)
 print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.commands import node
 from agent.node import doctor
 from agent.node.doctor import Check
 
@@ -168,7 +169,7 @@ def test_gpu_memory_verdicts() -> None:
 def test_cli_exit_code_and_broken_config_file(tmp_path: Path, coordinator: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    doctor.add_parser(parser.add_subparsers())
+    node.add_doctor_parser(parser.add_subparsers())
     (tmp_path / "agent.toml").write_text("coordinator_url = [unclosed\n")
     args = parser.parse_args(["doctor", "--config", str(tmp_path / "agent.toml")])
     # Given the CLI's loaded config object is absent, doctor reads the file itself
@@ -177,12 +178,12 @@ def test_cli_exit_code_and_broken_config_file(tmp_path: Path, coordinator: str,
     cfg = doctor.load_plain_config(args.config)
     assert cfg.load_error and doctor.check_config(cfg).status == "FAIL"
     args.agent_config = _cfg(tmp_path, coordinator, key="wrong")
-    code = doctor.run(args, out=lines.append)
+    code = node.run_doctor(args, out=lines.append)
     assert code == 1 and "FAIL  api key" in lines[0]
 
 
 def test_an_invalid_config_file_is_a_config_fail(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text('coordinator_url = "ftp://x"\nmetrics_port = -1\n')
-    cfg = doctor._load_config(str(tmp_path / "agent.toml"))
+    cfg = doctor.load_for_doctor(str(tmp_path / "agent.toml"))
     verdict = doctor.check_config(cfg)
     assert verdict.status == "FAIL"

@@ -85,7 +85,7 @@ def test_unset_hides_the_socket_from_children(listener: tuple[socket.socket, str
         "print(subprocess.run([sys.executable, '-c', child], capture_output=True,"
         " text=True).stdout.strip())\n"
     )
-    env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=30, check=True)
     # Then the agent could still notify, and its child never saw the socket

@@ -1,0 +1,78 @@
+"""`miner-agent doctor` and `miner-agent bench`: is this node ready, and how fast is it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ExitCode
+from agent.node import bench, doctor
+
+
+def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``miner-agent doctor``."""
+    p = subparsers.add_parser("doctor", help="check this node is ready to run jobs")
+    p.add_argument("--config", default="/etc/miner-agent/agent.toml", help="config file")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="per network call")
+    p.set_defaults(func=run_doctor)
+    return p
+
+
+def run_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """Run ``miner-agent doctor``; non-zero when any check FAILs.
+
+    ``args.agent_config`` (the loaded config object), when the CLI sets it, wins over
+    reading ``args.config`` here.
+    """
+    cfg = getattr(args, "agent_config", None) or doctor.load_for_doctor(args.config)
+    checks = doctor.run_checks(cfg, timeout_s=args.timeout_s)
+    out(doctor.format_checks(checks))
+    failed = [c for c in checks if c.status == "FAIL"]
+    out(f"\n{len(failed)} failed, {sum(c.status == 'WARN' for c in checks)} warnings")
+    return int(ExitCode.FAILED) if failed else int(ExitCode.OK)
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``miner-agent bench``."""
+    p = subparsers.add_parser("bench", help="benchmark this node's GPUs (or CPU)",
+                              description=_first_paragraph(bench.__doc__))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s per GPU")
+    p.add_argument("--device", default="auto", help="auto (every GPU, else CPU), cpu, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    p.add_argument("--attach-capabilities", nargs="?", const="", metavar="PATH",
+                   help=f"write the summary the agent attaches to its capabilities "
+                        f"(default: STATE_DIR/{bench.SUMMARY_NAME})")
+    p.add_argument("--timeout-s", type=float, default=bench.DEFAULT_TIMEOUT_S,
+                   help=argparse.SUPPRESS)
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``miner-agent bench``; the exit code."""
+    try:
+        result = bench.run_bench(args.quick, args.device, bench.ProgressBar(sys.stderr),
+                                 args.timeout_s)
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return int(ExitCode.FAILED)
+    print(bench.format_table(result))
+    print(f"\ntorch {result.get('torch')}, CUDA {result.get('cuda') or '-'}, "
+          f"{result.get('duration_s')} s{' (quick)' if result.get('quick') else ''}")
+    if args.json:
+        bench.write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.attach_capabilities is not None:
+        state_dir = getattr(args, "state_dir", None)
+        path = Path(args.attach_capabilities) if args.attach_capabilities else \
+            bench.default_summary_path(state_dir)
+        bench.write_json(path, bench.bench_summary_for_capabilities(result))
+        print(f"wrote {path} (attached to capabilities at the next register)")
+    return int(ExitCode.OK)
+
+
+def _first_paragraph(text: str | None) -> str | None:
+    return text.split("\n\n")[0] if text else None
