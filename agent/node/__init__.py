@@ -1,1 +1,1 @@
-"""The node itself: telemetry (NVML, host), metrics, sd_notify, logging, doctor, bench (core only)."""
+"""The node: telemetry (NVML, host), metrics, sd_notify, logging, doctor, bench (core only)."""

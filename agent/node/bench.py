@@ -9,7 +9,6 @@ summary that the agent attaches to its capabilities at register time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,8 +20,6 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Any
-
-from agent.errors import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +173,7 @@ def load_bench_summary(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: str | Path, data: dict[str, Any]) -> None:
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write atomically: a reader (the agent at register) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,40 +272,3 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``miner-agent bench``."""
-    p = subparsers.add_parser("bench", help="benchmark this node's GPUs (or CPU)",
-                              description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s per GPU")
-    p.add_argument("--device", default="auto", help="auto (every GPU, else CPU), cpu, cuda:N")
-    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    p.add_argument("--attach-capabilities", nargs="?", const="", metavar="PATH",
-                   help=f"write the summary the agent attaches to its capabilities "
-                        f"(default: STATE_DIR/{SUMMARY_NAME})")
-    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``miner-agent bench``; the exit code."""
-    try:
-        result = run_bench(args.quick, args.device, ProgressBar(sys.stderr), args.timeout_s)
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return int(ExitCode.FAILED)
-    print(format_table(result))
-    print(f"\ntorch {result.get('torch')}, CUDA {result.get('cuda') or '-'}, "
-          f"{result.get('duration_s')} s{' (quick)' if result.get('quick') else ''}")
-    if args.json:
-        _write_json(args.json, result)
-        print(f"wrote {args.json}")
-    if args.attach_capabilities is not None:
-        state_dir = getattr(args, "state_dir", None)
-        path = Path(args.attach_capabilities) if args.attach_capabilities else \
-            default_summary_path(state_dir)
-        _write_json(path, bench_summary_for_capabilities(result))
-        print(f"wrote {path} (attached to capabilities at the next register)")
-    return int(ExitCode.OK)

@@ -12,14 +12,12 @@ The config is any object with the attributes ``state_dir``, ``cache_dir``,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agent.errors import ConfigError, ExitCode
+from agent.errors import ConfigError
 from agent.node.telemetry import Telemetry
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -292,7 +290,7 @@ def load_plain_config(path: str | os.PathLike[str]) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **data}, load_error=None)
 
 
-def _load_config(path: str) -> Any:
+def load_for_doctor(path: str) -> Any:
     """The agent's own loader where it exists; a failure becomes the config check's FAIL."""
     try:
         from agent.config import load_config
@@ -304,26 +302,3 @@ def _load_config(path: str) -> Any:
         plain = load_plain_config(path)
         plain.load_error = exc.message
         return plain
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``miner-agent doctor``."""
-    p = subparsers.add_parser("doctor", help="check this node is ready to run jobs")
-    p.add_argument("--config", default="/etc/miner-agent/agent.toml", help="config file")
-    p.add_argument("--timeout-s", type=float, default=5.0, help="per network call")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    """Run ``miner-agent doctor``; non-zero when any check FAILs.
-
-    ``args.agent_config`` (the loaded config object), when the CLI sets it, wins over
-    reading ``args.config`` here.
-    """
-    cfg = getattr(args, "agent_config", None) or _load_config(args.config)
-    checks = run_checks(cfg, timeout_s=args.timeout_s)
-    out(format_checks(checks))
-    failed = [c for c in checks if c.status == "FAIL"]
-    out(f"\n{len(failed)} failed, {sum(c.status == 'WARN' for c in checks)} warnings")
-    return int(ExitCode.FAILED) if failed else int(ExitCode.OK)
