@@ -1,7 +1,9 @@
-"""The one ISO-8601 time helper: every timestamp the agent writes or serves is UTC."""
+"""Time helpers: the one ISO-8601 formatter (every timestamp is UTC) and a timed wait."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 
 
@@ -15,3 +17,16 @@ def iso(ts: float | None, *, timespec: str = "milliseconds", zulu: bool = False)
         return None
     text = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec=timespec)
     return text.replace("+00:00", "Z") if zulu else text
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until ``event`` is set or ``timeout_s`` passes; True when it was set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel that arrives in the
+    same loop iteration as the event (the task then runs on, and a shutdown that
+    cancels and gathers the daemon's loops waits forever). ``asyncio.timeout`` does not.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()

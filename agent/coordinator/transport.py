@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from agent.clock import wait_event
 from agent.coordinator.retry import CallStats, Deadline, RetryPolicy, parse_retry_after
 from agent.errors import CoordinatorError
 
@@ -244,9 +245,7 @@ class Transport:
                 f"{endpoint}: coordinator unavailable ({error}) after {attempt + 1} "
                 "attempt(s); giving up at the call's deadline", error)
         logger.info("coordinator %s: %s, retry %d in %.2fs", endpoint, error, attempt + 1, wait)
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=wait)
-        except TimeoutError:
+        if not await wait_event(self._stop, wait):
             return
         self.stats.call_finished(endpoint, False, attempt)
         raise RetriesStopped(f"{endpoint}: not retrying ({error}), agent is stopping", error)

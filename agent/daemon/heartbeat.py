@@ -8,11 +8,11 @@ every third of the shortest lease, so a short lease survives a long interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.clock import wait_event
 from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.transport import NotRegistered
 from agent.daemon.cancels import CancelInbox
@@ -47,8 +47,7 @@ class HeartbeatLoop:
         while True:
             self._now.clear()
             await self.beat()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._now.wait(), self.every_s())
+            await wait_event(self._now, self.every_s())
 
     async def beat(self) -> None:
         try:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent.clock import wait_event
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.retry import RetryPolicy
@@ -150,8 +151,7 @@ class Agent:
         interval = min(1.0, watchdog_interval_s() or 1.0)
         while not self.stop_event.is_set():
             self.on_tick()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), interval)
+            await wait_event(self.stop_event, interval)
 
     def on_tick(self) -> None:
         now = time.monotonic()
@@ -173,8 +173,7 @@ class Agent:
         # 3. Wait for running jobs, up to the drain timeout or a second signal.
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         while len(self.held) and time.monotonic() < deadline and not self.hard_stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.hard_stop.wait(), 0.2)
+            await wait_event(self.hard_stop, 0.2)
         # 4. Cancel what is left: SIGTERM, grace period, SIGKILL (the executor's job).
         self.inbox.cancel_all(CancelReason.SIGNAL if self.hard_stop.is_set()
                               else CancelReason.DRAIN)

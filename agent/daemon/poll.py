@@ -8,11 +8,11 @@ in-flight jobs itself and answers 204 until it knows).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
 
+from agent.clock import wait_event
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
 from agent.coordinator.transport import NotRegistered
@@ -69,6 +69,4 @@ class PollLoop:
     async def _idle(self, interval: float) -> None:
         jitter = self.cfg.poll_jitter
         self._now.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._now.wait(),
-                                   interval * random.uniform(1 - jitter, 1 + jitter))
+        await wait_event(self._now, interval * random.uniform(1 - jitter, 1 + jitter))
