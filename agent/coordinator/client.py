@@ -14,7 +14,6 @@ import base64
 import enum
 import logging
 import os
-import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,9 @@ from agent.coordinator.transport import (
     LeaseLost,
     Transport,
     response_json,
+)
+from agent.coordinator.transport import (
+    path_segment as _seg,
 )
 from agent.errors import CoordinatorError
 from agent.layout import STREAMS, Stream
@@ -335,11 +337,6 @@ class CoordinatorClient:
         if resp.status_code == 422:
             raise CoordinatorHTTPError("upload URL rejected the package: checksum mismatch",
                                        422, response_json(resp), code="sha256_mismatch")
-
-
-def _seg(value: str) -> str:
-    """One path segment, quoted: an id from the wire never changes which endpoint is hit."""
-    return urllib.parse.quote(str(value), safe="")
 
 
 def _json_object(resp: Any, endpoint: str) -> dict[str, Any]:

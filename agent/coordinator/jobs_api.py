@@ -7,7 +7,6 @@ authenticated with a client key in ``X-Api-Key``. Errors are the typed ones of
 
 from __future__ import annotations
 
-import urllib.parse
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +15,7 @@ import httpx
 from agent.coordinator.transport import (
     CoordinatorHTTPError,
     CoordinatorUnavailable,
+    path_segment,
     response_json,
 )
 
@@ -53,11 +53,11 @@ class JobsClient:
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The coordinator's view of one job."""
-        return self._call("GET", f"/v1/jobs/{_seg(job_id)}")
+        return self._call("GET", f"/v1/jobs/{path_segment(job_id)}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask for a cancel; returns the job as it stands after the request."""
-        return self._call("POST", f"/v1/jobs/{_seg(job_id)}/cancel", json={})
+        return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/cancel", json={})
 
     def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         try:
@@ -71,8 +71,3 @@ class JobsClient:
                                        response_json(resp))
         data = response_json(resp)
         return data if isinstance(data, dict) else {}
-
-
-def _seg(value: str) -> str:
-    """One path segment, quoted: a job id never changes which endpoint is hit."""
-    return urllib.parse.quote(str(value), safe="")

@@ -18,6 +18,7 @@ import asyncio
 import json as jsonlib
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -87,6 +88,11 @@ class RetriesStopped(CoordinatorUnavailable):
     """Raised when the client was told to stop retrying (agent shutdown)."""
 
     code = "retries_stopped"
+
+
+def path_segment(value: str) -> str:
+    """One path segment, quoted: an id from the wire never changes which endpoint is hit."""
+    return urllib.parse.quote(str(value), safe="")
 
 
 def response_json(resp: httpx.Response) -> Any:

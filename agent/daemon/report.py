@@ -36,9 +36,11 @@ class Report:
     @property
     def outcome(self) -> Outcome:
         """The outcome as far as reporting cares: a result's status, else failed."""
-        if self.kind == "result":
-            return Outcome(self.body["result"].get("status", Outcome.COMPLETED))
-        return Outcome.FAILED
+        status = self.body.get("result", {}).get("status") if self.kind == "result" else None
+        try:
+            return Outcome(status or Outcome.FAILED)
+        except ValueError:  # not a status this agent writes: never treat it as canceled
+            return Outcome.FAILED
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "body": self.body}

@@ -7,6 +7,7 @@ import pytest
 from agent.coordinator.capabilities import CORE, Capabilities
 from agent.daemon.cancels import CancelInbox, Disposition, disposition
 from agent.daemon.held import Active, HeldJobs
+from agent.daemon.report import Report
 from agent.errors import CancelReason, Outcome
 from agent.execution.outcome import classify
 
@@ -66,3 +67,10 @@ def test_the_inbox_cancels_held_jobs_and_marks_those_the_coordinator_let_go() ->
     assert (a.cancel_reason, a.dropped) == (CancelReason.HEARTBEAT, False)
     assert (b.cancel_reason, b.dropped) == (CancelReason.DELISTED, True)
     assert c.cancel_reason is None
+
+
+def test_a_stored_report_of_unknown_shape_is_never_taken_for_a_cancel() -> None:
+    assert Report("result", {"result": {"status": "canceled"}}).outcome is Outcome.CANCELED
+    assert Report("result", {"result": {"status": "bogus"}}).outcome is Outcome.FAILED
+    assert Report("result", {}).outcome is Outcome.FAILED
+    assert Report("fail", {"error_code": "x"}).outcome is Outcome.FAILED
