@@ -29,7 +29,9 @@ ALLOWED = {
 }
 # The registry is a table of strings (no runtime, no torch): the daemon advertises its
 # names and the executor resolves them.
-OUTSIDE_ALLOWED = {"daemon": {"runtimes.registry"}, "execution": {"runtimes.registry"}}
+# runtimes.fetch: the agent prefetches a job's inputs outside its sandbox (no torch there).
+OUTSIDE_ALLOWED = {"daemon": {"runtimes.registry"},
+                   "execution": {"runtimes.registry", "runtimes.fetch"}}
 # `python -m agent.coordinator.reference` keeps working (DECISIONS.md): a thin alias.
 EXCEPTIONS = {("agent.coordinator.reference", "agent.reference.coordinator")}
 
