@@ -87,13 +87,78 @@ def test_hardening_without_memory_deny_write_execute(unit: Path) -> None:
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
                        "ProtectHome": "yes", "PrivateTmp": "yes",
                        "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-                       "ProtectControlGroups": "yes", "RestrictSUIDSGID": "yes",
+                       "ProtectKernelLogs": "yes", "RestrictSUIDSGID": "yes",
                        "LockPersonality": "yes", "RestrictRealtime": "yes",
-                       "RestrictNamespaces": "yes", "SystemCallArchitectures": "native"}.items():
+                       "SystemCallArchitectures": "native", "CapabilityBoundingSet": "",
+                       "AmbientCapabilities": ""}.items():
         assert _one(d, f"Service.{key}") == value, key
     # CUDA and JIT compilers need W+X mappings; the reason is written in the unit.
     assert "Service.MemoryDenyWriteExecute" not in d
     assert "MemoryDenyWriteExecute" in unit.read_text()
+
+
+# What the job sandbox does from inside the unit: bubblewrap unshares these, and the
+# fork server inside it unshares mount, pid and net again per job.
+SANDBOX_NAMESPACES = {"user", "mnt", "pid", "net"}
+ALL_NAMESPACES = {"cgroup", "ipc", "net", "mnt", "pid", "user", "uts", "time"}
+# bubblewrap mounts and pivots; unshare, setns and clone3 come with @process.
+SANDBOX_SYSCALLS = {"@mount", "mount", "umount2", "pivot_root", "unshare", "setns", "clone3"}
+FALSE = {"no", "false", "0", "off"}
+
+
+def _allowed_namespaces(value: str) -> set[str]:
+    """The namespace types a RestrictNamespaces= value lets the unit create."""
+    if value in FALSE:
+        return ALL_NAMESPACES
+    if value in {"yes", "true", "1", "on"}:
+        return set()
+    if value.startswith("~"):
+        return ALL_NAMESPACES - set(value[1:].split())
+    return set(value.split())
+
+
+def test_allowed_namespaces_reads_every_form() -> None:
+    assert _allowed_namespaces("yes") == set()
+    assert _allowed_namespaces("no") == ALL_NAMESPACES
+    assert _allowed_namespaces("~user net") == ALL_NAMESPACES - {"user", "net"}
+    assert _allowed_namespaces("user mnt") == {"user", "mnt"}
+
+
+def test_sandbox_can_run_in_the_unit(unit: Path) -> None:
+    d = directives(unit)
+    # The agent makes supervisor/ and jobs/<job>/ below the unit's own cgroup.
+    assert _one(d, "Service.Delegate") == "yes"
+    # "yes" would make /sys/fs/cgroup read-only, delegated subtree included.
+    assert d.get("Service.ProtectControlGroups", ["no"]) == ["no"]
+    (restrict,) = d["Service.RestrictNamespaces"]
+    assert SANDBOX_NAMESPACES <= _allowed_namespaces(restrict), restrict
+    assert "time" not in _allowed_namespaces(restrict)
+    for value in d.get("Service.SystemCallFilter", []):
+        calls = set(value.lstrip("~").split())
+        if value.startswith("~"):
+            assert not calls & SANDBOX_SYSCALLS, value
+        else:
+            assert "@mount" in calls, value
+    # bubblewrap reads /proc/sys, and the driver's libraries /proc/driver/nvidia.
+    assert "Service.ProcSubset" not in d
+    assert "Service.PrivateUsers" not in d
+
+
+# Keys that differ by design between the single unit and the per-instance template.
+PER_INSTANCE = {"ExecStart", "StateDirectory", "CacheDirectory", "LogsDirectory",
+                "LoadCredential"}
+
+
+def _shared(d: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {k: v for k, v in d.items()
+            if k.startswith("Service.") and k.split(".", 1)[1] not in PER_INSTANCE}
+
+
+def test_units_agree_outside_per_instance_keys() -> None:
+    # The security directives above among them: a fix to one unit reaches both.
+    single, template = (directives(UNIT_DIR / name) for name in service.UNITS)
+    assert _shared(single) == _shared(template)
+    assert set(single) == set(template)
 
 
 def test_template_unit_is_per_instance() -> None:
