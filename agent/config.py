@@ -28,6 +28,10 @@ SECRET_FIELDS = ("api_key",)
 LogFormat = Literal["auto", "text", "journal", "json"]
 LauncherKind = Literal["auto", "forkserver", "spawn"]
 LAUNCHER_KINDS: tuple[str, ...] = get_args(LauncherKind)
+SandboxMode = Literal["on", "off"]
+# Built-in runtimes that run only our code over payload data. `command` (any program)
+# and operator runtimes must be named in allowed_job_types to run.
+DEFAULT_ALLOWED_JOB_TYPES = ("inference", "batch_inference", "training", "sleep")
 
 
 def _systemd_or(variable: str, system: str, user: str) -> Path:
@@ -37,7 +41,7 @@ def _systemd_or(variable: str, system: str, user: str) -> Path:
     return Path(system) if os.geteuid() == 0 else Path.home() / user
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
     return _systemd_or("STATE_DIRECTORY", "/var/lib/miner-agent", ".local/state/miner-agent")
 
 
@@ -54,7 +58,7 @@ class AgentConfig:
     api_key: str | None = None
     api_key_file: Path | None = None
     region: str | None = None
-    state_dir: Path = field(default_factory=_default_state_dir)
+    state_dir: Path = field(default_factory=default_state_dir)
     cache_dir: Path = field(default_factory=_default_cache_dir)
     heartbeat_interval_s: float = 5.0
     poll_interval_s: float = 1.0
@@ -88,6 +92,14 @@ class AgentConfig:
     bench_file: Path | None = None  # `miner-agent bench --attach-capabilities` output
     models: Mapping[str, str] = field(default_factory=dict)
     runtimes: Mapping[str, str] = field(default_factory=dict)
+    # The job sandbox (docs/security.md). "on" refuses to start where it cannot be built.
+    sandbox: SandboxMode = "on"
+    sandbox_network: Mapping[str, bool] = field(default_factory=lambda: {"command": False})
+    allowed_job_types: tuple[str, ...] = DEFAULT_ALLOWED_JOB_TYPES
+    max_job_output_mb: int = 20480  # a job whose package grows past this fails
+    job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
+    job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
+    job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
 
     @property
     def jobs_dir(self) -> Path:
@@ -169,11 +181,34 @@ def _convert(base: Any, value: Any) -> Any:
         inner = get_args(base)[0]
         return tuple(inner(x) for x in items if str(x).strip() != "")
     if origin in (Mapping, dict) or base is Mapping:
-        data = json.loads(value) if isinstance(value, str) else value
-        if not isinstance(data, dict):
-            raise ValueError("must be a table of name = value")
-        return {str(k): str(v) for k, v in data.items()}
+        data = _table(value)
+        args = get_args(base)
+        inner = args[1] if len(args) == 2 else str
+        return {str(k): _convert(inner, v) for k, v in data.items()}
     return str(value)
+
+
+def _table(value: Any) -> dict[Any, Any]:
+    """A TOML table, a JSON object, or ``name=value,name=value`` (environment variables)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("must be a table, JSON object or name=value,name=value")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError("must be a table of name = value")
+    return value
+
+
+def config_file(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The config file ``load_config`` reads (it may not exist)."""
+    environ = os.environ if environ is None else environ
+    return path or (Path(environ["MINER_AGENT_CONFIG"]) if "MINER_AGENT_CONFIG" in environ
+                    else DEFAULT_CONFIG)
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -181,8 +216,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     """Defaults, then the file, then the environment, then ``overrides`` (flags)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    file_path = path or (Path(environ["MINER_AGENT_CONFIG"]) if "MINER_AGENT_CONFIG" in environ
-                         else DEFAULT_CONFIG)
+    file_path = config_file(path, environ)
     if path is not None or file_path.exists():
         values.update(_read_toml(file_path))
     for name in _HINTS:
@@ -226,5 +260,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("jobs_per_gpu must be at least 1 and cpu_slots at least 0")
     if cfg.coordinator_url and not cfg.coordinator_url.startswith(("http://", "https://")):
         raise ConfigError("coordinator_url must start with http:// or https://")
+    for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config field {name} must not be negative (0: no limit)")
+    if not 1 <= cfg.job_cpu_weight <= 10000:
+        raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")

@@ -77,6 +77,7 @@ class CancelReason(enum.StrEnum):
     TIMEOUT = "timeout"  # ran past its timeout (the executor's backstop)
     INTERRUPTED = "interrupted"  # Ctrl-C under `miner-agent exec`
     REQUESTED = "requested"  # asked through the executor's API with no named source
+    OUTPUT_TOO_LARGE = "output_too_large"  # the package grew past max_job_output_mb
 
     @property
     def recorded(self) -> str:
@@ -107,6 +108,9 @@ class ExitCode(enum.IntEnum):
     VERIFY_FAILED = 8
     CONFIG = 9
     UNAVAILABLE = 10
+    NOT_FOUND = 11
+    REFUSED = 12
+    SANDBOX_UNAVAILABLE = 13
 
 
 OUTCOME_EXIT = {

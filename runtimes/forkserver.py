@@ -10,8 +10,16 @@ spends importing torch. The server reaps each job and sends its wait status back
 on the request's connection.
 
 Wire format, one JSON line each way: request ``{"spec": PATH, "env": {...},
-"cwd": DIR}`` with 4 fds (stdin, stdout, stderr, events); answers
-``{"pid": N}`` then ``{"pid": N, "status": WAITSTATUS}``.
+"cwd": DIR, "jail": {...} or null, "cgroup": bool}`` with 4 fds (stdin, stdout,
+stderr, events) and a fifth, the job's cgroup directory, when ``cgroup`` is true;
+answers ``{"pid": N}`` then ``{"pid": N, "status": WAITSTATUS}``.
+
+With ``jail``, the server runs inside the node's sandbox and the forked process is
+the job's keeper (``runtimes.jail``): it gives the job its own namespaces and
+waits for it; ``pid`` is the keeper's, which forwards a cancel's SIGTERM.
+
+The listening socket is handed over by the agent (``--listen-fd``), bound in a
+folder that no job can see, so no job can ask for a process of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import sys
 import time
 from typing import Any
 
-from runtimes import host, registry
+from runtimes import host, jail, registry
+from runtimes.base import EventChannel
 
 EVENTS_FD = 3
 PRELOAD_EXTRA = ("runtimes.device", "runtimes.trainloop")
@@ -35,20 +44,26 @@ PRELOAD_EXTRA = ("runtimes.device", "runtimes.trainloop")
 class ForkServer:
     """Accepts job requests and forks a process for each."""
 
-    def __init__(self, sock_path: str) -> None:
-        self.sock_path = sock_path
+    def __init__(self, listener: socket.socket) -> None:
         self.sel = selectors.DefaultSelector()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener = listener
+        self.listener.setblocking(True)
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.children: dict[int, tuple[socket.socket, int]] = {}
+
+    @classmethod
+    def bind(cls, sock_path: str) -> ForkServer:
+        """A server on its own socket (by hand; the agent hands one over instead)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(sock_path):
             os.unlink(sock_path)
         old_umask = os.umask(0o177)
         try:
-            self.listener.bind(sock_path)
+            listener.bind(sock_path)
         finally:
             os.umask(old_umask)
-        self.listener.listen(64)
-        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.children: dict[int, tuple[socket.socket, int]] = {}
+        listener.listen(64)
+        return cls(listener)
 
     def serve_forever(self) -> None:
         while True:
@@ -65,12 +80,13 @@ class ForkServer:
             conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
-        msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 4)
+        msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 5)
         request = json.loads(msg.split(b"\n", 1)[0])
-        if len(fds) != 4:
+        want = 5 if request.get("cgroup") else 4
+        if len(fds) != want:
             for fd in fds:
                 os.close(fd)
-            raise ValueError(f"expected 4 file descriptors, got {len(fds)}")
+            raise ValueError(f"expected {want} file descriptors, got {len(fds)}")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -95,6 +111,7 @@ class ForkServer:
         conn.close()
 
     def _child(self, request: dict[str, Any], fds: list[int]) -> None:
+        """The forked process: the job itself, or, in a jail, the job's keeper."""
         code = host.EXIT_FAILED
         try:
             self.sel.close()
@@ -102,25 +119,49 @@ class ForkServer:
             for conn, _ in self.children.values():
                 conn.close()
             os.setsid()
+            cgroup_fd = fds.pop() if len(fds) == 5 else None
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             for fd in fds:
                 if fd > EVENTS_FD:
                     os.close(fd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            os.environ.clear()
-            os.environ.update(request["env"])
-            host.take_group_down_with_parent(None)
-            os.chdir(request["cwd"])
-            _reseed()
-            with open(request["spec"]) as fh:
-                spec = json.load(fh)
-            code = host.run_spec(spec)
+            if request.get("jail") is not None:
+                code = self._keeper(request, cgroup_fd)
+            else:
+                if cgroup_fd is not None:
+                    host.join_cgroup(cgroup_fd)
+                host.take_group_down_with_parent(None)
+                code = self._run_job(request)
         except BaseException:
             import traceback
 
             traceback.print_exc()
         host.exit_now(code)
+
+    def _keeper(self, request: dict[str, Any], cgroup_fd: int | None) -> int:
+        try:
+            jail.enter(jail.JailRequest.from_dict(request["jail"]), cgroup_fd)
+        except (OSError, KeyError, ValueError) as exc:
+            message = f"the job's sandbox could not be made: {exc}"
+            print(f"miner-agent: {message}", file=sys.stderr, flush=True)
+            EventChannel(EVENTS_FD).send(
+                "error", code="sandbox_error", message=message)
+            return host.EXIT_FAILED
+        child = jail.fork_job(lambda: host.exit_now(self._run_job(request)))
+        for fd in range(EVENTS_FD + 1):
+            os.close(fd)  # only the job holds the pipes: EOF comes when it is gone
+        return jail.keep(child)
+
+    @staticmethod
+    def _run_job(request: dict[str, Any]) -> int:
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        _reseed()
+        with open(request["spec"]) as fh:
+            spec = json.load(fh)
+        return host.run_spec(spec)
 
 
 def _reseed() -> None:
@@ -153,14 +194,18 @@ def preload() -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) != 3:
-        print("usage: python -m runtimes.forkserver SOCKET PARENT_PID (started by miner-agent)",
+        print("usage: python -m runtimes.forkserver SOCKET|fd:N PARENT_PID (started by "
+              "miner-agent; PARENT_PID 0 inside its sandbox, whose bwrap watches the agent)",
               file=sys.stderr)
         raise SystemExit(2)
-    sock_path, parent = sys.argv[1], int(sys.argv[2])
-    host.die_with_parent(parent)
+    where, parent = sys.argv[1], int(sys.argv[2])
+    host.die_with_parent(parent or None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
     info = preload()
-    server = ForkServer(sock_path)
+    if where.startswith("fd:"):
+        server = ForkServer(socket.socket(fileno=int(where[3:])))
+    else:
+        server = ForkServer.bind(where)
     print(json.dumps({"ready": True, "pid": os.getpid(), **info}), flush=True)
     server.serve_forever()
 

@@ -93,6 +93,9 @@ def run_spec(spec: dict[str, Any]) -> int:
     deadline = time.monotonic() + float(timeout_s) if timeout_s else None
     ctx = JobContext(job, Path(spec["package_dir"]), Path(spec["work_dir"]), channel, deadline)
     install_cancel_handler(ctx)
+    # Inside a jail the keeper forked us with cancel signals blocked (PID 1 drops a
+    # signal it has no handler for); the handler exists now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         fn = registry.load(spec["runtime"])
         channel.send("started", pid=os.getpid())  # imports done: the job's code runs now
@@ -131,6 +134,20 @@ def _finish(channel: EventChannel, ctx: JobContext, outcome: str, code: str | No
             "timed_out": EXIT_TIMED_OUT}.get(outcome, EXIT_FAILED)
 
 
+def join_cgroup(cgroup_fd: int) -> None:
+    """Move this process into the cgroup whose directory ``cgroup_fd`` is (then close it).
+
+    Through a descriptor the agent opened: in the sandbox ``/sys/fs/cgroup`` is
+    read-only, and the job must not learn or choose the path.
+    """
+    fd = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=cgroup_fd)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+        os.close(cgroup_fd)
+
+
 def exit_now(code: int) -> None:
     """Flush what the job printed, then leave without interpreter teardown."""
     for stream in (sys.stdout, sys.stderr):
@@ -156,8 +173,22 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m runtimes.host SPEC.json (started by miner-agent, not by hand)",
               file=sys.stderr)
         raise SystemExit(2)
-    spec = json.loads(Path(args[0]).read_text())
-    take_group_down_with_parent(spec.get("parent_pid"))
+    run_file(args[0], check_parent=True)
+
+
+def run_file(spec_path: str, check_parent: bool) -> None:
+    """Run the job a spec file describes in this process, then exit.
+
+    ``check_parent``: the plain-spawn path, where our parent is the agent and the
+    job's group must die with it. In a jail the keeper is the parent and the PID
+    namespace takes everything down with us.
+    """
+    spec = json.loads(Path(spec_path).read_text())
+    if check_parent:
+        take_group_down_with_parent(spec.get("parent_pid"))
+    cgroup_fd = os.environ.pop("MINER_CGROUP_FD", "")
+    if cgroup_fd.isdigit():
+        join_cgroup(int(cgroup_fd))
     _events_on_fd3()
     os.chdir(spec["work_dir"])
     exit_now(run_spec(spec))

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tomllib
 from pathlib import Path
 
 from agent.commands.console import JobConsole
-from agent.config import LAUNCHER_KINDS
+from agent.config import LAUNCHER_KINDS, default_state_dir
 from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob
 from agent.execution.executor import ExecutorConfig, JobRun
+from agent.execution.isolation import build_isolation, secret_paths, set_non_dumpable
 from agent.execution.launcher import make_launcher
+from agent.execution.sandbox import SandboxUnavailable
 from agent.execution.verify import verify
 from agent.jobs import Job
 from agent.signals import capture_signals
@@ -26,7 +30,8 @@ def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "and log tail, and write its result package to OUT/job_<ID>/ (plus a zip). Ctrl-C "
         "cancels the job and keeps its partial results; a second Ctrl-C kills it at once. "
         "The exit code says the outcome: 0 completed, 1 failed, 3 canceled, 4 timed out, "
-        "5 killed by a signal, 7 invalid job.")
+        "5 killed by a signal, 7 invalid job, 13 sandbox unavailable. Every payload type "
+        "runs here, `command` too (the file is yours), inside the job sandbox.")
     p.add_argument("job_file", metavar="JOB.json", help="the job description")
     p.add_argument("--out", default="out", help="where the package goes (default: ./out)")
     p.add_argument("--launcher", choices=LAUNCHER_KINDS, default="auto",
@@ -38,6 +43,10 @@ def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="set CUDA_VISIBLE_DEVICES for the job (e.g. '0,1'; '' for none)")
     p.add_argument("--models", default=None, metavar="FILE",
                    help="a JSON or TOML file mapping model names to local folders")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run the job unconfined, as this user, seeing what it can see (only "
+                   "for your own code; by default it runs in the job sandbox, where it sees "
+                   "a read-only system and only its own package and work folders)")
     p.add_argument("--quiet", action="store_true", help="no log tail or progress bar")
     p.add_argument("--json", action="store_true", help="print output.json when done")
     p.set_defaults(func=cmd_exec)
@@ -73,18 +82,46 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print("fix the job file; `miner-agent exec --help` shows its shape", file=sys.stderr)
         return ExitCode.INVALID_JOB
     contract: dict[str, str] = {}
+    read_only: list[Path] = []
     if args.models:
-        contract["MINER_MODELS_FILE"] = str(Path(args.models).resolve())
-    cfg = ExecutorConfig(Path(args.out).resolve(), cancel_grace_s=args.grace,
-                         contract_env=contract)
+        models_file = Path(args.models).resolve()
+        contract["MINER_MODELS_FILE"] = str(models_file)
+        read_only = [models_file, *_model_paths(models_file)]
+    out = Path(args.out).resolve()
+    set_non_dumpable()
+    try:
+        isolation = build_isolation(
+            sandbox_on=not args.no_sandbox, jobs_root=out, work_root=out / ".work",
+            hidden=secret_paths(default_state_dir(), None, None), read_only=read_only)
+    except SandboxUnavailable as exc:
+        print(f"error: {exc} (or pass --no-sandbox)", file=sys.stderr)
+        return ExitCode.SANDBOX_UNAVAILABLE
+    cfg = ExecutorConfig(out, cancel_grace_s=args.grace, contract_env=contract,
+                         sandbox=isolation.sandbox, cgroups=isolation.cgroups,
+                         cgroup_note=isolation.cgroup_note)
     gpu_ids = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
-    return asyncio.run(_exec(job, cfg, args, gpu_ids))
+    try:
+        return asyncio.run(_exec(job, cfg, args, gpu_ids))
+    finally:
+        isolation.close()
+
+
+def _model_paths(models_file: Path) -> list[Path]:
+    """The folders a models file names: the sandbox binds them in read-only."""
+    try:
+        text = models_file.read_text()
+        data = tomllib.loads(text) if models_file.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError):
+        return []  # the job reports the unreadable file itself
+    if not isinstance(data, dict):
+        return []
+    return [Path(v) for v in data.values() if isinstance(v, str) and os.path.isabs(v)]
 
 
 async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
                 gpu_ids: list[str] | None) -> int:
     console = JobConsole(job.job_id, quiet=args.quiet)
-    launcher = make_launcher(args.launcher)
+    launcher = make_launcher(args.launcher, sandbox=cfg.sandbox)
     run = JobRun(job, cfg, launcher, gpu_ids=gpu_ids, on_line=console.line,
                  on_event=console.event)
 

@@ -9,7 +9,10 @@ import json
 import sys
 
 from agent.commands.options import Sub, config_args, load
+from agent.config import config_file
 from agent.errors import ConfigError, ExitCode
+from agent.execution.isolation import for_agent, set_non_dumpable
+from agent.execution.sandbox import SandboxUnavailable
 from agent.node.logging_setup import setup_logging
 
 
@@ -49,20 +52,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load(args, coordinator_url=args.coordinator, miner_id=args.miner_id)
     setup_logging(cfg.log_format, cfg.log_level)
-    coordinator = None
-    if cfg.embedded:
-        coordinator, info = start_embedded(cfg)
-        cfg = dataclasses.replace(cfg, coordinator_url=info.url)
-        api_key: str | None = info.miner_key
-        print(f"embedded coordinator on {info.url} (submit jobs with `miner-agent submit`)",
-              file=sys.stderr)
-    else:
-        api_key = cfg.resolved_api_key()
-    if not api_key:
-        raise ConfigError("no API key: set api_key_file in the config (or the systemd "
-                          "credential api-key)")
+    set_non_dumpable()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return asyncio.run(Agent(cfg, api_key, burst=args.burst).serve())
+        isolation = for_agent(cfg, config_file(args.config))
+    except SandboxUnavailable as exc:
+        print(f"miner-agent: {exc}", file=sys.stderr)
+        return ExitCode.SANDBOX_UNAVAILABLE
+    coordinator = None
+    try:
+        if cfg.embedded:
+            coordinator, info = start_embedded(cfg)
+            cfg = dataclasses.replace(cfg, coordinator_url=info.url)
+            api_key: str | None = info.miner_key
+            print(f"embedded coordinator on {info.url} (submit jobs with `miner-agent submit`)",
+                  file=sys.stderr)
+        else:
+            api_key = cfg.resolved_api_key()
+        if not api_key:
+            raise ConfigError("no API key: set api_key_file in the config (or the systemd "
+                              "credential api-key)")
+        return asyncio.run(Agent(cfg, api_key, burst=args.burst, isolation=isolation).serve())
     finally:
+        isolation.close()
         if coordinator is not None:
             coordinator.stop()

@@ -44,6 +44,7 @@ from agent.daemon.shipping import ShipLoop
 from agent.errors import CancelReason, CoordinatorError, ExitCode
 from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
+from agent.execution.isolation import Isolation, for_agent
 from agent.execution.launcher import make_launcher
 from agent.node.metrics import AgentMetrics, MetricsServer
 from agent.node.notify import Notifier, watchdog_interval_s
@@ -58,7 +59,8 @@ PRUNE_INTERVAL_S = 3600.0
 class Agent:
     """One node's agent. ``await serve()`` runs it until it is told to stop."""
 
-    def __init__(self, cfg: AgentConfig, api_key: str, burst: bool = False) -> None:
+    def __init__(self, cfg: AgentConfig, api_key: str, burst: bool = False,
+                 isolation: Isolation | None = None) -> None:
         self.cfg = cfg
         self.burst = burst  # stop once the coordinator has no work and nothing runs
         assert cfg.coordinator_url is not None
@@ -72,11 +74,20 @@ class Agent:
         self.held = HeldJobs()
         self.inbox = CancelInbox(self.held)
         job_environ = scrubbed_environ(os.environ)
-        self.launcher = make_launcher(cfg.launcher, env=job_environ)
+        self._owns_isolation = isolation is None
+        self.isolation = isolation or for_agent(cfg, None)
+        self.launcher = make_launcher(cfg.launcher, env=job_environ,
+                                      sandbox=self.isolation.sandbox)
         exec_cfg = ExecutorConfig(cfg.jobs_dir, work_root=cfg.state_dir / "work",
                                   cancel_grace_s=cfg.cancel_grace_s,
                                   extra_runtimes=dict(cfg.runtimes),
-                                  contract_env=self._contract_env())
+                                  contract_env=self._contract_env(),
+                                  allowed_types=frozenset(cfg.allowed_job_types),
+                                  sandbox=self.isolation.sandbox,
+                                  cgroups=self.isolation.cgroups,
+                                  cgroup_note=self.isolation.cgroup_note,
+                                  limits=self.isolation.limits,
+                                  max_output_bytes=cfg.max_job_output_mb << 20 or None)
         self.metrics = AgentMetrics()
         self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
@@ -192,6 +203,8 @@ class Agent:
         with contextlib.suppress(CoordinatorError):
             await self.client.heartbeat(0, self._metadata(), deadline_s=2.0)
         await self.launcher.close()
+        if self._owns_isolation:
+            self.isolation.close()
         await self.client.aclose()
         if self._metrics_server is not None:
             self._metrics_server.stop()
@@ -204,7 +217,10 @@ class Agent:
         async with self._register_lock:
             caps = capabilities(self.telemetry.inventory(), self.telemetry.reason,
                                 models=sorted(self.cfg.models), bench=self._bench_summary())
-            caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes})
+            # Only what this node would run: a type it has but does not allow is not offered.
+            caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes}
+                                      & set(self.cfg.allowed_job_types))
+            caps["sandbox"] = "bwrap" if self.isolation.sandbox is not None else "off"
             if self.cfg.extensions is not None:
                 caps["extensions"] = list(self.cfg.extensions)
             answer = await self.client.register(caps, self.scheduler.capacity, self.cfg.region)

@@ -2,11 +2,13 @@
 
 This module never imports torch. A :class:`JobRun` owns one job from "start this
 job" to a written package: it makes the job's folders, the capture pipes and the
-events channel, asks a launcher for the process, follows its events, enforces
-the hard timeout backstop, cancels on request (SIGTERM to the job's leader at
-once, SIGKILL to the whole process group after the grace period), and, once the
-process is gone, kills any straggler in its group, classifies the exit and
-writes the result package, shielded from cancellation.
+events channel, the job's cgroup and its jail request, asks a launcher for the
+process, follows its events, enforces the hard timeout backstop and the output
+quota, cancels on request (SIGTERM to the job's leader at once, SIGKILL to the
+whole cgroup, or process group without one, after the grace period), and, once
+the process is gone, kills whatever is left of the job and waits until nothing
+is, classifies the exit and seals the result package, shielded from
+cancellation. The package is sealed only when no process of the job exists.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ import psutil
 from agent.clock import iso
 from agent.errors import CancelReason, LaunchError, Outcome, PackageError
 from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
+from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
 from agent.execution.outcome import Verdict, classify, signal_name
 from agent.execution.package import PackageInfo, write_package
+from agent.execution.prefetch import find_inputs, prefetch
+from agent.execution.sandbox import SandboxPolicy
 from agent.jobs import Job
 from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_folder, log_path
 from runtimes.registry import resolve_path
@@ -56,6 +61,13 @@ class ExecutorConfig:
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     make_zip: bool = True
     keep_work_dir: bool = False
+    allowed_types: frozenset[str] | None = None  # None: every type with a runtime
+    sandbox: SandboxPolicy | None = None  # None: jobs run unconfined (sandbox = "off")
+    cgroups: CgroupTree | None = None  # None: the process-group kill
+    cgroup_note: str = "no cgroup"  # why there is none, for the package
+    limits: Limits = field(default_factory=Limits)
+    max_output_bytes: int | None = None  # the package's size cap (max_job_output_mb)
+    quota_check_s: float = 0.25
 
 
 @dataclass
@@ -81,12 +93,15 @@ class JobRun:
     def __init__(self, job: Job, cfg: ExecutorConfig, launcher: Launcher, *,
                  gpu_ids: list[str] | None = None, gpu_names: list[str] | None = None,
                  on_line: LineCallback | None = None, on_event: EventCallback | None = None,
-                 environ: dict[str, str] | None = None, created_at: float | None = None) -> None:
+                 environ: dict[str, str] | None = None, created_at: float | None = None,
+                 gpu_devices: list[str] | None = None) -> None:
         self.job = job
         self.cfg = cfg
         self.launcher = launcher
         self.gpu_ids = gpu_ids
         self.gpu_names = gpu_names or []
+        self.gpu_devices = gpu_devices
+        self.cgroup: JobCgroup | None = None
         self.on_line = on_line
         self.on_event = on_event
         self.environ = dict(os.environ if environ is None else environ)
@@ -152,6 +167,12 @@ class JobRun:
         if path is None:
             raise LaunchError(f"no runtime on this node handles payload type "
                               f"{self.job.type!r}", code="unsupported_job_type")
+        allowed = self.cfg.allowed_types
+        if allowed is not None and self.job.type not in allowed:
+            raise LaunchError(
+                f"payload type {self.job.type!r} is not allowed on this node; the operator "
+                f"allows {', '.join(sorted(allowed)) or 'none'} (config field "
+                f"allowed_job_types, MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
         return path
 
     def _prepare_dirs(self) -> None:
@@ -164,11 +185,24 @@ class JobRun:
 
     def _contract_env(self) -> dict[str, str]:
         return {**self.cfg.contract_env, "MINER_JOB_ID": self.job.job_id,
+                "MINER_JOB_CACHE_DIR": str(self.work_dir / ".cache"),
                 "MINER_PACKAGE_DIR": str(self.folder), "MINER_WORK_DIR": str(self.work_dir),
                 "MINER_ARTIFACTS_DIR": str(self.folder / "artifacts"),
                 "MINER_RESULT_FILE": str(self.folder / "result.txt")}
 
+    async def _prefetch(self) -> None:
+        """In the sandbox the shared cache is read-only: fetch the job's inputs now, outside."""
+        cache = self.cfg.contract_env.get("MINER_CACHE_DIR")
+        if self.cfg.sandbox is None or not cache or not find_inputs(self.job.payload):
+            return
+        max_bytes = int(self.cfg.contract_env.get("MINER_CACHE_MAX_BYTES") or 50 << 30)
+        result = await asyncio.to_thread(prefetch, self.job.payload, Path(cache), max_bytes,
+                                         cancelled=lambda: self.cancel_reason is not None)
+        for message in result.errors:  # the job tries again in its own cache dir and says
+            log.warning("job %s: prefetch: %s", self.job.job_id, message)
+
     async def _run_process(self, runtime: str) -> tuple[int | None, bool]:
+        await self._prefetch()
         spec_path = self.work_dir / ".miner-job.json"
         self.times["requested"] = time.time()
         spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
@@ -178,21 +212,43 @@ class JobRun:
         env = job_environ(self.environ, self._contract_env(), self.gpu_ids,
                           self.job.payload.get("env"))
         fds = self._open_channels()
+        jail = None
+        if self.cfg.sandbox is not None:
+            jail = self.cfg.sandbox.jail(self.folder, self.work_dir, self.job.type,
+                                         self.gpu_devices)
+        cgroup_fd = self._make_cgroup()
         request = LaunchRequest(spec_path, self.work_dir, env, fds["stdout"], fds["stderr"],
-                                fds["events"])
+                                fds["events"], jail=jail, cgroup_fd=cgroup_fd)
         try:
             self.handle = await self.launcher.launch(request)
         except LaunchError as exc:
             self._close_child_ends(fds)
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
             self._exited.set()
             self.events_seen["launch_error"] = exc.message
             return None, False
         self._close_child_ends(fds)
+        if cgroup_fd is not None:
+            os.close(cgroup_fd)
         log.info("job %s: started pid %d via %s", self.job.job_id, self.handle.pid,
                  self.handle.via)
         if self.cancel_reason is not None:
             self._signal_cancel()
         return await self._supervise()
+
+    def _make_cgroup(self) -> int | None:
+        """The job's cgroup, and the directory descriptor its first process joins by."""
+        if self.cfg.cgroups is None:
+            return None
+        try:
+            self.cgroup = self.cfg.cgroups.create(self.job.job_id, self.cfg.limits)
+            return self.cgroup.open_fd()
+        except OSError as exc:
+            log.warning("job %s: no cgroup of its own (%s); the process-group kill applies",
+                        self.job.job_id, exc.strerror or exc)
+            self.cgroup = None
+            return None
 
     def _open_channels(self) -> dict[str, int]:
         child_ends: dict[str, int] = {}
@@ -220,18 +276,23 @@ class JobRun:
         assert self.handle is not None
         events_task = asyncio.create_task(self._read_events())
         timeout_task = asyncio.create_task(self._timeout_backstop())
+        quota_task = asyncio.create_task(self._quota_watch())
         try:
             status = await self.handle.wait()
         finally:
             self._exited.set()
             timeout_task.cancel()
+            quota_task.cancel()
         self.times["finished"] = time.time()
         if self.cancel_reason is not None:
             self.cancel_times["exited"] = self.times["finished"]
         if self._kill_task is not None:
             self._kill_task.cancel()
-        # Stragglers in the group (a grandchild that outlived its parent) die now.
+        # Stragglers (a setsid grandchild that outlived its parent) die now, all of them.
         self._kill_group(signal.SIGKILL, quiet=True)
+        if self.cgroup is not None and not await self.cgroup.kill_and_wait():
+            log.error("job %s: processes are still left in %s after cgroup.kill",
+                      self.job.job_id, self.cgroup.path)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(events_task, 5)
         if not events_task.done():
@@ -287,6 +348,28 @@ class JobRun:
                         self.job.constraints.timeout_s)
             self.cancel(CancelReason.TIMEOUT)
 
+    async def _quota_watch(self) -> None:
+        """Kill the job once its package folder holds more than ``max_output_bytes``.
+
+        At once, not after the cancel's grace: a job past its quota would only write
+        more. The walk's own cost sets the pace (at most ~5 % of one core).
+        """
+        limit = self.cfg.max_output_bytes
+        if not limit:
+            return
+        interval = self.cfg.quota_check_s
+        while not self._exited.is_set():
+            await asyncio.sleep(interval)
+            t0 = time.perf_counter()
+            size = await asyncio.to_thread(folder_bytes, self.folder, limit)
+            interval = max(self.cfg.quota_check_s, 20 * (time.perf_counter() - t0))
+            if size > limit and not self._exited.is_set():
+                log.warning("job %s: its package holds over %d MiB (max_job_output_mb); "
+                            "killing it", self.job.job_id, limit >> 20)
+                self.cancel(CancelReason.OUTPUT_TOO_LARGE)
+                self.kill_now()
+                return
+
     # -- cancel and kill ----------------------------------------------------------------
     def _signal_cancel(self) -> None:
         assert self.handle is not None
@@ -307,6 +390,8 @@ class JobRun:
         """Signal the job's whole process group, and any descendant that left it."""
         if self.handle is None:
             return
+        if sig == signal.SIGKILL and self.cgroup is not None:
+            self.cgroup.kill()
         pid = self.handle.pid
         descendants: list[psutil.Process] = []
         with contextlib.suppress(psutil.Error):
@@ -395,10 +480,26 @@ class JobRun:
             "cancel": self._cancel_block(),
             "environment": {**environment_info(self.gpu_names),
                             "cuda_visible_devices": self.gpu_ids,
-                            "device": (self.events_seen.get("device") or {}).get("summary")},
+                            "device": (self.events_seen.get("device") or {}).get("summary"),
+                            "isolation": self._isolation()},
             "logs": {s: {"bytes": c.size, "dropped_bytes": c.dropped}
                      for s, c in self.captures.items()},
         }
+
+    def _isolation(self) -> dict[str, Any]:
+        """How this job was confined: the package says, so a reader need not guess."""
+        sandbox = self.cfg.sandbox
+        jail = sandbox.jail(self.folder, self.work_dir, self.job.type, self.gpu_devices) \
+            if sandbox is not None else None
+        cgroup = self.cgroup
+        return {"sandbox": "bwrap" if sandbox is not None else "off",
+                "network": jail["network"] if jail is not None else True,
+                "cgroup": cgroup.path.name if cgroup is not None else None,
+                "kill": "cgroup.kill" if cgroup is not None else (
+                    "pid namespace and process group" if sandbox is not None
+                    else "process group"),
+                "cgroup_note": None if cgroup is not None else self.cfg.cgroup_note,
+                "limits": dict(cgroup.applied) if cgroup is not None else {}}
 
     def _cancel_block(self) -> dict[str, Any] | None:
         if self.cancel_reason is None:
@@ -422,6 +523,8 @@ class JobRun:
         except (OSError, PackageError) as exc:
             log.error("job %s: packaging failed: %s", self.job.job_id, exc)
             info = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if not self.cfg.keep_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         log.info("job %s: %s%s", self.job.job_id, verdict.outcome.value,
@@ -440,6 +543,28 @@ class JobRun:
             return JobReport(self.job.job_id, Outcome.FAILED, code, message, False, {}, None)
         verdict = Verdict(Outcome.FAILED, code, message)
         return await self._package(verdict, None)
+
+
+def folder_bytes(folder: Path, stop_above: int | None = None) -> int:
+    """Bytes of the regular files under ``folder`` (no links followed); stops early past a cap."""
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+        if stop_above is not None and total > stop_above:
+            break
+    return total
 
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:

@@ -20,10 +20,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.config import LauncherKind
 from agent.errors import LaunchError
+from agent.execution.sandbox import SandboxPolicy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class LaunchRequest:
     stdout_fd: int
     stderr_fd: int
     events_fd: int
+    jail: dict[str, Any] | None = None  # the job's namespaces (runtimes.jail), in a sandbox
+    cgroup_fd: int | None = None  # the job's cgroup directory, joined before any job code
 
 
 class ProcessHandle(Protocol):
@@ -60,32 +63,84 @@ class Launcher(Protocol):
 class _SpawnHandle:
     via = "spawn"
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, pid: int | None = None,
+                 sandboxed: bool = False) -> None:
         self._proc = proc
-        self.pid = proc.pid
+        self.pid = pid or proc.pid
+        self._sandboxed = sandboxed
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        code = await self._proc.wait()
+        if self._sandboxed and 128 < code < 128 + 65:
+            return 128 - code  # bubblewrap reports a signal death as 128 + N
+        return code
 
 
 class SpawnLauncher:
-    """Starts ``python -m runtimes.host SPEC`` as a new session (about 2 s with torch)."""
+    """Starts ``python -m runtimes.host SPEC`` as a new session (about 2 s with torch).
+
+    In the sandbox: ``bwrap ... python -m runtimes.jail REQUEST``, whose keeper
+    confines the job as the fork server's does; the handle's pid is the keeper's
+    (bubblewrap's ``--info-fd`` names it), which forwards a cancel's SIGTERM.
+    """
+
+    def __init__(self, sandbox: SandboxPolicy | None = None) -> None:
+        self.sandbox = sandbox
 
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
+        if self.sandbox is not None and request.jail is not None:
+            return await self._launch_jailed(request, self.sandbox)
         env = dict(request.env)
         env["MINER_EVENTS_FD"] = str(request.events_fd)
+        pass_fds = [request.events_fd]
+        if request.cgroup_fd is not None:
+            env["MINER_CGROUP_FD"] = str(request.cgroup_fd)
+            pass_fds.append(request.cgroup_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "runtimes.host", str(request.spec_path),
                 stdin=subprocess.DEVNULL, stdout=request.stdout_fd, stderr=request.stderr_fd,
-                pass_fds=(request.events_fd,), start_new_session=True, env=env,
-                cwd=str(request.cwd))
+                pass_fds=pass_fds, start_new_session=True, env=env, cwd=str(request.cwd))
         except OSError as exc:
             raise LaunchError(f"cannot start the job's process: {exc}") from exc
         return _SpawnHandle(proc)
 
+    async def _launch_jailed(self, request: LaunchRequest, sandbox: SandboxPolicy
+                             ) -> ProcessHandle:
+        env = {**request.env, "MINER_EVENTS_FD": str(request.events_fd)}
+        order = {"spec": str(request.spec_path), "jail": request.jail,
+                 "events_fd": request.events_fd, "cgroup_fd": request.cgroup_fd}
+        order_path = request.spec_path.with_name(".miner-jail.json")
+        order_path.write_text(json.dumps(order))
+        info_read, info_write = os.pipe()
+        pass_fds = [request.events_fd, info_write]
+        if request.cgroup_fd is not None:
+            pass_fds.append(request.cgroup_fd)
+        argv = sandbox.argv([sys.executable, "-m", "runtimes.jail", str(order_path)])
+        argv[1:1] = ["--info-fd", str(info_write)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=request.stdout_fd,
+                stderr=request.stderr_fd, pass_fds=pass_fds, start_new_session=True, env=env)
+        except OSError as exc:
+            os.close(info_read)
+            raise LaunchError(f"cannot start the job's sandbox: {exc}") from exc
+        finally:
+            os.close(info_write)
+        info = await asyncio.to_thread(_read_all, info_read)
+        try:
+            keeper = int(json.loads(info)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            keeper = None  # bubblewrap failed before its child existed: wait() says how
+        return _SpawnHandle(proc, keeper, sandboxed=True)
+
     async def close(self) -> None:
         return None
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(1 << 16)
 
 
 class _ForkHandle:
@@ -111,8 +166,12 @@ class _ForkHandle:
 class ForkServerLauncher:
     """Talks to a torch-preloaded fork server; starts it on first use."""
 
-    def __init__(self, env: dict[str, str] | None = None, runtime_dir: Path | None = None):
+    def __init__(self, env: dict[str, str] | None = None, runtime_dir: Path | None = None,
+                 sandbox: SandboxPolicy | None = None):
         self._env = env
+        self.sandbox = sandbox
+        # The socket's folder is the agent's: no job's sandbox holds it (a job that could
+        # reach the server could ask it for a process outside its own jail).
         self._dir = Path(tempfile.mkdtemp(prefix="miner-fs-", dir=runtime_dir))
         self.sock_path = self._dir / "forkserver.sock"
         self._proc: asyncio.subprocess.Process | None = None
@@ -129,9 +188,19 @@ class ForkServerLauncher:
         t0 = time.perf_counter()
         env = dict(self._env if self._env is not None else os.environ)
         env.pop("PYTHONUNBUFFERED", None)
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runtimes.forkserver", str(self.sock_path), str(os.getpid()),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, start_new_session=True)
+        listener = self._listen()
+        fd = listener.fileno()
+        if self.sandbox is not None:  # bwrap's --die-with-parent ties the server to us
+            argv = self.sandbox.argv([sys.executable, "-m", "runtimes.forkserver", f"fd:{fd}",
+                                      "0"])
+        else:
+            argv = [sys.executable, "-m", "runtimes.forkserver", f"fd:{fd}", str(os.getpid())]
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+                start_new_session=True, pass_fds=(fd,))
+        finally:
+            listener.close()
         assert self._proc.stdout is not None
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), FORKSERVER_START_TIMEOUT_S)
@@ -142,6 +211,17 @@ class ForkServerLauncher:
             raise LaunchError("the fork server did not start (see the agent's stderr)")
         self.info = json.loads(line)
         log.info("fork server ready in %.2f s (pid %s)", time.perf_counter() - t0, self._proc.pid)
+
+    def _listen(self) -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock_path.unlink(missing_ok=True)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(str(self.sock_path))
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        return listener
 
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         await self.start()
@@ -162,9 +242,13 @@ class ForkServerLauncher:
         try:
             sock.connect(str(self.sock_path))
             msg = {"spec": str(request.spec_path), "cwd": str(request.cwd),
-                   "env": {**request.env, "MINER_EVENTS_FD": "3"}}
+                   "env": {**request.env, "MINER_EVENTS_FD": "3"},
+                   "jail": request.jail if self.sandbox is not None else None,
+                   "cgroup": request.cgroup_fd is not None}
             fds = [os.open(os.devnull, os.O_RDONLY), request.stdout_fd, request.stderr_fd,
                    request.events_fd]
+            if request.cgroup_fd is not None:
+                fds.append(request.cgroup_fd)
             try:
                 socket.send_fds(sock, [(json.dumps(msg) + "\n").encode()], fds)
             finally:
@@ -194,9 +278,10 @@ class ForkServerLauncher:
 class AutoLauncher:
     """The fork server when it works, a plain spawn when it does not."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        self.forkserver = ForkServerLauncher(env)
-        self.spawn = SpawnLauncher()
+    def __init__(self, env: dict[str, str] | None = None,
+                 sandbox: SandboxPolicy | None = None) -> None:
+        self.forkserver = ForkServerLauncher(env, sandbox=sandbox)
+        self.spawn = SpawnLauncher(sandbox)
         self._broken_until = 0.0
 
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
@@ -219,9 +304,11 @@ class AutoLauncher:
         await self.forkserver.close()
 
 
-def make_launcher(kind: LauncherKind, env: dict[str, str] | None = None) -> Launcher:
+def make_launcher(kind: LauncherKind, env: dict[str, str] | None = None,
+                  sandbox: SandboxPolicy | None = None) -> Launcher:
+    """A launcher of ``kind``; with ``sandbox``, every job it starts is confined."""
     if kind == "spawn":
-        return SpawnLauncher()
+        return SpawnLauncher(sandbox)
     if kind == "forkserver":
-        return ForkServerLauncher(env)
-    return AutoLauncher(env)
+        return ForkServerLauncher(env, sandbox=sandbox)
+    return AutoLauncher(env, sandbox)

@@ -37,6 +37,10 @@ def classify(status: int | None, finished: dict[str, Any] | None,
         return Verdict(Outcome.COMPLETED, None, None)  # finished before a late cancel landed
     if cancel_reason is CancelReason.TIMEOUT or said == "timed_out":
         return Verdict(Outcome.TIMED_OUT, "timeout", "the job ran past its timeout")
+    if cancel_reason is CancelReason.OUTPUT_TOO_LARGE:
+        return Verdict(Outcome.FAILED, "output_too_large",
+                       "the job wrote more than max_job_output_mb into its package; "
+                       "what it had is kept")
     if cancel_reason is not None and cancel_reason.is_shutdown:
         return Verdict(Outcome.LOST, "agent_shutdown",
                        "the agent shut down while the job was running")

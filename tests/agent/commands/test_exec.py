@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.cli import build_parser
@@ -78,25 +79,30 @@ def test_ctrl_c_cancels_with_partial_flush(tmp_path: Path) -> None:
                           capture_output=True).returncode == 0
 
 
-def test_job_dies_with_a_killed_agent(tmp_path: Path) -> None:
-    # Given an agent running a job that would take minutes
-    pidfile = tmp_path / "job.pid"
+@pytest.mark.parametrize("sandbox", [[], ["--no-sandbox"]], ids=["sandbox", "no-sandbox"])
+def test_job_dies_with_a_killed_agent(tmp_path: Path, sandbox: list[str]) -> None:
+    # Given an agent running a job that would take minutes (found by its unique argv: in
+    # the sandbox its own pid and /tmp are not ours to read)
+    marker = f"{300 + os.getpid() % 1000 / 1000:.3f}"
     job = {"job_id": "orphan", "payload": {"type": "command", "argv": [
-        "sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"]}}
+        "sh", "-c", f"exec sleep {marker}"]}}
     proc = subprocess.Popen([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
-                             str(tmp_path / "out"), "--launcher", "spawn", "--quiet"])
+                             str(tmp_path / "out"), "--launcher", "spawn", "--quiet", *sandbox])
     deadline = time.monotonic() + 60
-    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+    found: list[psutil.Process] = []
+    while not found and time.monotonic() < deadline:
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] == ["sleep", marker]]
         time.sleep(0.05)
-    job_pid = int(pidfile.read_text())
+    assert found, "the job never started"
     # When the agent is SIGKILLed (no chance to clean up)
     proc.kill()
     proc.wait()
     # Then the job's process does not outlive it
     deadline = time.monotonic() + 5
-    while pid_alive(job_pid) and time.monotonic() < deadline:
+    while pid_alive(found[0].pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(job_pid)
+    assert not pid_alive(found[0].pid)
 
 
 def test_every_command_has_help() -> None:

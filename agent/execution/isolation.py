@@ -1,0 +1,96 @@
+"""How this node confines jobs, decided once at start: sandbox, cgroups, limits.
+
+``build_isolation`` turns the config into the executor's parts and refuses
+(:class:`SandboxUnavailable`, exit 13) when ``sandbox = "on"`` and the sandbox
+cannot be built. The cgroup subtree is optional: without it the package says so
+and the executor falls back to the process-group (and PID-namespace) kill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import DEFAULT_CONFIG, AgentConfig
+from agent.execution.cgroups import CgroupTree, Limits
+from agent.execution.sandbox import SandboxPolicy, find_bwrap, probe
+
+log = logging.getLogger(__name__)
+
+_PR_SET_DUMPABLE = 4
+
+
+@dataclass
+class Isolation:
+    """The parts the executor confines jobs with."""
+
+    sandbox: SandboxPolicy | None
+    cgroups: CgroupTree | None
+    cgroup_note: str
+    limits: Limits = field(default_factory=Limits)
+    bwrap_version: str | None = None
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+
+def secret_paths(state_dir: Path | None, config_file: Path | None,
+                 key_file: Path | None) -> list[Path]:
+    """What a job must never see: the agent's state, config, key and credentials."""
+    paths = [p for p in (state_dir, config_file, key_file) if p is not None]
+    paths.append(DEFAULT_CONFIG.parent)
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        paths.append(Path(os.environ["CREDENTIALS_DIRECTORY"]))
+    return [p.absolute() for p in paths]
+
+
+def build_isolation(*, sandbox_on: bool, jobs_root: Path, work_root: Path,
+                    hidden: Iterable[Path], read_only: Iterable[Path] = (),
+                    network: Mapping[str, bool] | None = None,
+                    limits: Limits | None = None) -> Isolation:
+    """Probe and build; raises ``SandboxUnavailable`` when the sandbox is on but impossible."""
+    jobs_root.mkdir(parents=True, exist_ok=True)
+    work_root.mkdir(parents=True, exist_ok=True)
+    sandbox = None
+    version = None
+    if sandbox_on:
+        version = probe()
+        sandbox = SandboxPolicy(jobs_root=jobs_root.resolve(), work_root=work_root.resolve(),
+                                hidden=tuple(p.resolve() for p in hidden),
+                                read_only=tuple(p.resolve() for p in read_only),
+                                network=dict(network or {}), bwrap=find_bwrap() or "bwrap")
+        log.info("job sandbox: %s", version)
+    else:
+        log.warning("job sandbox is OFF (sandbox = \"off\"): jobs run as this user and can "
+                    "read what it can read; run only code you trust")
+    cgroups, note = CgroupTree.discover()
+    if cgroups is None:
+        log.warning("jobs get no cgroup of their own (%s); ending a job kills its process "
+                    "group%s", note, " and its PID namespace" if sandbox else "")
+    else:
+        log.info("job cgroups under %s", note)
+    return Isolation(sandbox, cgroups, note, limits or Limits(), version)
+
+
+def for_agent(cfg: AgentConfig, config_file: Path | None) -> Isolation:
+    """The daemon's isolation, from its config."""
+    read_only = [cfg.cache_dir, *(Path(p) for p in cfg.models.values())]
+    limits = Limits(memory_bytes=cfg.job_memory_max_mb << 20 or None,
+                    pids=cfg.job_pids_max or None, cpu_weight=cfg.job_cpu_weight)
+    return build_isolation(
+        sandbox_on=cfg.sandbox == "on", jobs_root=cfg.jobs_dir, work_root=cfg.state_dir / "work",
+        hidden=secret_paths(cfg.state_dir, config_file, cfg.api_key_file),
+        read_only=read_only, network=cfg.sandbox_network, limits=limits)
+
+
+def set_non_dumpable() -> None:
+    """No core dumps of the agent, and /proc/<agent>/{environ,mem,...} readable by root only."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass

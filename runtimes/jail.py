@@ -1,0 +1,310 @@
+"""One job's own namespaces, made inside the node's sandbox just before the job runs.
+
+The agent starts one long-lived sandbox (bubblewrap, ``agent.execution.sandbox``):
+a user namespace whose root file system is read-only, where the agent's state,
+config and credentials do not exist, and where only two writable trees are
+bound in: the folder of every job's package and of every job's work dir. The
+fork server lives there and never runs job code. For each job it forks a
+*keeper* (this module's :func:`enter`) that
+
+1. moves itself into the job's cgroup (through a directory descriptor the agent
+   opened, since ``/sys/fs/cgroup`` is read-only in here);
+2. unshares a mount, PID, IPC, UTS and cgroup namespace (and a network namespace
+   with only loopback, when the job's type has no network);
+3. covers every job folder with an empty read-only tmpfs and binds back only this
+   job's package folder and work dir, gives the job a private ``/tmp`` and
+   ``/dev/shm``, and unmounts the GPU device nodes that are not the job's;
+4. forks the job's process, which is PID 1 of the new PID namespace: when it
+   exits, the kernel kills every process left in the namespace (setsid or
+   double-fork changes nothing), so nothing of the job outlives it.
+
+The job's process (:func:`become_init`) mounts its own ``/proc``, drops every
+capability (bounding set included), locks the root-is-not-special securebits and
+sets no-new-privileges before any job code runs; mounts made here are then out of
+its reach (it cannot unmount them to see what they cover). The keeper forwards
+SIGTERM and SIGINT to it and exits with its status.
+
+``python -m runtimes.jail REQUEST.json`` does the same for the spawn launcher
+(a fresh interpreter per job inside a fresh bubblewrap).
+
+Only Linux. Python has no ``mount``/``unshare``/``capset`` wrappers: ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtimes import host
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_SECUREBITS = 28
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+# NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS_LOCKED
+SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+STAGE = "/run/miner-jail"  # a tmpfs dir of the sandbox, private to each keeper's mounts
+FORWARDED = (signal.SIGTERM, signal.SIGINT)  # what a cancel is made of
+
+_libc: ctypes.CDLL | None = None
+
+
+class JailError(OSError):
+    """A namespace or mount call failed; the message says which."""
+
+
+@dataclass
+class JailRequest:
+    """What the keeper needs to know to confine one job (plain JSON on the wire)."""
+
+    package_dir: str
+    work_dir: str
+    covered: list[str]  # roots of every job's folders: hidden, then ours bound back
+    network: bool = True
+    gpu_devices: list[str] | None = None  # /dev/nvidiaN the job may use; None: all
+    hostname: str = "job"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JailRequest:
+        gpus = raw.get("gpu_devices")
+        return cls(package_dir=str(raw["package_dir"]), work_dir=str(raw["work_dir"]),
+                   covered=[str(p) for p in raw.get("covered", [])],
+                   network=bool(raw.get("network", True)),
+                   gpu_devices=None if gpus is None else [str(d) for d in gpus],
+                   hostname=str(raw.get("hostname", "job"))[:63] or "job")
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise JailError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    _check(_lib().mount(source and source.encode(), target.encode(),
+                        fstype and fstype.encode(), ctypes.c_ulong(flags),
+                        data and data.encode()),
+           f"mount {source or fstype or ''} on {target}")
+
+
+def _umount(target: str) -> None:
+    _check(_lib().umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def unshare(flags: int) -> None:
+    _check(_lib().unshare(flags), "unshare")
+
+
+# -- the keeper -------------------------------------------------------------------------
+def enter(request: JailRequest, cgroup_fd: int | None) -> None:
+    """Confine the calling process's future children (see the module docstring)."""
+    if cgroup_fd is not None:
+        host.join_cgroup(cgroup_fd)
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if cgroup_fd is not None:
+        flags |= CLONE_NEWCGROUP  # the job sees its own cgroup as the root
+    if not request.network:
+        flags |= CLONE_NEWNET
+    unshare(flags)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here leaks out, or in
+    _lib().sethostname(request.hostname.encode(), len(request.hostname.encode()))
+    _private_views(request)
+    if request.gpu_devices is not None:
+        _hide_gpus(set(request.gpu_devices))
+    if not request.network:
+        _loopback_up()
+
+
+def _private_views(request: JailRequest) -> None:
+    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm."""
+    _mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=64k")
+    staged = {}
+    for name, path in (("package", request.package_dir), ("work", request.work_dir)):
+        stage = f"{STAGE}/{name}"
+        os.mkdir(stage)
+        _mount(path, stage, None, MS_BIND | MS_REC)
+        staged[path] = stage
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    covered = sorted({os.path.normpath(p) for p in request.covered}, key=len)
+    for root in covered:
+        os.makedirs(root, exist_ok=True)  # under the fresh /tmp it has to be made again
+        _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path, stage in staged.items():
+        os.makedirs(path, exist_ok=True)
+        _mount(stage, path, None, MS_MOVE)
+    for root in covered:  # nothing new can appear beside the job's folders
+        _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _umount(STAGE)
+
+
+def _hide_gpus(allowed: set[str]) -> None:
+    """Unmount the bound NVIDIA device nodes of other jobs' GPUs (control nodes stay)."""
+    for name in os.listdir("/dev"):
+        path = f"/dev/{name}"
+        if name.startswith("nvidia") and name[6:].isdigit() and path not in allowed:
+            try:
+                _umount(path)
+            except JailError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: not a mount point, nothing bound
+                    raise
+
+
+def _loopback_up() -> None:
+    """A new network namespace has ``lo`` down: bring it up (DDP on one node needs it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def keep(child: int) -> int:
+    """The keeper's life after the fork: forward signals, wait, exit as the job did."""
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    try:
+        _, status = os.waitpid(child, 0)
+    except ChildProcessError:
+        return 1
+    if os.WIFSIGNALED(status):  # die of the same signal, so the agent classifies it right
+        death = os.WTERMSIG(status)
+        signal.signal(death, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {death})
+        os.kill(os.getpid(), death)
+    return os.waitstatus_to_exitcode(status)
+
+
+def fork_job(run_job: Callable[[], None]) -> int:
+    """Fork the job's process (PID 1 of the new namespace); returns its pid here.
+
+    Signals that mean "cancel" stay blocked in the child until its runtime has a
+    handler (``runtimes.host.run_spec`` unblocks them): PID 1 drops a signal it
+    has no handler for, so one sent in between would otherwise be lost.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # getppid() is 0 here (the keeper is outside our PID namespace), so no
+            # "did the parent die already" check: the job's cgroup kill covers that.
+            _lib().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            become_init()
+            run_job()
+        except BaseException as exc:
+            print(f"miner-agent: the job's process could not start: {exc}", file=sys.stderr,
+                  flush=True)
+        finally:
+            os._exit(1)
+    return pid
+
+
+def become_init() -> None:
+    """In the job's process: own /proc, no capabilities, no new privileges."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.setsid()
+    drop_privileges()
+
+
+def drop_privileges() -> None:
+    libc = _lib()
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+    libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0)  # needs CAP_SETPCAP
+    header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = ctypes.create_string_buffer(24)  # two zeroed {effective, permitted, inheritable}
+    _check(libc.capset(ctypes.c_char_p(header), data), "capset")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def unblock_cancel_signals() -> None:
+    """Called once the job's cancel handler exists (a no-op outside a jail)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+# -- spawn mode: python -m runtimes.jail REQUEST --------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m runtimes.jail REQUEST.json (started by miner-agent)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    raw = json.loads(Path(args[0]).read_text())
+    cgroup_fd = raw.get("cgroup_fd")
+    try:
+        if os.getsid(0) != os.getpid():  # bwrap --new-session made us a leader already
+            os.setsid()
+        enter(JailRequest.from_dict(raw["jail"]), cgroup_fd)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"miner-agent: cannot confine the job: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    spec_path = str(raw["spec"])
+
+    def run() -> None:
+        host.run_file(spec_path, check_parent=False)
+
+    child = fork_job(run)
+    for fd in (0, 1, 2, int(raw.get("events_fd", 3))):
+        try:
+            os.close(fd)  # only the job holds the pipes: EOF comes when it is gone
+        except OSError:
+            pass
+    os._exit(keep(child))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Hostile jobs against the real agent: a reference coordinator on loopback, the daemon
+as a subprocess with its torch-preloaded fork server inside bubblewrap, real signals.
+
+Each test submits a `command` job that tries what a stranger's job would, then asserts
+that nothing of the agent leaked into the package, that the package is intact
+(`sha256sum -c`), that no process of the job is left and that the agent still serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agent.execution.cgroups import CgroupTree
+from tests.agent.daemon.helpers import (
+    MINER_KEY,
+    AgentProcess,
+    Client,
+    start_coordinator,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                reason="bubblewrap is not installed (scripts/setup.sh does)")
+
+KEY_TEXT = MINER_KEY
+
+
+@pytest.fixture(scope="module", params=["forkserver", "spawn"])
+def node(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One agent per launcher: both paths build the same jail."""
+    tmp = tmp_path_factory.mktemp("security")
+    coord = start_coordinator(tmp / "coord")
+    state = tmp / "state"
+    state.mkdir()
+    key_file = tmp / "api-key"
+    key_file.write_text(KEY_TEXT + "\n")
+    key_file.chmod(0o600)
+    agent = AgentProcess(coord.base_url, state, launcher=request.param,
+                         api_key_file=str(key_file), cancel_grace_s="2",
+                         allowed_job_types="command,sleep", job_pids_max="256",
+                         max_job_output_mb="8")
+    client = Client(coord)
+    agent.wait_log("registered", timeout=120)
+    yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
+           "coord": coord}
+    agent.stop()
+    Client.close_all()
+    coord.stop()
+
+
+def run_script(node: dict[str, Any], script: str, *, wait: bool = True,
+               timeout_s: float = 60) -> tuple[str, dict[str, Any]]:
+    """Submit ``sh -c script`` as a command job; returns its id and the client's view."""
+    client: Client = node["client"]
+    job_id = client.submit({"type": "command", "argv": ["sh", "-c", script]},
+                           timeout_s=timeout_s)
+    if not wait:
+        return job_id, {}
+    return job_id, client.wait_status(job_id, "completed", "failed", timeout=120)
+
+
+def package(node: dict[str, Any], job_id: str) -> Path:
+    folder = node["state"] / "jobs" / f"job_{job_id}"
+    wait_until(lambda: (folder / "output.sha256").exists(), 60)
+    return folder
+
+
+def assert_sealed_and_clean(node: dict[str, Any], job_id: str, *secrets: bytes) -> dict[str, Any]:
+    """The package verifies, and holds none of ``secrets`` (nor the miner key) anywhere."""
+    folder = package(node, job_id)
+    check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"], cwd=folder,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    forbidden = [KEY_TEXT.encode(), *secrets]
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            for secret in forbidden:
+                assert secret not in data, f"{secret!r} leaked into {path}"
+    with zipfile.ZipFile(folder.with_suffix(".zip")) as zf:
+        for name in zf.namelist():
+            data = zf.read(name)
+            for secret in forbidden:
+                assert secret not in data, f"{secret!r} leaked into {name} of the zip"
+    return dict(json.loads((folder / "output.json").read_text()))
+
+
+def result_text(node: dict[str, Any], job_id: str) -> str:
+    return (package(node, job_id) / "result.txt").read_text()
+
+
+def no_process_with(marker: str) -> bool:
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(proc.info["cmdline"] or []):
+            return False
+    return True
+
+
+def assert_serving(node: dict[str, Any]) -> None:
+    agent: AgentProcess = node["agent"]
+    assert agent.proc.poll() is None, agent.log()[-3000:]
+    job_id, view = run_script(node, "echo still-serving > $MINER_RESULT_FILE")
+    assert view["status"] == "completed", view
+    assert result_text(node, job_id).strip() == "still-serving"
+
+
+def test_the_jobs_view_of_the_node(node: dict[str, Any]) -> None:
+    # Given a job that lists and tries to write what it can
+    state, key_file = node["state"], node["key_file"]
+    targets = ["/", "/usr", "/etc", "/var", str(Path(sys.executable).parent)]
+    script = f"""
+    r=$MINER_RESULT_FILE
+    echo "ls_run=$(ls -A /run | tr '\\n' ,)" >> $r
+    echo "ls_home=$(ls -A /home | tr '\\n' ,)" >> $r
+    echo "ls_jobs=$(ls -A {state}/jobs | tr '\\n' ,)" >> $r
+    echo "ls_state=$(ls -A {state} 2>&1 | tr '\\n' ,)" >> $r
+    echo "ls_work=$(ls -A {state}/work | tr '\\n' ,)" >> $r
+    echo "key_exists=$(test -e {key_file} && echo yes || echo no)" >> $r
+    for d in {' '.join(targets)}; do
+        if touch $d/.probe-$MINER_JOB_ID 2>/dev/null; then echo "wrote=$d" >> $r; fi
+    done
+    touch /tmp/ok && echo "tmp_writable=yes" >> $r
+    touch $MINER_ARTIFACTS_DIR/ok && echo "artifacts_writable=yes" >> $r
+    touch $MINER_WORK_DIR/ok && echo "work_writable=yes" >> $r
+    echo "pids=$(ls /proc | grep -E '^[0-9]+$' | tr '\\n' ,)" >> $r
+    echo "devs=$(ls /dev | tr '\\n' ,)" >> $r
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] == "completed", view
+    found = dict(line.split("=", 1) for line in result_text(node, job_id).splitlines())
+    # Then the system is read-only; its own folders and a private /tmp are writable
+    assert "wrote" not in found, found
+    assert not any(Path(d, f".probe-{job_id}").exists() for d in targets)
+    assert found["tmp_writable"] == found["artifacts_writable"] == found["work_writable"] == "yes"
+    # and the agent's state, other jobs, the key file and /run do not exist for it
+    assert found["key_exists"] == "no"
+    assert found["ls_run"] in ("", "miner-jail,")
+    assert found["ls_home"] == ""
+    assert found["ls_jobs"] == f"job_{job_id},"
+    assert found["ls_work"] == f"{job_id},"
+    assert found["ls_state"] == "jobs,work,", found["ls_state"]  # no journal, log or cache
+    # and it sees only its own processes, and no device beyond the basic ones
+    pids = [int(p) for p in found["pids"].split(",") if p]
+    assert 1 in pids and max(pids) < 100, pids
+    assert set(found["devs"].strip(",").split(",")) <= {
+        "core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+        "stdout", "tty", "urandom", "zero"}
+    assert_sealed_and_clean(node, job_id)
+    assert_serving(node)
+
+
+def test_a_job_cannot_read_the_agents_secrets(node: dict[str, Any]) -> None:
+    # Given a job that hunts for the agent: its environ, cmdline, key file, state, journal
+    state, key_file = node["state"], node["key_file"]
+    agent_pid = node["agent"].proc.pid
+    script = f"""
+    out=$MINER_ARTIFACTS_DIR/loot
+    for p in /proc/[0-9]*; do
+        cat $p/environ $p/cmdline >> $out 2>/dev/null
+        cat $p/stat >> $out 2>/dev/null
+    done
+    cat /proc/{agent_pid}/environ /proc/{agent_pid}/cmdline >> $out 2>/dev/null
+    cat {key_file} >> $out 2>/dev/null
+    cat {state}/journal.db {state}/*.log >> $out 2>/dev/null
+    cat $CREDENTIALS_DIRECTORY/api-key >> $out 2>/dev/null
+    cat /etc/miner-agent/* >> $out 2>/dev/null
+    env >> $out
+    ln {key_file} $MINER_ARTIFACTS_DIR/hard 2>/dev/null
+    ln -s {key_file} $MINER_ARTIFACTS_DIR/soft
+    ln -s {state}/journal.db $MINER_ARTIFACTS_DIR/journal
+    echo done > $MINER_RESULT_FILE
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] == "completed", view
+    # Then nothing of the agent is in the package: no key, no journal, no agent argv
+    output = assert_sealed_and_clean(node, job_id, str(state).encode() + b"/journal.db\x00")
+    loot = (package(node, job_id) / "artifacts" / "loot").read_bytes()
+    assert b"MINER_AGENT_" not in loot and b"SQLite format" not in loot
+    assert b"agent run --coordinator" not in loot
+    skipped = {s["path"]: s["reason"] for s in output["skipped"]}
+    assert skipped.get("artifacts/soft") == "symlink"
+    assert not (package(node, job_id) / "artifacts" / "hard").exists()  # EXDEV or no file
+    assert_serving(node)
+
+
+def test_setsid_double_fork_dies_with_a_completed_job(node: dict[str, Any]) -> None:
+    # Given a job whose grandchild escapes its session and keeps writing into the package
+    marker = f"{41 + os.getpid() % 1000 / 1000:.3f}"
+    script = f"""
+    setsid sh -c 'sh -c "while :; do echo x >> $MINER_ARTIFACTS_DIR/late; sleep 0.01; done" &
+                  exec sleep {marker}' &
+    sleep 0.3
+    echo parent-done > $MINER_RESULT_FILE
+    """
+    t0 = time.monotonic()
+    job_id, view = run_script(node, script)
+    # Then the job ends at once (the grandchild held no pipe open past the end) ...
+    assert view["status"] == "completed", view
+    assert time.monotonic() - t0 < 20
+    output = assert_sealed_and_clean(node, job_id)
+    # ... and nothing of it is left, so the sealed package stays as sealed
+    assert no_process_with(f"sleep {marker}")
+    folder = package(node, job_id)
+    before = (folder / "artifacts" / "late").read_bytes()
+    time.sleep(0.3)
+    assert (folder / "artifacts" / "late").read_bytes() == before
+    assert output["environment"]["isolation"]["sandbox"] == "bwrap"
+    assert_serving(node)
+
+
+def test_setsid_double_fork_dies_with_a_canceled_job(node: dict[str, Any]) -> None:
+    marker = f"{43 + os.getpid() % 1000 / 1000:.3f}"
+    script = f"""
+    setsid sh -c 'trap "" TERM; exec sleep {marker}' &
+    trap '' TERM
+    echo started > $MINER_RESULT_FILE
+    while :; do sleep 0.1; done
+    """
+    client: Client = node["client"]
+    job_id, _ = run_script(node, script, wait=False)
+    wait_until(lambda: not no_process_with(f"sleep {marker}"), 60)
+    client.cancel(job_id)
+    view = client.wait_status(job_id, "canceled", "failed", "completed", timeout=60)
+    assert view["status"] == "canceled", view
+    assert_sealed_and_clean(node, job_id)
+    wait_until(lambda: no_process_with(f"sleep {marker}"), 10,
+               lambda: "a process of the canceled job survived")
+    assert_serving(node)
+
+
+def test_a_job_that_signals_everything_it_sees(node: dict[str, Any]) -> None:
+    # Given a job that SIGKILLs every process it can see, then every pid it can guess
+    agent: AgentProcess = node["agent"]
+    fork_servers = [p.pid for p in psutil.Process(agent.proc.pid).children(recursive=True)
+                    if "runtimes.forkserver" in " ".join(p.cmdline())]
+    script = f"""
+    echo before > $MINER_RESULT_FILE
+    kill -9 {agent.proc.pid} {' '.join(map(str, fork_servers))} 2>/dev/null
+    for p in $(seq 2 400); do kill -9 $p 2>/dev/null; done
+    kill -9 -1
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] in ("failed", "completed"), view  # it killed itself: failed
+    # Then the agent and its fork server live on, and the next job runs
+    assert agent.proc.poll() is None
+    assert all(psutil.pid_exists(pid) for pid in fork_servers)
+    assert_sealed_and_clean(node, job_id)
+    assert_serving(node)
+
+
+def test_command_jobs_have_no_network(node: dict[str, Any]) -> None:
+    coord = node["coord"]
+    port = coord.base_url.rsplit(":", 1)[1].strip("/")
+    script = f"""
+    {sys.executable} - <<'EOF' > $MINER_RESULT_FILE
+import socket
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect(("127.0.0.1", {port}))
+    print("connected")
+except OSError as exc:
+    print("refused", exc.errno)
+print(sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]))
+EOF
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] == "completed", view
+    text = result_text(node, job_id)
+    assert "refused" in text and "['lo']" in text, text
+    assert_serving(node)
+
+
+def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) -> None:
+    # Given max_job_output_mb = 8 and a job that writes without end
+    script = """
+    echo partial > $MINER_RESULT_FILE
+    while :; do head -c 1048576 /dev/zero >> $MINER_ARTIFACTS_DIR/big; sleep 0.02; done
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] == "failed", view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["error"]["code"] == "output_too_large", output["error"]
+    assert 8 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
+    assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
+    assert_serving(node)
+
+
+def _controllers() -> frozenset[str]:
+    tree, _ = CgroupTree.discover()
+    if tree is None:
+        return frozenset()
+    try:
+        return tree.controllers
+    finally:
+        tree.close()
+
+
+@pytest.mark.skipif("pids" not in _controllers(),
+                    reason="no pids controller on this host's cgroup v2: a fork bomb would "
+                    "not be bounded here")
+def test_a_fork_bomb_is_bounded(node: dict[str, Any]) -> None:
+    job_id, view = run_script(node, "b() { b | b & }; b; sleep 3", timeout_s=20)
+    assert view["status"] in ("failed", "completed"), view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["environment"]["isolation"]["limits"].get("pids.max") == "256"
+    assert_serving(node)
+
+
+@pytest.mark.skipif("memory" not in _controllers(),
+                    reason="no memory controller on this host's cgroup v2: a memory hog "
+                    "would not be bounded here")
+def test_a_memory_hog_is_bounded(tmp_path: Path) -> None:
+    coord = start_coordinator(tmp_path / "coord")
+    agent = AgentProcess(coord.base_url, tmp_path / "state", allowed_job_types="command",
+                         job_memory_max_mb="64")
+    client = Client(coord)
+    try:
+        agent.wait_log("registered", timeout=120)
+        job_id = client.submit({"type": "command", "argv": [
+            sys.executable, "-c", "x = []\nwhile True: x.append(bytearray(1 << 20))"]},
+            timeout_s=60)
+        view = client.wait_status(job_id, "failed", "completed", timeout=120)
+        assert view["status"] == "failed", view
+    finally:
+        agent.stop()
+        Client.close_all()
+        coord.stop()
