@@ -29,10 +29,59 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     """
     cfg = getattr(args, "agent_config", None) or doctor.load_for_doctor(args.config)
     checks = doctor.run_checks(cfg, timeout_s=args.timeout_s)
+    checks += sandbox_checks(getattr(cfg, "sandbox", "on"))
     out(doctor.format_checks(checks))
     failed = [c for c in checks if c.status == "FAIL"]
     out(f"\n{len(failed)} failed, {sum(c.status == 'WARN' for c in checks)} warnings")
     return int(ExitCode.FAILED) if failed else int(ExitCode.OK)
+
+
+def sandbox_checks(mode: str) -> list[doctor.Check]:
+    """Can jobs be confined here: bubblewrap's namespaces, and a cgroup per job."""
+    from agent.execution.cgroups import CgroupTree, describe
+    from agent.execution.sandbox import SandboxUnavailable, probe
+
+    checks = []
+    try:
+        version = probe()
+        status: doctor.Status = "OK" if mode == "on" else "WARN"
+        checks.append(doctor.Check(
+            "sandbox", status, f"{version}: jobs get their own namespaces" + (
+                "" if mode == "on" else ", but sandbox = \"off\" runs them unconfined"),
+            "set sandbox = \"on\" (the default) unless every job is your own code"))
+    except SandboxUnavailable as exc:
+        checks.append(doctor.Check(
+            "sandbox", "FAIL" if mode == "on" else "WARN", f"{exc}; {userns_settings()}",
+            "install bubblewrap and allow user namespaces; the agent will not start with "
+            "sandbox = \"on\" until this check passes"))
+    tree, why = CgroupTree.discover()
+    if tree is None:
+        checks.append(doctor.Check(
+            "job cgroups", "WARN", f"{why} ({describe()})",
+            "run under the shipped unit (Delegate=yes) for a cgroup per job: without one, a "
+            "job's end kills its process group and PID namespace, and no memory/pids limits "
+            "apply"))
+    else:
+        tree.close()
+        missing = {"memory", "pids"} - tree.controllers
+        checks.append(doctor.Check(
+            "job cgroups", "WARN" if missing else "OK", why,
+            f"enable the {', '.join(sorted(missing))} controller(s) on the cgroup v2 "
+            "hierarchy for per-job limits" if missing else ""))
+    return checks
+
+
+def userns_settings() -> str:
+    """The kernel settings that decide whether unprivileged user namespaces work."""
+    found = []
+    for name in ("kernel/unprivileged_userns_clone", "user/max_user_namespaces",
+                 "kernel/apparmor_restrict_unprivileged_userns"):
+        try:
+            value = Path("/proc/sys", name).read_text().strip()
+        except OSError:
+            continue
+        found.append(f"{name.replace('/', '.')}={value}")
+    return ", ".join(found) or "no user-namespace sysctls found"
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
