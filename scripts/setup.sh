@@ -6,6 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The job sandbox runs jobs inside bubblewrap (docs/security.md).
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; } \
+            || echo "setup: could not install bubblewrap with apt-get (see above)" >&2
+    else
+        echo "setup: bubblewrap is missing: install it (sudo apt-get install bubblewrap);" \
+             "without it the agent runs only with sandbox = \"off\"" >&2
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip

@@ -77,6 +77,22 @@ metrics_port = 0
 # Figures from `miner-agent bench --attach-capabilities`, sent with the capabilities.
 # bench_file = "/var/lib/miner-agent/bench-summary.json"
 
+# Jobs are strangers' code (docs/security.md). The sandbox confines each job; "off"
+# runs them as this user, unconfined: only for code you trust.
+sandbox = "on"
+# Payload types this node runs. "command" runs any program: add it only for
+# submitters you trust with that.
+allowed_job_types = ["inference", "batch_inference", "training", "sleep"]
+# A job whose result package grows past this many MiB is stopped (output_too_large).
+max_job_output_mb = 20480
+# Per-job cgroup limits where the controllers are enabled (0: no limit).
+job_memory_max_mb = 0
+job_pids_max = 16384
+
+# Network inside the sandbox, per payload type (on unless set false; command is off).
+[sandbox_network]
+command = false
+
 # Models this node serves, by the name jobs ask for, and where the weights are.
 # Paths outside /var/cache/miner-agent need ReadOnlyPaths= in a unit drop-in.
 [models]
