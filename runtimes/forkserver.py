@@ -140,6 +140,7 @@ class ForkServer:
         host.exit_now(code)
 
     def _keeper(self, request: dict[str, Any], cgroup_fd: int | None) -> int:
+        host.die_with_parent(None)  # the server gone (the agent killed): the job goes too
         try:
             jail.enter(jail.JailRequest.from_dict(request["jail"]), cgroup_fd)
         except (OSError, KeyError, ValueError) as exc:

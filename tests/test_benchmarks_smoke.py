@@ -1,4 +1,4 @@
-"""benchmarks/bench_runtimes.py still runs end to end (tiny sizes; figures not checked)."""
+"""The benchmarks still run end to end (tiny sizes; figures not checked)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,24 @@ def test_bench_runtimes_tiny_prints_both_workloads_and_ratios() -> None:
     assert out.count("job via agent   samples/s:") == 2
     assert out.count("job start-up, not in samples/s:") == 2
     assert "FAILED" not in out
+
+
+@pytest.mark.slow
+def test_bench_sandbox_tiny_prints_both_modes_side_by_side() -> None:
+    # Given the checkout, when the sandbox benchmark runs at its smoke-test size
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_sandbox", "--tiny"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    if proc.returncode == 13:
+        pytest.skip(f"no job sandbox on this machine: {proc.stdout.strip()}")
+    # Then every figure is there for both modes, with its ratio and the summary block
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "fork server start and first job (not counted): on " in out
+    for heading in ("start latency, request to the job's code", "tiny jobs (sleep",
+                    "torch matmul job"):
+        assert heading in out
+    assert out.count("  sandbox on : ") == 3 and out.count("  sandbox off: ") == 3
+    assert out.count("  on/off     : ") == 3
+    assert "== summary: job sandbox on vs off" in out and "targets: " in out
+    assert "Traceback" not in proc.stderr

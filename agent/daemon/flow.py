@@ -46,7 +46,7 @@ class JobStarter:
         return JobRun(job, self.exec_cfg, self.launcher,
                       gpu_ids=assignment.cuda_visible_devices,
                       gpu_names=list(assignment.gpu_names), environ=self.environ,
-                      created_at=created_at)
+                      created_at=created_at, gpu_devices=assignment.device_nodes)
 
 
 class JobFlow:

@@ -293,7 +293,7 @@ class Agent:
                 f"coordinator {self.cfg.coordinator_url}")
 
     def _make_scheduler(self) -> Scheduler:
-        devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid)
+        devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid, g.minor)
                    for g in self.telemetry.inventory()
                    if self.cfg.gpus is None or g.index in self.cfg.gpus]
         return Scheduler(devices, self.cfg.jobs_per_gpu, self.cfg.cpu_slots)

@@ -29,6 +29,7 @@ class Device:
     name: str
     memory_mb: int
     uuid: str = ""
+    minor: int | None = None  # /dev/nvidia<minor>, from NVML
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,19 @@ class Assignment:
     job_id: str
     gpu_indices: tuple[int, ...]
     gpu_names: tuple[str, ...] = ()
+    gpu_minors: tuple[int | None, ...] = ()
 
     @property
     def cuda_visible_devices(self) -> list[str]:
         return [str(i) for i in self.gpu_indices]
+
+    @property
+    def device_nodes(self) -> list[str] | None:
+        """The ``/dev/nvidiaN`` the job's sandbox keeps; None when a minor is unknown."""
+        if any(m is None for m in self.gpu_minors) or \
+                len(self.gpu_minors) != len(self.gpu_indices):
+            return None
+        return [f"/dev/nvidia{m}" for m in self.gpu_minors]
 
 
 @dataclass
@@ -97,7 +107,8 @@ class Scheduler:
             # A multi-GPU job takes whole GPUs: nothing else is packed beside it.
             self._gpu_load[d.index] += 1 if constraints.gpu_count == 1 else self.jobs_per_gpu
         return self._hold(Assignment(job_id, tuple(d.index for d in chosen),
-                                     tuple(d.name for d in chosen)))
+                                     tuple(d.name for d in chosen),
+                                     tuple(d.minor for d in chosen)))
 
     def _per_gpu(self, constraints: Constraints) -> int:
         return self.jobs_per_gpu if constraints.gpu_count == 1 else 1

@@ -65,6 +65,7 @@ class GpuInfo:
     compute_capability: str | None
     driver_version: str
     cuda_driver_version: str | None
+    minor: int | None = None  # /dev/nvidia<minor>: the device node a job's sandbox binds
 
 
 def decode_throttle_reasons(mask: int | None) -> list[str] | None:
@@ -153,6 +154,7 @@ class Telemetry:
             driver_version=_text(nvml.nvmlSystemGetDriverVersion()),
             cuda_driver_version=cuda_version_string(
                 self._field(nvml.nvmlSystemGetCudaDriverVersion)),
+            minor=self._field(nvml.nvmlDeviceGetMinorNumber, handle),
         )
 
     @property

@@ -79,15 +79,16 @@ def test_ctrl_c_cancels_with_partial_flush(tmp_path: Path) -> None:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.parametrize("launcher", ["spawn", "forkserver"])
 @pytest.mark.parametrize("sandbox", [[], ["--no-sandbox"]], ids=["sandbox", "no-sandbox"])
-def test_job_dies_with_a_killed_agent(tmp_path: Path, sandbox: list[str]) -> None:
+def test_job_dies_with_a_killed_agent(tmp_path: Path, sandbox: list[str], launcher: str) -> None:
     # Given an agent running a job that would take minutes (found by its unique argv: in
     # the sandbox its own pid and /tmp are not ours to read)
     marker = f"{300 + os.getpid() % 1000 / 1000:.3f}"
     job = {"job_id": "orphan", "payload": {"type": "command", "argv": [
         "sh", "-c", f"exec sleep {marker}"]}}
     proc = subprocess.Popen([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
-                             str(tmp_path / "out"), "--launcher", "spawn", "--quiet", *sandbox])
+                             str(tmp_path / "out"), "--launcher", launcher, "--quiet", *sandbox])
     deadline = time.monotonic() + 60
     found: list[psutil.Process] = []
     while not found and time.monotonic() < deadline:

@@ -63,3 +63,18 @@ def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> 
     j.set_phase("a", Phase.REPORTED)
     assert j.prune(-1) == ["a"] and j.get("a") is None
     j.close()
+
+
+def test_a_job_keeps_only_its_own_gpu_device_nodes() -> None:
+    # Given GPUs whose device minors NVML reported (one unknown)
+    devices = [Device(0, "A100", 40960, "GPU-a", 3), Device(1, "A100", 40960, "GPU-b", 1),
+               Device(2, "A100", 40960, "GPU-c", None)]
+    sched = Scheduler(devices, jobs_per_gpu=1, cpu_slots=1)
+    # Then a one-GPU job's sandbox keeps exactly that GPU's node
+    one = sched.reserve("one", Constraints(gpu_count=1))
+    assert one is not None and one.device_nodes == ["/dev/nvidia3"]
+    # and a CPU job keeps none; a GPU whose minor is unknown keeps the sandbox's default
+    cpu = sched.reserve("cpu", Constraints(gpu_count=0))
+    assert cpu is not None and cpu.device_nodes == []
+    two = sched.reserve("two", Constraints(gpu_count=2))
+    assert two is not None and two.device_nodes is None

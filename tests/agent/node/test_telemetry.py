@@ -46,6 +46,7 @@ class FakeNvml:
         # old bindings answered bytes
         return "NVIDIA H100 80GB HBM3" if h == 0 else b"NVIDIA GeForce RTX 4090"
     def nvmlDeviceGetUUID(self, h: int) -> str: return f"GPU-{h:08d}"
+    def nvmlDeviceGetMinorNumber(self, h: int) -> int: return 7 - h
     def nvmlDeviceGetPciInfo(self, h: int) -> Any:
         return SimpleNamespace(busId=f"00000000:0{h}:00.0")
     def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
@@ -92,7 +93,8 @@ def test_inventory_and_sample_from_nvml() -> None:
     tel = Telemetry(nvml=fake)
     h100, rtx = tel.inventory()
     assert h100 == GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-00000000", "00000000:00:00.0",
-                           81559, "9.0", "550.54.15", "12.4")
+                           81559, "9.0", "550.54.15", "12.4", minor=7)
+    assert rtx.minor == 6  # /dev/nvidia6: NVML's minor, not the index
     assert rtx.name == "NVIDIA GeForce RTX 4090" and rtx.compute_capability == "8.9"
     g0, g1 = tel.sample()["gpus"]
     assert g0["power_w"] == 612.3 and g0["power_limit_w"] == 700.0

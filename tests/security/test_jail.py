@@ -1,0 +1,78 @@
+"""The per-job jail inside a real bubblewrap: GPU device nodes, capabilities, mounts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.execution.sandbox import SandboxPolicy
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                reason="bubblewrap is not installed (scripts/setup.sh does)")
+
+# Runs inside the node's sandbox: a keeper confines a child, which reports what it sees.
+_INSIDE = """
+import json, os, stat, sys
+from runtimes import jail
+req = jail.JailRequest.from_dict(json.loads(sys.argv[1]))
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    jail.enter(req, None)
+
+    def look():
+        seen = {}
+        for name in ("nvidia0", "nvidia1", "nvidiactl"):
+            st = os.stat(f"/dev/{name}")
+            seen[name] = "char" if stat.S_ISCHR(st.st_mode) else "file"
+        caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")]
+        nnp = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")]
+        try:
+            jail._umount(os.path.dirname(req.package_dir))
+            seen["umount"] = "worked"
+        except OSError as exc:
+            seen["umount"] = exc.errno
+        seen.update(pid=os.getpid(), caps=caps, nnp=nnp[0],
+                    jobs=os.listdir(os.path.dirname(req.package_dir)))
+        os.write(w, json.dumps(seen).encode())
+        os._exit(0)
+
+    child = jail.fork_job(look)
+    os._exit(jail.keep(child))
+os.close(w)
+os.waitpid(pid, 0)
+print(os.read(r, 65536).decode())
+"""
+
+
+def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
+    # Given a node's sandbox with two GPU nodes and a control node (stand-ins: /dev/null)
+    jobs, work = tmp_path / "jobs", tmp_path / "work"
+    for d in (jobs / "job_a", jobs / "job_b", work / "a"):
+        d.mkdir(parents=True)
+    policy = SandboxPolicy(jobs_root=jobs, work_root=work)
+    argv = policy.argv([sys.executable, "-c", _INSIDE, json.dumps(policy.jail(
+        jobs / "job_a", work / "a", "training", ["/dev/nvidia1"]))])
+    at = argv.index("--chdir")
+    argv[at:at] = ["--dev-bind", "/dev/null", "/dev/nvidia0", "--dev-bind", "/dev/null",
+                   "/dev/nvidia1", "--dev-bind", "/dev/null", "/dev/nvidiactl"]
+    # When a job is jailed with GPU 1 only
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    # Then it keeps its GPU and the control node, not the other GPU
+    assert seen["nvidia1"] == "char" and seen["nvidiactl"] == "char"
+    assert seen["nvidia0"] == "file"
+    # and it is PID 1, with no capability at all and no new privileges
+    assert seen["pid"] == 1
+    assert set(seen["caps"]) == {"0000000000000000"}, seen["caps"]
+    assert seen["nnp"] == "1"
+    # and it sees its own package folder only, and cannot unmount the cover
+    assert seen["jobs"] == ["job_a"]
+    assert seen["umount"] == 1  # EPERM
