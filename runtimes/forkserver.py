@@ -12,11 +12,12 @@ on the request's connection.
 Wire format, one JSON line each way: request ``{"spec": PATH, "env": {...},
 "cwd": DIR, "jail": {...} or null, "cgroup": bool}`` with 4 fds (stdin, stdout,
 stderr, events) and a fifth, the job's cgroup directory, when ``cgroup`` is true;
-answers ``{"pid": N}`` then ``{"pid": N, "status": WAITSTATUS}``.
+answers ``{"pid": N}`` with a pidfd of the process (SCM_RIGHTS; N is the pid in
+the server's namespace), then ``{"pid": N, "status": WAITSTATUS}``.
 
-With ``jail``, the server runs inside the node's sandbox and the forked process is
-the job's keeper (``runtimes.jail``): it gives the job its own namespaces and
-waits for it; ``pid`` is the keeper's, which forwards a cancel's SIGTERM.
+With ``jail``, the server runs inside the node's sandbox and forks the job as PID 1
+of a PID namespace of its own, where it confines itself before any job code runs
+(``runtimes.jail``); ``pid`` is the job's, as the agent sees it.
 
 The listening socket is handed over by the agent (``--listen-fd``), bound in a
 folder that no job can see, so no job can ask for a process of its own.
@@ -50,6 +51,12 @@ class ForkServer:
         self.listener.setblocking(True)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.children: dict[int, tuple[socket.socket, int]] = {}
+        self._forker: jail.PidNamespaceForker | None = None
+
+    def _pid_namespaces(self) -> jail.PidNamespaceForker:
+        if self._forker is None:
+            self._forker = jail.PidNamespaceForker()
+        return self._forker
 
     @classmethod
     def bind(cls, sock_path: str) -> ForkServer:
@@ -89,7 +96,10 @@ class ForkServer:
             raise ValueError(f"expected {want} file descriptors, got {len(fds)}")
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        if request.get("jail") is not None:
+            pid = self._pid_namespaces().fork()  # the job is PID 1 of a namespace of its own
+        else:
+            pid = os.fork()
         if pid == 0:
             self._child(request, fds)  # never returns
         for fd in fds:
@@ -97,7 +107,9 @@ class ForkServer:
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (conn, pid)
         self.sel.register(pidfd, selectors.EVENT_READ, self._reap)
-        _send(conn, {"pid": pid})
+        # The pidfd goes along: in the sandbox our pids are not the agent's, and a pidfd
+        # names the process safely in any namespace (the agent reads its pid there).
+        socket.send_fds(conn, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
 
     def _reap(self, pidfd: Any) -> None:
         conn, pid = self.children.pop(pidfd)
@@ -111,7 +123,7 @@ class ForkServer:
         conn.close()
 
     def _child(self, request: dict[str, Any], fds: list[int]) -> None:
-        """The forked process: the job itself, or, in a jail, the job's keeper."""
+        """The forked process: the job itself (confined first, in a jail)."""
         code = host.EXIT_FAILED
         try:
             self.sel.close()
@@ -127,32 +139,30 @@ class ForkServer:
                     os.close(fd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             if request.get("jail") is not None:
-                code = self._keeper(request, cgroup_fd)
+                host.die_with_parent(None)  # the server gone (agent killed): the job goes
+                if not self._confine(request, cgroup_fd):
+                    host.exit_now(host.EXIT_FAILED)
             else:
                 if cgroup_fd is not None:
                     host.join_cgroup(cgroup_fd)
                 host.take_group_down_with_parent(None)
-                code = self._run_job(request)
+            code = self._run_job(request)
         except BaseException:
             import traceback
 
             traceback.print_exc()
         host.exit_now(code)
 
-    def _keeper(self, request: dict[str, Any], cgroup_fd: int | None) -> int:
-        host.die_with_parent(None)  # the server gone (the agent killed): the job goes too
+    @staticmethod
+    def _confine(request: dict[str, Any], cgroup_fd: int | None) -> bool:
         try:
-            jail.enter(jail.JailRequest.from_dict(request["jail"]), cgroup_fd)
+            jail.confine(jail.JailRequest.from_dict(request["jail"]), cgroup_fd)
         except (OSError, KeyError, ValueError) as exc:
             message = f"the job's sandbox could not be made: {exc}"
             print(f"miner-agent: {message}", file=sys.stderr, flush=True)
-            EventChannel(EVENTS_FD).send(
-                "error", code="sandbox_error", message=message)
-            return host.EXIT_FAILED
-        child = jail.fork_job(lambda: host.exit_now(self._run_job(request)))
-        for fd in range(EVENTS_FD + 1):
-            os.close(fd)  # only the job holds the pipes: EOF comes when it is gone
-        return jail.keep(child)
+            EventChannel(EVENTS_FD).send("error", code="sandbox_error", message=message)
+            return False
+        return True
 
     @staticmethod
     def _run_job(request: dict[str, Any]) -> int:

@@ -4,28 +4,28 @@ The agent starts one long-lived sandbox (bubblewrap, ``agent.execution.sandbox``
 a user namespace whose root file system is read-only, where the agent's state,
 config and credentials do not exist, and where only two writable trees are
 bound in: the folder of every job's package and of every job's work dir. The
-fork server lives there and never runs job code. For each job it forks a
-*keeper* (this module's :func:`enter`) that
+fork server lives there and never runs job code. For each job it forks the job's
+process straight into a fresh PID namespace (:class:`PidNamespaceForker`), where
+it is PID 1, and that process (:func:`confine`), before any job code runs,
 
 1. moves itself into the job's cgroup (through a directory descriptor the agent
    opened, since ``/sys/fs/cgroup`` is read-only in here);
-2. unshares a mount, PID, IPC, UTS and cgroup namespace (and a network namespace
-   with only loopback, when the job's type has no network);
+2. unshares a mount, IPC, UTS and cgroup namespace (and a network namespace with
+   only loopback, when the job's type has no network);
 3. covers every job folder with an empty read-only tmpfs and binds back only this
-   job's package folder and work dir, gives the job a private ``/tmp`` and
-   ``/dev/shm``, and unmounts the GPU device nodes that are not the job's;
-4. forks the job's process, which is PID 1 of the new PID namespace: when it
-   exits, the kernel kills every process left in the namespace (setsid or
-   double-fork changes nothing), so nothing of the job outlives it.
+   job's package folder and work dir, gets a private ``/tmp`` and ``/dev/shm``, and
+   unmounts the GPU device nodes that are not the job's;
+4. mounts its own ``/proc``, drops every capability (bounding set included), locks
+   the root-is-not-special securebits and sets no-new-privileges.
 
-The job's process (:func:`become_init`) mounts its own ``/proc``, drops every
-capability (bounding set included), locks the root-is-not-special securebits and
-sets no-new-privileges before any job code runs; mounts made here are then out of
-its reach (it cannot unmount them to see what they cover). The keeper forwards
-SIGTERM and SIGINT to it and exits with its status.
+Mounts made here are then out of its reach (it cannot unmount them to see what
+they cover). When it exits, the kernel kills every process left in its PID
+namespace: setsid or double-fork changes nothing, nothing of the job outlives it.
 
-``python -m runtimes.jail REQUEST.json`` does the same for the spawn launcher
-(a fresh interpreter per job inside a fresh bubblewrap).
+``python -m runtimes.jail REQUEST.json`` does the same for the spawn launcher (a
+fresh interpreter per job inside a fresh bubblewrap) in the keeper model: the
+interpreter unshares the namespaces (:func:`enter`), forks the job
+(:func:`fork_job`) and waits for it (:func:`keep`), forwarding SIGTERM and SIGINT.
 
 Only Linux. Python has no ``mount``/``unshare``/``capset`` wrappers: ctypes.
 """
@@ -140,17 +140,36 @@ def unshare(flags: int) -> None:
     _check(_lib().unshare(flags), "unshare")
 
 
-# -- the keeper -------------------------------------------------------------------------
+# -- entering a jail -----------------------------------------------------------------------
 def enter(request: JailRequest, cgroup_fd: int | None) -> None:
-    """Confine the calling process's future children (see the module docstring)."""
+    """Keeper model (spawn path): confine the calling process's *future children*."""
+    _join_and_unshare(request, cgroup_fd, CLONE_NEWPID)
+    _mount_views(request)
+
+
+def confine(request: JailRequest, cgroup_fd: int | None) -> None:
+    """Fork-server model: confine this process, already PID 1 of a fresh PID namespace.
+
+    Called in the job's process right after :func:`fork_in_new_pid_namespace`;
+    ends with :func:`become_init` (own /proc, no capability, no new privileges).
+    """
+    _join_and_unshare(request, cgroup_fd, 0)
+    _mount_views(request)
+    become_init()
+
+
+def _join_and_unshare(request: JailRequest, cgroup_fd: int | None, extra: int) -> None:
     if cgroup_fd is not None:
         host.join_cgroup(cgroup_fd)
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | extra
     if cgroup_fd is not None:
         flags |= CLONE_NEWCGROUP  # the job sees its own cgroup as the root
     if not request.network:
         flags |= CLONE_NEWNET
     unshare(flags)
+
+
+def _mount_views(request: JailRequest) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here leaks out, or in
     _lib().sethostname(request.hostname.encode(), len(request.hostname.encode()))
     _private_views(request)
@@ -160,6 +179,49 @@ def enter(request: JailRequest, cgroup_fd: int | None) -> None:
         _loopback_up()
 
 
+class PidNamespaceForker:
+    """Forks children straight into a fresh PID namespace each, from a long-lived process.
+
+    ``unshare(CLONE_NEWPID)`` changes only where the caller's *next* child goes; the
+    caller stays where it is. So: unshare, fork (the child is PID 1 of a new
+    namespace), then point our children back at our own namespace. One fork per
+    job, as without a jail, instead of a keeper that forks again (each fork and exit
+    of a torch-sized process costs ~4 ms).
+    """
+
+    def __init__(self) -> None:
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def fork(self) -> int:
+        """``os.fork()`` with the child as PID 1 of its own PID namespace.
+
+        Cancel signals are blocked in the child until its runtime has a handler
+        (``runtimes.host.run_spec`` unblocks them): PID 1 drops a signal it has no
+        handler for, while a blocked one waits.
+        """
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            unshare(CLONE_NEWPID)
+            pid = os.fork()
+        except BaseException:
+            self._restore(old_mask)
+            raise
+        if pid == 0:
+            os.close(self._own)  # cancel signals stay blocked until the job's handler
+            return 0
+        self._restore(old_mask)
+        return pid
+
+    def _restore(self, old_mask: Any) -> None:
+        """Our next child is ours again (our own namespace), and our signals as before."""
+        _check(_lib().setns(self._own, CLONE_NEWPID), "setns to our own PID namespace")
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def close(self) -> None:
+        os.close(self._own)
+
+
+# -- the keeper (spawn path) ---------------------------------------------------------------
 def _private_views(request: JailRequest) -> None:
     """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm."""
     _mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=64k")
@@ -254,7 +316,8 @@ def fork_job(run_job: Callable[[], None]) -> int:
 def become_init() -> None:
     """In the job's process: own /proc, no capabilities, no new privileges."""
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    os.setsid()
+    if os.getsid(0) != os.getpid():
+        os.setsid()
     drop_privileges()
 
 

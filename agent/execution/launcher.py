@@ -226,18 +226,31 @@ class ForkServerLauncher:
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         await self.start()
         try:
-            reader, writer = await self._connect(request)
-            line = await asyncio.wait_for(reader.readline(), 30)
-        except (TimeoutError, OSError) as exc:
+            sock = self._send(request)
+        except OSError as exc:
             raise LaunchError(f"fork server request failed: {exc}") from exc
-        answer = json.loads(line) if line else {"error": "fork server closed the connection"}
+        try:
+            data, fds = await asyncio.wait_for(_receive_with_fds(sock), 30)
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            raise LaunchError(f"fork server request failed: {exc}") from exc
+        first, _, rest = data.partition(b"\n")
+        answer = json.loads(first) if first else {"error": "fork server closed the connection"}
         if "pid" not in answer:
-            writer.close()
+            for fd in fds:
+                os.close(fd)
+            sock.close()
             raise LaunchError(f"fork server refused the job: {answer.get('error')}")
-        return _ForkHandle(int(answer["pid"]), reader, writer)
+        pid = int(answer["pid"])
+        for fd in fds:  # the pid as we see it (the server may live in another PID namespace)
+            pid = _pid_of_pidfd(fd) or pid
+            os.close(fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        if rest:
+            reader.feed_data(rest)
+        return _ForkHandle(pid, reader, writer)
 
-    async def _connect(self, request: LaunchRequest) -> tuple[asyncio.StreamReader,
-                                                              asyncio.StreamWriter]:
+    def _send(self, request: LaunchRequest) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.sock_path))
@@ -254,7 +267,7 @@ class ForkServerLauncher:
             finally:
                 os.close(fds[0])
             sock.setblocking(False)
-            return await asyncio.open_unix_connection(sock=sock)
+            return sock
         except BaseException:
             sock.close()
             raise
@@ -273,6 +286,46 @@ class ForkServerLauncher:
             return
         proc.kill()
         await proc.wait()
+
+
+async def _receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """The fork server's first answer, and the descriptor sent with it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[bytes, list[int]]] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result((data, fds))
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _pid_of_pidfd(fd: int) -> int | None:
+    """The pid a pidfd names, in our PID namespace (``/proc/self/fdinfo``)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as fh:
+            for line in fh:
+                if line.startswith("Pid:"):
+                    value = int(line.split()[1])
+                    return value if value > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class AutoLauncher:

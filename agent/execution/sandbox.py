@@ -76,7 +76,9 @@ class SandboxPolicy:
 
     def argv(self, command: list[str]) -> list[str]:
         """bubblewrap's command line for the node's sandbox, running ``command``."""
-        args = [self.bwrap, "--unshare-user", "--unshare-ipc",
+        # Its own PID namespace with the command as PID 1: when the fork server dies
+        # (with the agent: --die-with-parent), every job in it dies too.
+        args = [self.bwrap, "--unshare-user", "--unshare-pid", "--as-pid-1", "--unshare-ipc",
                 "--unshare-uts", "--hostname", "miner-job", "--die-with-parent",
                 "--new-session"]
         for cap in SANDBOX_CAPS:
@@ -191,12 +193,24 @@ def _probe_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG")}
 
 
-# Runs inside the probe sandbox: one keeper, one jailed child, on a scratch folder.
+# Runs inside the probe sandbox: both jail models (fork server, spawn), on scratch folders.
 _SELF_TEST = """
 import os, sys
 from runtimes import jail
 os.makedirs('/tmp/jobs/p', exist_ok=True); os.makedirs('/tmp/work/w', exist_ok=True)
 req = jail.JailRequest('/tmp/jobs/p', '/tmp/work/w', ['/tmp/jobs', '/tmp/work'], network=False)
+forker = jail.PidNamespaceForker()
+pid = forker.fork()
+if pid == 0:
+    try:
+        jail.confine(req, None)
+        os._exit(0 if os.getpid() == 1 else 3)
+    except BaseException as exc:
+        print(f'jail failed: {exc}', file=sys.stderr, flush=True)
+        os._exit(2)
+_, status = os.waitpid(pid, 0)
+if os.waitstatus_to_exitcode(status) != 0:
+    sys.exit(f'the per-job jail failed (status {status})')
 pid = os.fork()
 if pid == 0:
     try:
@@ -207,8 +221,7 @@ if pid == 0:
         print(f'jail failed: {exc}', file=sys.stderr, flush=True)
         os._exit(2)
 _, status = os.waitpid(pid, 0)
-if os.waitstatus_to_exitcode(status) == 0:
-    print('jail ok')
-else:
-    sys.exit(f'the per-job jail failed (status {status})')
+if os.waitstatus_to_exitcode(status) != 0:
+    sys.exit(f'the per-job jail (keeper) failed (status {status})')
+print('jail ok')
 """

@@ -294,7 +294,7 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert view["status"] == "failed", view
     output = assert_sealed_and_clean(node, job_id)
     assert output["error"]["code"] == "output_too_large", output["error"]
-    assert 8 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
+    assert 7 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
     assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
     assert_serving(node)
 
