@@ -182,9 +182,19 @@ class JobRun:
         (self.folder / "logs").mkdir(parents=True)
         (self.folder / "artifacts").mkdir()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.sandbox is not None:
+            (self.work_dir / ".home").mkdir(exist_ok=True)
 
     def _contract_env(self) -> dict[str, str]:
-        return {**self.cfg.contract_env, "MINER_JOB_ID": self.job.job_id,
+        private = {}
+        if self.cfg.sandbox is not None:
+            # The node's home and caches are read-only in the sandbox: the job's own,
+            # never shared with the next job (a compile cache is code).
+            cache = self.work_dir / ".cache"
+            private = {"HOME": str(self.work_dir / ".home"), "XDG_CACHE_HOME": str(cache),
+                       "TRITON_CACHE_DIR": str(cache / "triton"),
+                       "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        return {**self.cfg.contract_env, **private, "MINER_JOB_ID": self.job.job_id,
                 "MINER_JOB_CACHE_DIR": str(self.work_dir / ".cache"),
                 "MINER_PACKAGE_DIR": str(self.folder), "MINER_WORK_DIR": str(self.work_dir),
                 "MINER_ARTIFACTS_DIR": str(self.folder / "artifacts"),

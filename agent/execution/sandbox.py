@@ -98,6 +98,13 @@ class SandboxPolicy:
             args += ["--bind", str(path), str(path)]
         for device in nvidia_devices():
             args += ["--dev-bind", device, device]
+        # Nothing writable is shared between jobs: the tmpfs trees and /dev turn read-only
+        # (the binds inside them keep theirs); each job gets a fresh /tmp and /dev/shm.
+        for tree in ("/dev", *HIDDEN_TREES):
+            if tree in ("/tmp", "/dev/shm"):
+                continue
+            if tree == "/dev" or (os.path.isdir(tree) and not os.path.islink(tree)):
+                args += ["--remount-ro", tree]
         return [*args, "--chdir", "/", "--", *command]
 
     @staticmethod

@@ -59,7 +59,7 @@ def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
     policy = SandboxPolicy(jobs_root=jobs, work_root=work)
     argv = policy.argv([sys.executable, "-c", _INSIDE, json.dumps(policy.jail(
         jobs / "job_a", work / "a", "training", ["/dev/nvidia1"]))])
-    at = argv.index("--chdir")
+    at = argv.index("--remount-ro")  # with the devices, before /dev turns read-only
     argv[at:at] = ["--dev-bind", "/dev/null", "/dev/nvidia0", "--dev-bind", "/dev/null",
                    "/dev/nvidia1", "--dev-bind", "/dev/null", "/dev/nvidiactl"]
     # When a job is jailed with GPU 1 only

@@ -95,7 +95,14 @@ def assert_sealed_and_clean(node: dict[str, Any], job_id: str, *secrets: bytes) 
             data = zf.read(name)
             for secret in forbidden:
                 assert secret not in data, f"{secret!r} leaked into {name} of the zip"
-    return dict(json.loads((folder / "output.json").read_text()))
+    output = dict(json.loads((folder / "output.json").read_text()))
+    isolation = output["environment"]["isolation"]
+    if isolation["cgroup"]:  # removed, which only an empty cgroup can be: nothing is left
+        tree = Path("/sys/fs/cgroup")
+        leftovers = [p for p in tree.rglob(isolation["cgroup"]) if p.is_dir()] \
+            if tree.is_dir() else []
+        assert leftovers == [], f"the job's cgroup is still there: {leftovers}"
+    return output
 
 
 def result_text(node: dict[str, Any], job_id: str) -> str:
@@ -193,6 +200,24 @@ def test_a_job_cannot_read_the_agents_secrets(node: dict[str, Any]) -> None:
     skipped = {s["path"]: s["reason"] for s in output["skipped"]}
     assert skipped.get("artifacts/soft") == "symlink"
     assert not (package(node, job_id) / "artifacts" / "hard").exists()  # EXDEV or no file
+    assert_serving(node)
+
+
+def test_no_writable_place_is_shared_between_jobs(node: dict[str, Any]) -> None:
+    # Given a job that leaves a note wherever it can outside its own folders
+    places = ["/tmp", "/var/tmp", "/run", "/dev", "/dev/shm", "/root", "/home", "$HOME",
+              "$TRITON_CACHE_DIR", "$XDG_CACHE_HOME"]
+    plant = "; ".join(f'mkdir -p "{p}" 2>/dev/null; echo planted > "{p}/note" 2>/dev/null'
+                      for p in places)
+    first, view = run_script(node, plant + "; echo ok > $MINER_RESULT_FILE")
+    assert view["status"] == "completed", view
+    # When the next job looks for those notes
+    look = "; ".join(f'cat "{p}/note" 2>/dev/null' for p in places)
+    second, view = run_script(node, f"({look}) > $MINER_RESULT_FILE; echo end >> "
+                                    "$MINER_RESULT_FILE")
+    # Then it finds none of them
+    assert view["status"] == "completed", view
+    assert result_text(node, second).strip() == "end"
     assert_serving(node)
 
 
