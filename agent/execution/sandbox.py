@@ -136,8 +136,9 @@ def code_roots() -> list[Path]:
     ordered = sorted(roots, key=lambda p: len(p.parts))
     kept: list[Path] = []
     for root in ordered:  # a root inside another is bound with it
-        if str(root) == "/" or any(root.is_relative_to(k) for k in kept):
-            continue
+        if any(root.is_relative_to(k) for k in kept) or \
+                any(Path(tree).is_relative_to(root) for tree in HIDDEN_TREES):
+            continue  # "/", or a script's folder like /tmp: never bound over the covers
         kept.append(root)
     return kept
 
