@@ -339,6 +339,41 @@ def unblock_cancel_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
 
+# -- the probe's self-test ------------------------------------------------------------------
+def self_test() -> None:
+    """Jail a throw-away child both ways, in scratch folders; print ``jail ok`` or exit 1.
+
+    Run by the agent's probe (and ``doctor``) inside a throw-away sandbox.
+    """
+    for folder in ("/tmp/jobs/p", "/tmp/work/w"):
+        os.makedirs(folder, exist_ok=True)
+    request = JailRequest("/tmp/jobs/p", "/tmp/work/w", ["/tmp/jobs", "/tmp/work"],
+                          network=False)
+
+    def as_fork_server() -> None:
+        confine(request, None)
+        os._exit(0 if os.getpid() == 1 else 3)
+
+    def as_keeper() -> None:
+        enter(request, None)
+        os._exit(keep(fork_job(lambda: os._exit(0 if os.getpid() == 1 else 3))))
+
+    forker = PidNamespaceForker()
+    for name, model, fork in (("fork server", as_fork_server, forker.fork),
+                              ("keeper", as_keeper, os.fork)):
+        pid = fork()
+        if pid == 0:
+            try:
+                model()
+            except BaseException as exc:
+                print(f"jail failed: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"the per-job jail ({name} model) failed (status {status})")
+    print("jail ok")
+
+
 # -- spawn mode: python -m runtimes.jail REQUEST --------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv

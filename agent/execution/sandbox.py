@@ -201,35 +201,5 @@ def _probe_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG")}
 
 
-# Runs inside the probe sandbox: both jail models (fork server, spawn), on scratch folders.
-_SELF_TEST = """
-import os, sys
-from runtimes import jail
-os.makedirs('/tmp/jobs/p', exist_ok=True); os.makedirs('/tmp/work/w', exist_ok=True)
-req = jail.JailRequest('/tmp/jobs/p', '/tmp/work/w', ['/tmp/jobs', '/tmp/work'], network=False)
-forker = jail.PidNamespaceForker()
-pid = forker.fork()
-if pid == 0:
-    try:
-        jail.confine(req, None)
-        os._exit(0 if os.getpid() == 1 else 3)
-    except BaseException as exc:
-        print(f'jail failed: {exc}', file=sys.stderr, flush=True)
-        os._exit(2)
-_, status = os.waitpid(pid, 0)
-if os.waitstatus_to_exitcode(status) != 0:
-    sys.exit(f'the per-job jail failed (status {status})')
-pid = os.fork()
-if pid == 0:
-    try:
-        jail.enter(req, None)
-        child = jail.fork_job(lambda: os._exit(0 if os.getpid() == 1 else 3))
-        os._exit(jail.keep(child))
-    except BaseException as exc:
-        print(f'jail failed: {exc}', file=sys.stderr, flush=True)
-        os._exit(2)
-_, status = os.waitpid(pid, 0)
-if os.waitstatus_to_exitcode(status) != 0:
-    sys.exit(f'the per-job jail (keeper) failed (status {status})')
-print('jail ok')
-"""
+# Runs inside the probe sandbox: both jail models (fork server, spawn) on scratch folders.
+_SELF_TEST = "from runtimes.jail import self_test; self_test()"
