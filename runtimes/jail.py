@@ -98,8 +98,8 @@ class JailRequest:
     covered: list[str]  # roots of every job's folders: hidden, then ours bound back
     network: bool = True
     gpu_devices: list[str] | None = None  # /dev/nvidiaN the job may use; None: all
+    keep: list[str] = field(default_factory=list)  # read-only paths under /tmp to keep
     hostname: str = "job"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JailRequest:
@@ -108,6 +108,7 @@ class JailRequest:
                    covered=[str(p) for p in raw.get("covered", [])],
                    network=bool(raw.get("network", True)),
                    gpu_devices=None if gpus is None else [str(d) for d in gpus],
+                   keep=[str(p) for p in raw.get("keep", [])],
                    hostname=str(raw.get("hostname", "job"))[:63] or "job")
 
 
@@ -223,26 +224,49 @@ class PidNamespaceForker:
 
 # -- the keeper (spawn path) ---------------------------------------------------------------
 def _private_views(request: JailRequest) -> None:
-    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm."""
+    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm.
+
+    What must survive the fresh /tmp (the job's folders, and ``keep``: the code and
+    read-only paths that live under /tmp, such as a checkout there) is bound aside
+    first and moved back after.
+    """
     _mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=64k")
-    staged = {}
-    for name, path in (("package", request.package_dir), ("work", request.work_dir)):
-        stage = f"{STAGE}/{name}"
-        os.mkdir(stage)
-        _mount(path, stage, None, MS_BIND | MS_REC)
-        staged[path] = stage
+    keep = {p: _stage(p, f"{STAGE}/keep{i}") for i, p in enumerate(request.keep)}
+    mine = {p: _stage(p, f"{STAGE}/{name}") for name, p in
+            (("package", request.package_dir), ("work", request.work_dir))}
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _move_back(keep)
     covered = sorted({os.path.normpath(p) for p in request.covered}, key=len)
     for root in covered:
         os.makedirs(root, exist_ok=True)  # under the fresh /tmp it has to be made again
         _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for path, stage in staged.items():
-        os.makedirs(path, exist_ok=True)
-        _mount(stage, path, None, MS_MOVE)
+    _move_back(mine)
     for root in covered:  # nothing new can appear beside the job's folders
         _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _umount(STAGE)
+
+
+def _stage(path: str, stage: str) -> str:
+    _mount_point(stage, os.path.isdir(path))
+    _mount(path, stage, None, MS_BIND | MS_REC)  # a bind keeps the source's read-only flag
+    return stage
+
+
+def _move_back(staged: dict[str, str]) -> None:
+    for path, stage in staged.items():
+        _mount_point(path, os.path.isdir(stage))
+        _mount(stage, path, None, MS_MOVE)
+
+
+def _mount_point(path: str, directory: bool) -> None:
+    """A directory, or an empty file for a file's bind, to mount on."""
+    if directory:
+        os.makedirs(path, exist_ok=True)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))
 
 
 def _hide_gpus(allowed: set[str]) -> None:

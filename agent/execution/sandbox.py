@@ -24,6 +24,7 @@ fork server, so a job still starts in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import logging
@@ -122,7 +123,15 @@ class SandboxPolicy:
         """The per-job request the keeper reads (``runtimes.jail.JailRequest``)."""
         return {"package_dir": str(package_dir), "work_dir": str(work_dir),
                 "covered": [str(self.jobs_root), str(self.work_root)],
-                "network": self.network_for(job_type), "gpu_devices": gpu_devices}
+                "network": self.network_for(job_type), "gpu_devices": gpu_devices,
+                "keep": self.kept_under_fresh_trees}
+
+    @functools.cached_property
+    def kept_under_fresh_trees(self) -> list[str]:
+        """Code and read-only paths under /tmp or /dev/shm, which each job gets fresh."""
+        fresh = (Path("/tmp"), Path("/dev/shm"))
+        paths = [*code_roots(), *_existing(self.read_only)]
+        return [str(p) for p in paths if any(p.is_relative_to(t) and p != t for t in fresh)]
 
 
 def code_roots() -> list[Path]:

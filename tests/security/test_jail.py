@@ -76,3 +76,22 @@ def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
     # and it sees its own package folder only, and cannot unmount the cover
     assert seen["jobs"] == ["job_a"]
     assert seen["umount"] == 1  # EPERM
+
+
+def test_code_and_read_only_paths_under_tmp_survive_the_jobs_fresh_tmp(tmp_path: Path) -> None:
+    # Given a models file under /tmp (as a checkout or a venv under /tmp would be)
+    models = tmp_path / "models.json"
+    models.write_text('{"tiny": "/nonexistent"}\n')
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"job_id": "reads", "payload": {"type": "command", "argv": [
+        "sh", "-c", 'cat "$MINER_MODELS_FILE" > $MINER_RESULT_FILE; '
+                    'echo x >> "$MINER_MODELS_FILE" || echo read-only >> $MINER_RESULT_FILE']}}))
+    # When a sandboxed job reads it
+    done = subprocess.run([sys.executable, "-m", "agent", "exec", str(job), "--out",
+                           str(tmp_path / "out"), "--quiet", "--models", str(models)],
+                          capture_output=True, text=True, timeout=120)
+    # Then it is there, read-only, though the job's /tmp is its own
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "job_reads" / "result.txt").read_text()
+    assert text.splitlines() == ['{"tiny": "/nonexistent"}', "read-only"], text
+    assert models.read_text() == '{"tiny": "/nonexistent"}\n'
