@@ -30,11 +30,24 @@ def valid_job_id(job_id: object) -> bool:
 
 @dataclass(frozen=True)
 class Constraints:
-    """What a job needs from the node."""
+    """What a job needs from the node, in either dialect.
 
-    gpu_count: int = 0
+    Ours: ``gpu_count`` (or ``gpus``), ``min_vram_mb``. The core coordinator's (AITBC):
+    ``gpu`` (a GPU name, matched as a substring of the node's GPU names, or a count),
+    ``min_vram_gb`` and ``cuda`` (a substring of the node's CUDA version). A job that
+    names no GPU count leaves it to its payload type (``agent.daemon.scheduler``).
+    """
+
+    gpu_count: int | None = None  # None: not asked
     min_vram_mb: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    gpu_name: str | None = None
+    cuda: str | None = None
+
+    @property
+    def asks_for_gpu(self) -> bool:
+        """Does the job ask for a GPU at all (any dialect), count aside?"""
+        return bool(self.gpu_count or self.gpu_name or self.min_vram_mb or self.cuda)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Constraints:
@@ -42,27 +55,72 @@ class Constraints:
             return cls()
         if not isinstance(raw, dict):
             raise InvalidJob("constraints must be a JSON object")
-        gpu_count = _int_field(raw, ("gpu_count", "gpus"), 0, 0, 64)
-        min_vram_mb = _int_field(raw, ("min_vram_mb", "min_vram"), 0, 0, 10_000_000)
-        timeout = raw.get("timeout_s", raw.get("timeout", DEFAULT_TIMEOUT_S))
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT_S
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise InvalidJob("constraints.timeout_s must be a number of seconds")
-        if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
-            raise InvalidJob(f"constraints.timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}]")
-        return cls(gpu_count=gpu_count, min_vram_mb=min_vram_mb, timeout_s=float(timeout))
+        gpu_count, gpu_name = _gpu_fields(raw)
+        return cls(gpu_count=gpu_count, min_vram_mb=_vram_field(raw),
+                   timeout_s=_timeout_field(raw), gpu_name=gpu_name, cuda=_cuda_field(raw))
 
 
-def _int_field(raw: dict[str, Any], names: tuple[str, ...], default: int, lo: int, hi: int) -> int:
+def _gpu_fields(raw: dict[str, Any]) -> tuple[int | None, str | None]:
+    """``gpu_count``/``gpus``, and the core's ``gpu``: a name, or a count (or true)."""
+    count = _int_field(raw, ("gpu_count", "gpus"), None, 0, 64)
+    gpu = raw.get("gpu")
+    if gpu is None:
+        return count, None
+    if isinstance(gpu, bool):
+        return (count if count is not None else int(gpu)), None
+    if isinstance(gpu, int):
+        return (count if count is not None else _bounded("gpu", gpu, 0, 64)), None
+    if isinstance(gpu, str) and len(gpu) <= 64:
+        return count, gpu.strip() or None
+    raise InvalidJob("constraints.gpu must be a GPU name (such as 'H200', at most 64 "
+                     "characters) or a count")
+
+
+def _vram_field(raw: dict[str, Any]) -> int:
+    mb = _int_field(raw, ("min_vram_mb", "min_vram"), 0, 0, 10_000_000)
+    gb = raw.get("min_vram_gb")
+    if mb or gb is None:
+        return int(mb)
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not math.isfinite(gb) \
+            or not 0 <= gb <= 10_000:
+        raise InvalidJob("constraints.min_vram_gb must be a number of GB (0-10000)")
+    return int(gb * 1024)
+
+
+def _cuda_field(raw: dict[str, Any]) -> str | None:
+    cuda = raw.get("cuda")
+    if cuda is None:
+        return None
+    if isinstance(cuda, bool) or not isinstance(cuda, (str, int, float)) or len(str(cuda)) > 32:
+        raise InvalidJob("constraints.cuda must be a CUDA version such as '12.4'")
+    return str(cuda).strip() or None
+
+
+def _timeout_field(raw: dict[str, Any]) -> float:
+    timeout = raw.get("timeout_s", raw.get("timeout", DEFAULT_TIMEOUT_S))
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidJob("constraints.timeout_s must be a number of seconds")
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise InvalidJob(f"constraints.timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}]")
+    return float(timeout)
+
+
+def _bounded(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise InvalidJob(f"constraints.{name} must be between {lo} and {hi}")
+    return value
+
+
+def _int_field(raw: dict[str, Any], names: tuple[str, ...], default: Any, lo: int,
+               hi: int) -> Any:
     for name in names:
         if name in raw and raw[name] is not None:
             value = raw[name]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidJob(f"constraints.{name} must be a whole number")
-            if not lo <= value <= hi:
-                raise InvalidJob(f"constraints.{name} must be between {lo} and {hi}")
-            return value
+            return _bounded(name, value, lo, hi)
     return default
 
 

@@ -121,7 +121,7 @@ class JobFlow:
 
     async def _reserve(self, active: Active, job: Job) -> Assignment | None:
         while True:
-            assignment = self.scheduler.reserve(job.job_id, job.constraints)
+            assignment = self.scheduler.reserve(job.job_id, self.scheduler.request_for(job))
             if assignment is not None:
                 return assignment
             if active.cancel_reason is not None:

@@ -296,7 +296,9 @@ class Agent:
         devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid, g.minor)
                    for g in self.telemetry.inventory()
                    if self.cfg.gpus is None or g.index in self.cfg.gpus]
-        return Scheduler(devices, self.cfg.jobs_per_gpu, self.cfg.cpu_slots)
+        inventory = self.telemetry.inventory()
+        cuda = inventory[0].cuda_driver_version or "" if inventory else ""
+        return Scheduler(devices, self.cfg.jobs_per_gpu, self.cfg.cpu_slots, cuda_version=cuda)
 
     def _contract_env(self) -> dict[str, str]:
         env = {"MINER_CACHE_DIR": str(self.cfg.cache_dir),

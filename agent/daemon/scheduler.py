@@ -3,8 +3,13 @@
 By default a node holds one job per GPU. ``jobs_per_gpu`` > 1 packs several small
 jobs on each GPU; a job whose constraints ask for several GPUs takes that many
 whole GPUs at once. A GPU-less node has ``cpu_slots`` slots for jobs that need no
-GPU. A job's constraints (GPU count, minimum VRAM) pick the devices, and the job
-gets ``CUDA_VISIBLE_DEVICES`` for exactly those.
+GPU. What a job gets (:func:`gpu_request`): the GPUs its constraints ask for in
+either dialect (count, name, minimum VRAM, CUDA version); when it asks nothing, what
+its type is best served by (on a GPU node one GPU for inference and training, the
+rank count for DDP; the CPU otherwise); ``payload.device = "cpu"`` forces the CPU.
+A job asking for what the node can never give fails at once (``no_capacity``) and
+never runs on the CPU instead. The job sees exactly its GPUs, by UUID, in
+``CUDA_VISIBLE_DEVICES`` (UUIDs make CUDA's and NVML's numbering agree).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.errors import AgentError
-from agent.jobs import Constraints
+from agent.jobs import Job
+
+# Payload types a GPU serves best: on a GPU node they get one (or their rank count).
+GPU_TYPES = frozenset({"inference", "batch_inference", "training"})
 
 
 class NoCapacity(AgentError):
@@ -40,9 +48,13 @@ class Assignment:
     gpu_indices: tuple[int, ...]
     gpu_names: tuple[str, ...] = ()
     gpu_minors: tuple[int | None, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
 
     @property
     def cuda_visible_devices(self) -> list[str]:
+        """UUIDs where NVML gave them (CUDA and NVML then agree), else NVML indices."""
+        if len(self.gpu_uuids) == len(self.gpu_indices) and all(self.gpu_uuids):
+            return list(self.gpu_uuids)
         return [str(i) for i in self.gpu_indices]
 
     @property
@@ -54,6 +66,55 @@ class Assignment:
         return [f"/dev/nvidia{m}" for m in self.gpu_minors]
 
 
+@dataclass(frozen=True)
+class GpuRequest:
+    """What one job takes: how many GPUs, and which ones qualify."""
+
+    count: int = 0
+    min_vram_mb: int = 0
+    name: str | None = None  # a substring of the GPU's name, spaces and case aside
+    cuda: str | None = None  # a substring of the node's CUDA version
+
+    def describe(self) -> str:
+        parts = [f"{self.count} GPU(s)"]
+        if self.name:
+            parts.append(f"named like {self.name!r}")
+        if self.min_vram_mb:
+            parts.append(f"with at least {self.min_vram_mb} MiB")
+        if self.cuda:
+            parts.append(f"CUDA {self.cuda}")
+        return " ".join(parts)
+
+
+def gpu_request(job: Job, node_has_gpus: bool) -> GpuRequest:
+    """What ``job`` asks of this node's GPUs (see the module docstring)."""
+    c = job.constraints
+    if str(job.payload.get("device", "")).strip().lower() == "cpu":
+        return GpuRequest()
+    if c.gpu_count is not None:
+        count = c.gpu_count
+    elif c.asks_for_gpu or (node_has_gpus and job.type in GPU_TYPES):
+        count = _ranks(job.payload)
+    else:
+        count = 0
+    return GpuRequest(count, c.min_vram_mb if count else 0, c.gpu_name if count else None,
+                      c.cuda if count else None)
+
+
+def _ranks(payload: dict[str, object]) -> int:
+    """A training payload's DDP rank count (``distributed.nproc`` or ``world_size``), else 1."""
+    dist = payload.get("distributed")
+    for value in (dist.get("nproc") if isinstance(dist, dict) else None,
+                  payload.get("world_size")):
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+            return value
+    return 1
+
+
+def _squash(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 @dataclass
 class Scheduler:
     """Tracks which slots are held; all methods are synchronous and cheap."""
@@ -61,6 +122,7 @@ class Scheduler:
     devices: list[Device]
     jobs_per_gpu: int = 1
     cpu_slots: int = 1
+    cuda_version: str = ""  # the driver's CUDA version ("12.4"), for constraints.cuda
     _gpu_load: dict[int, int] = field(default_factory=dict)
     _held: dict[str, Assignment] = field(default_factory=dict)
 
@@ -84,34 +146,43 @@ class Scheduler:
     def held(self) -> dict[str, Assignment]:
         return dict(self._held)
 
-    def reserve(self, job_id: str, constraints: Constraints) -> Assignment | None:
+    def request_for(self, job: Job) -> GpuRequest:
+        return gpu_request(job, bool(self.devices))
+
+    def reserve(self, job_id: str, want: GpuRequest) -> Assignment | None:
         """Take devices for a job; None when they are busy now (try again later).
 
         Raises :class:`NoCapacity` when this node could never run the job.
         """
         if job_id in self._held:
             return self._held[job_id]
+        fitting = self._fitting(want)
+        if want.count and len(fitting) < want.count:
+            raise NoCapacity(self._why_not(want, len(fitting)))
         if not self.has_free_slot():
             return None
-        if constraints.gpu_count == 0:
+        if want.count == 0:
             return self._hold(Assignment(job_id, ()))
-        fitting = [d for d in self.devices if d.memory_mb >= constraints.min_vram_mb]
-        if len(fitting) < constraints.gpu_count:
-            raise NoCapacity(self._why_not(constraints, len(fitting)))
-        free = [d for d in fitting if self._gpu_load[d.index] < self._per_gpu(constraints)]
-        if len(free) < constraints.gpu_count:
+        per_gpu = self.jobs_per_gpu if want.count == 1 else 1
+        free = [d for d in fitting if self._gpu_load[d.index] < per_gpu]
+        if len(free) < want.count:
             return None
         free.sort(key=lambda d: (self._gpu_load[d.index], d.index))
-        chosen = free[:constraints.gpu_count]
+        chosen = free[:want.count]
         for d in chosen:
             # A multi-GPU job takes whole GPUs: nothing else is packed beside it.
-            self._gpu_load[d.index] += 1 if constraints.gpu_count == 1 else self.jobs_per_gpu
+            self._gpu_load[d.index] += 1 if want.count == 1 else self.jobs_per_gpu
         return self._hold(Assignment(job_id, tuple(d.index for d in chosen),
                                      tuple(d.name for d in chosen),
-                                     tuple(d.minor for d in chosen)))
+                                     tuple(d.minor for d in chosen),
+                                     tuple(d.uuid for d in chosen)))
 
-    def _per_gpu(self, constraints: Constraints) -> int:
-        return self.jobs_per_gpu if constraints.gpu_count == 1 else 1
+    def _fitting(self, want: GpuRequest) -> list[Device]:
+        if want.cuda and want.cuda not in self.cuda_version:
+            return []
+        name = _squash(want.name) if want.name else ""
+        return [d for d in self.devices
+                if d.memory_mb >= want.min_vram_mb and name in _squash(d.name)]
 
     def _hold(self, assignment: Assignment) -> Assignment:
         self._held[assignment.job_id] = assignment
@@ -125,10 +196,14 @@ class Scheduler:
         for index in assignment.gpu_indices:
             self._gpu_load[index] = max(0, self._gpu_load[index] - step)
 
-    def _why_not(self, constraints: Constraints, fitting: int) -> str:
+    def _why_not(self, want: GpuRequest, fitting: int) -> str:
+        asked = f"the job asks for {want.describe()}"
         if not self.devices:
-            return (f"the job asks for {constraints.gpu_count} GPU(s) and this node has none "
-                    "(CPU-only)")
-        return (f"the job asks for {constraints.gpu_count} GPU(s) with at least "
-                f"{constraints.min_vram_mb} MiB each; this node has {fitting} such GPU(s) of "
-                f"{len(self.devices)}")
+            return f"{asked}; this node has no GPU (CPU-only)"
+        counts: dict[str, int] = {}
+        for d in self.devices:
+            label = f"{d.name} ({d.memory_mb} MiB)"
+            counts[label] = counts.get(label, 0) + 1
+        have = ", ".join(f"{n} x {label}" for label, n in counts.items())
+        return (f"{asked}; this node has {have}, CUDA {self.cuda_version or 'unknown'}: "
+                f"{fitting} of them qualify")

@@ -117,3 +117,17 @@ def test_every_command_has_help() -> None:
         sub = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True,
                              env={**os.environ, "COLUMNS": "100"})
         assert sub.returncode == 0 and "usage:" in sub.stdout, command
+
+
+def test_a_job_sees_its_gpus_by_uuid(tmp_path: Path) -> None:
+    # Given GPUs named by UUID (as the daemon always names them; NVML and CUDA agree)
+    job = {"job_id": "uuids", "payload": {"type": "command", "argv": [
+        "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES $CUDA_DEVICE_ORDER" > $MINER_RESULT_FILE']}}
+    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "NCCL_DEBUG": "INFO"}
+    done = subprocess.run([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
+                           str(tmp_path / "out"), "--quiet", "--gpus", "GPU-1a2b,GPU-3c4d"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # Then the job sees exactly those, and the operator's CUDA_DEVICE_ORDER passes through
+    seen = (tmp_path / "out" / "job_uuids" / "result.txt").read_text().split()
+    assert seen == ["GPU-1a2b,GPU-3c4d", "PCI_BUS_ID"]

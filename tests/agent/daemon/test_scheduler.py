@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.scheduler import Device, NoCapacity, Scheduler
-from agent.jobs import Constraints
+from agent.daemon.scheduler import Device, GpuRequest, NoCapacity, Scheduler, gpu_request
+from agent.jobs import Job
 
 GPUS = [Device(0, "A100", 40960), Device(1, "A100", 81920), Device(2, "L4", 23034)]
 
@@ -15,39 +15,39 @@ GPUS = [Device(0, "A100", 40960), Device(1, "A100", 81920), Device(2, "L4", 2303
 def test_one_slot_per_gpu_and_exact_devices() -> None:
     s = Scheduler(GPUS)
     assert s.capacity == 3
-    a = s.reserve("a", Constraints(gpu_count=1, min_vram_mb=80000))
+    a = s.reserve("a", GpuRequest(count=1, min_vram_mb=80000))
     assert a is not None and a.cuda_visible_devices == ["1"]
-    b = s.reserve("b", Constraints(gpu_count=2))
+    b = s.reserve("b", GpuRequest(count=2))
     assert b is not None and sorted(b.gpu_indices) == [0, 2]
-    assert s.reserve("c", Constraints(gpu_count=1)) is None  # full
+    assert s.reserve("c", GpuRequest(count=1)) is None  # full
     s.release("b")
-    c = s.reserve("c", Constraints(gpu_count=1))
+    c = s.reserve("c", GpuRequest(count=1))
     assert c is not None and c.gpu_indices[0] in (0, 2)
 
 
 def test_several_small_jobs_per_gpu_but_multi_gpu_jobs_take_whole_gpus() -> None:
     s = Scheduler(GPUS[:2], jobs_per_gpu=2)
     assert s.capacity == 4
-    assert s.reserve("a", Constraints(gpu_count=1)) is not None
-    assert s.reserve("b", Constraints(gpu_count=1)) is not None
+    assert s.reserve("a", GpuRequest(count=1)) is not None
+    assert s.reserve("b", GpuRequest(count=1)) is not None
     # Two GPUs each hold one job: a 2-GPU job must wait
-    assert s.reserve("big", Constraints(gpu_count=2)) is None
+    assert s.reserve("big", GpuRequest(count=2)) is None
     s.release("a")
     s.release("b")
-    big = s.reserve("big", Constraints(gpu_count=2))
+    big = s.reserve("big", GpuRequest(count=2))
     assert big is not None and len(big.gpu_indices) == 2
-    assert s.reserve("c", Constraints(gpu_count=1)) is None
+    assert s.reserve("c", GpuRequest(count=1)) is None
 
 
 def test_impossible_constraints_raise_no_capacity() -> None:
     s = Scheduler(GPUS)
     with pytest.raises(NoCapacity, match="at least 100000 MiB"):
-        s.reserve("x", Constraints(gpu_count=1, min_vram_mb=100000))
+        s.reserve("x", GpuRequest(count=1, min_vram_mb=100000))
     cpu = Scheduler([], cpu_slots=2)
     assert cpu.capacity == 2
-    assert cpu.reserve("cpu-job", Constraints()) is not None
+    assert cpu.reserve("cpu-job", GpuRequest()) is not None
     with pytest.raises(NoCapacity, match="CPU-only"):
-        cpu.reserve("gpu-job", Constraints(gpu_count=1))
+        cpu.reserve("gpu-job", GpuRequest(count=1))
 
 
 def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> None:
@@ -71,10 +71,55 @@ def test_a_job_keeps_only_its_own_gpu_device_nodes() -> None:
                Device(2, "A100", 40960, "GPU-c", None)]
     sched = Scheduler(devices, jobs_per_gpu=1, cpu_slots=1)
     # Then a one-GPU job's sandbox keeps exactly that GPU's node
-    one = sched.reserve("one", Constraints(gpu_count=1))
+    one = sched.reserve("one", GpuRequest(count=1))
     assert one is not None and one.device_nodes == ["/dev/nvidia3"]
     # and a CPU job keeps none; a GPU whose minor is unknown keeps the sandbox's default
-    cpu = sched.reserve("cpu", Constraints(gpu_count=0))
+    cpu = sched.reserve("cpu", GpuRequest(count=0))
     assert cpu is not None and cpu.device_nodes == []
-    two = sched.reserve("two", Constraints(gpu_count=2))
+    two = sched.reserve("two", GpuRequest(count=2))
     assert two is not None and two.device_nodes is None
+
+
+def job(payload: dict[str, object], **constraints: object) -> Job:
+    return Job.from_dict({"job_id": "j", "payload": payload, "constraints": constraints})
+
+
+def test_what_a_job_asks_in_either_dialect() -> None:
+    train = {"type": "training"}
+    # Ours: a count; the core coordinator's: a name, GB of VRAM, a CUDA version
+    assert gpu_request(job(train, gpu_count=2), True) == GpuRequest(2)
+    core = gpu_request(job({"type": "command"}, gpu="H200", min_vram_gb=16, cuda="12"), True)
+    assert core == GpuRequest(1, 16384, "H200", "12")
+    # Nothing asked: a GPU type gets one GPU on a GPU node (its rank count for DDP) ...
+    assert gpu_request(job(train), True) == GpuRequest(1)
+    ddp = {"type": "training", "distributed": {"nproc": 4}}
+    assert gpu_request(job(ddp), True) == GpuRequest(4)
+    assert gpu_request(job({"type": "inference", "prompt": "hi"}), True) == GpuRequest(1)
+    # ... the CPU on a CPU node, and other types the CPU
+    assert gpu_request(job(train), False) == GpuRequest()
+    assert gpu_request(job({"type": "sleep"}), True) == GpuRequest()
+    # and the payload's device "cpu" forces the CPU whatever was asked
+    assert gpu_request(job({"type": "training", "device": "cpu"}, gpu="H200"), True) == \
+        GpuRequest()
+
+
+def test_names_cuda_and_uuids() -> None:
+    h200 = [Device(0, "NVIDIA H200", 143771, "GPU-aaaa", 0),
+            Device(1, "NVIDIA H200 NVL", 143771, "GPU-bbbb", 1)]
+    s = Scheduler(h200, cuda_version="12.4")
+    a = s.reserve("a", GpuRequest(1, name="h200 nvl"))
+    assert a is not None and a.gpu_indices == (1,)
+    assert a.cuda_visible_devices == ["GPU-bbbb"]  # by UUID: CUDA and NVML agree
+    b = s.reserve("b", GpuRequest(1, name="H200", cuda="12"))
+    assert b is not None and b.cuda_visible_devices == ["GPU-aaaa"]
+    with pytest.raises(NoCapacity, match=r"CUDA 13.*CUDA 12.4"):
+        s.reserve("c", GpuRequest(1, cuda="13"))
+    with pytest.raises(NoCapacity, match=r"named like 'A100'.*2 x NVIDIA H200|NVIDIA H200"):
+        s.reserve("d", GpuRequest(1, name="A100"))
+
+
+def test_an_impossible_gpu_job_fails_even_while_the_node_is_busy() -> None:
+    s = Scheduler([Device(0, "L4", 23034, "GPU-l4")])
+    assert s.reserve("busy", GpuRequest(1)) is not None
+    with pytest.raises(NoCapacity, match="at least 81920 MiB"):
+        s.reserve("big", GpuRequest(1, min_vram_mb=81920))
