@@ -10,6 +10,10 @@ best kept: small sizes do not reach the plateau), device memory bandwidth (a cop
 counting read and write), host-to-device and device-to-host bandwidth from pinned
 memory (GPU only), and reference training and inference throughput of a small
 MLP built by :mod:`runtimes.models`. GPU timings use CUDA events after warm-up.
+Every figure of GPU N is measured with GPU N made current (:func:`placement`):
+CUDA events, the default stream and kernels launched without an explicit device
+all follow the current device, so timing GPU N from GPU 0's stream would time
+nothing and report figures many times the spec peak.
 Each measurement is one function taking ``(device, quick)`` so that later ones
 can drive a real runtime instead of the reference model.
 """
@@ -23,6 +27,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +38,33 @@ BENCH_VERSION = 1
 Result = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the figures of one device are measured: tensors on ``device``, inside ``context()``."""
+
+    device: torch.device
+    cuda_index: int | None  # the GPU made current while measuring; None on the CPU
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.cuda.device(N)`` for GPU N, so events and streams land on it; else nothing."""
+        if self.cuda_index is None:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.cuda_index)
+
+
+def placement(device: torch.device) -> Placement:
+    """The placement for measuring ``device``; pure (no CUDA call), so tests run on a CPU.
+
+    Raises ValueError for a CUDA device without an index: "whichever GPU is current"
+    is exactly the ambiguity that timed GPU 0 while measuring GPU N.
+    """
+    if device.type != "cuda":
+        return Placement(device, None)
+    if device.index is None:
+        raise ValueError(f"measure one GPU (cuda:N), not {device}")
+    return Placement(device, device.index)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -40,7 +72,12 @@ def _sync(device: torch.device) -> None:
 
 def time_per_iter(fn: Callable[[], object], device: torch.device, target_s: float,
                   warmup: int = 2, max_iters: int = 10_000) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` calls, timed over about ``target_s``."""
+    """Seconds per call of ``fn`` after ``warmup`` calls, timed over about ``target_s``.
+
+    On a GPU, call it inside ``placement(device).context()`` (as :func:`run_task` does):
+    ``fn`` launches its kernels on the current device's stream, which is where the
+    events are recorded.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -50,11 +87,12 @@ def time_per_iter(fn: Callable[[], object], device: torch.device, target_s: floa
     estimate = max(time.perf_counter() - t0, 1e-6)
     iters = int(min(max_iters, max(1, target_s / estimate)))
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         for _ in range(iters):
             fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / 1000 / iters
     t0 = time.perf_counter()
@@ -248,15 +286,21 @@ def emit(event: str, **fields: Any) -> None:
 
 def run_task(fn: Callable[[torch.device, bool], Result], device: torch.device,
              quick: bool) -> Result:
-    """One measurement; an exception (out of memory, a missing kernel) is recorded, not raised."""
+    """One measurement of ``device``, with that GPU current while it runs.
+
+    An exception (out of memory, a missing kernel) is recorded, not raised.
+    """
+    where = placement(device)
     t0 = time.perf_counter()
-    try:
-        out = fn(device, quick)
-    except (RuntimeError, ValueError) as exc:
-        out = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with where.context():
+        try:
+            out = fn(where.device, quick)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            out = {"error": f"{type(exc).__name__}: {first}"}
+        finally:
+            if where.cuda_index is not None:
+                torch.cuda.empty_cache()
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

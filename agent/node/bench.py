@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,12 +30,17 @@ DEFAULT_TIMEOUT_S = 300.0
 
 # Spec-sheet peaks, dense (no sparsity), tensor cores with fp32 accumulation (what
 # torch.mm uses). TFLOP/s for matmuls, GB/s for memory and for one direction of the
-# host link (PCIe theoretical). None where the device has no such path (V100, T4: no
-# TF32 or bf16 tensor cores).
+# host link (PCIe theoretical; NVLink-C2C on GH200). None where the device has no such
+# path (V100, T4: no TF32 or bf16 tensor cores). The NVL and PCIe Hoppers run lower
+# clocks and power than SXM; GH200 is the SXM-class H100 die beside a Grace CPU.
 _PEAKS: dict[str, dict[str, float | None]] = {
     "H100 SXM": dict(fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, mem=3350, link=63),
+    "H100 NVL": dict(fp32=60, tf32=417.5, bf16=835.5, fp16=835.5, mem=3900, link=63),
     "H100 PCIe": dict(fp32=51.2, tf32=378, bf16=756, fp16=756, mem=2000, link=63),
-    "H200": dict(fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, mem=4800, link=63),
+    "H200 SXM": dict(fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, mem=4800, link=63),
+    "H200 NVL": dict(fp32=60, tf32=417.5, bf16=835.5, fp16=835.5, mem=4800, link=63),
+    "GH200 96GB": dict(fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, mem=4000, link=450),
+    "GH200 144GB": dict(fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, mem=4900, link=450),
     "A100 40GB": dict(fp32=19.5, tf32=156, bf16=312, fp16=312, mem=1555, link=31.5),
     "A100 80GB": dict(fp32=19.5, tf32=156, bf16=312, fp16=312, mem=2039, link=31.5),
     "L40S": dict(fp32=91.6, tf32=183, bf16=362, fp16=362, mem=864, link=31.5),
@@ -46,20 +52,42 @@ _PEAKS: dict[str, dict[str, float | None]] = {
     "T4": dict(fp32=8.1, tf32=None, bf16=None, fp16=65, mem=320, link=15.75),
 }
 
-# First match wins: the more specific names come before the ones they contain.
-_NAME_PATTERNS: list[tuple[str, str]] = [
-    (r"H100.*PCIe", "H100 PCIe"),
-    (r"H100", "H100 SXM"),
-    (r"H200", "H200"),
-    (r"A100.*80\s*GB", "A100 80GB"),
-    (r"A100", "A100 40GB"),
-    (r"L40S", "L40S"),
-    (r"\bL4\b", "L4"),
-    (r"\bA10\b(?!0)", "A10"),
-    (r"RTX 4090", "RTX 4090"),
-    (r"RTX 3090", "RTX 3090"),
-    (r"V100", "V100"),
-    (r"\bT4\b", "T4"),
+# A ratio this far above the spec peak is not a fast GPU but a timing bug (events on
+# another device, a copy that never ran); a healthy GPU measures about 0.6-0.9.
+SUSPECT_RATIO = 1.05
+
+
+@dataclass(frozen=True)
+class _Model:
+    key: str
+    words: tuple[str, ...]  # whole words of the name, any case, all required
+    min_memory_mb: int = 0  # and at least this much device memory, where names agree
+
+
+# Every row that matches is a candidate and the most specific one wins (most words,
+# then a memory condition; a tie goes to the earlier row), so "H200" never catches
+# "H200 NVL"; whole words keep "H200" from matching "GH200". NVML and torch names:
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H200",
+# "NVIDIA H200 NVL", "NVIDIA GH200 480GB" or "NVIDIA GH200 120GB" (96 GB HBM3),
+# "NVIDIA GH200 144G HBM3e".
+_MODELS: list[_Model] = [
+    _Model("H100 SXM", ("H100",)),
+    _Model("H100 NVL", ("H100", "NVL")),
+    _Model("H100 PCIe", ("H100", "PCIE")),
+    _Model("H200 SXM", ("H200",)),
+    _Model("H200 NVL", ("H200", "NVL")),
+    _Model("GH200 96GB", ("GH200",)),  # the lower figure when nothing tells them apart
+    _Model("GH200 144GB", ("GH200", "HBM3E")),
+    _Model("GH200 144GB", ("GH200",), min_memory_mb=120 * 1024),
+    _Model("A100 40GB", ("A100",)),
+    _Model("A100 80GB", ("A100", "80GB")),
+    _Model("L40S", ("L40S",)),
+    _Model("L4", ("L4",)),
+    _Model("A10", ("A10",)),
+    _Model("RTX 4090", ("RTX", "4090")),
+    _Model("RTX 3090", ("RTX", "3090")),
+    _Model("V100", ("V100",)),
+    _Model("T4", ("T4",)),
 ]
 
 # (result key, row label, value field, unit, peak key)
@@ -76,31 +104,50 @@ _ROWS = [
 ]
 
 
-def known_gpu(name: str) -> str | None:
-    """The spec-table key for a device name as NVML or torch spells it, or None."""
-    for pattern, key in _NAME_PATTERNS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return key
-    return None
+def known_gpu(name: str, memory_mb: int | None = None) -> str | None:
+    """The spec-table key for a device name as NVML or torch spells it, or None.
+
+    ``memory_mb`` (the device's total memory) tells apart parts that share a name,
+    as GH200 with 96 GB HBM3 or 144 GB HBM3e may.
+    """
+    words = set(re.findall(r"[A-Z0-9]+", re.sub(r"(\d)\s+GB\b", r"\1GB", name.upper())))
+    matches = [m for m in _MODELS if words.issuperset(m.words)
+               and (memory_mb or 0) >= m.min_memory_mb]
+    if not matches:
+        return None
+    return max(matches, key=lambda m: (len(m.words), m.min_memory_mb > 0)).key
 
 
-def spec_peaks(name: str) -> dict[str, float | None]:
+def spec_peaks(name: str, memory_mb: int | None = None) -> dict[str, float | None]:
     """The spec-sheet peaks for ``name``; empty when the device is not in the table."""
-    key = known_gpu(name)
+    key = known_gpu(name, memory_mb)
     return dict(_PEAKS[key]) if key else {}
 
 
+def _peaks_of(dev: dict[str, Any]) -> dict[str, float | None]:
+    if dev.get("kind") != "cuda":
+        return {}
+    spec = dev.get("spec") or known_gpu(dev.get("name", ""), dev.get("memory_mb"))
+    return dict(_PEAKS.get(spec or "", {}))
+
+
 def annotate(result: dict[str, Any]) -> dict[str, Any]:
-    """Add each device's spec model, peaks and measured/peak ratios to ``result``."""
+    """Add each device's spec model, peaks, measured/peak ratios and suspect figures.
+
+    A figure above ``SUSPECT_RATIO`` of its peak is listed under ``suspect``: the
+    benchmark mismeasured it, the GPU did not beat its spec sheet.
+    """
     for dev in result.get("devices", []):
-        peaks = spec_peaks(dev.get("name", "")) if dev.get("kind") == "cuda" else {}
-        dev["spec"] = known_gpu(dev.get("name", "")) if peaks else "unknown"
+        key = known_gpu(dev.get("name", ""), dev.get("memory_mb"))
+        dev["spec"] = key if key and dev.get("kind") == "cuda" else "unknown"
+        peaks = _PEAKS.get(dev["spec"], {})
         dev["ratios"] = {}
-        for key, _label, field, _unit, peak_key in _ROWS:
-            value = dev.get("results", {}).get(key, {}).get(field)
+        for name, _label, field, _unit, peak_key in _ROWS:
+            value = dev.get("results", {}).get(name, {}).get(field)
             peak = peaks.get(peak_key) if peak_key else None
             if value is not None and peak:
-                dev["ratios"][key] = round(value / peak, 3)
+                dev["ratios"][name] = round(value / peak, 3)
+        dev["suspect"] = [k for k, r in dev["ratios"].items() if r > SUSPECT_RATIO]
     return result
 
 
@@ -110,7 +157,7 @@ def format_table(result: dict[str, Any]) -> str:
     for dev in result.get("devices", []):
         lines.append(f"{dev['device']}: {dev.get('name', '?')} (spec: {dev.get('spec', '?')})")
         lines.append(f"  {'figure':<14} {'measured':>12} {'spec peak':>10} {'ratio':>6}  unit")
-        peaks = spec_peaks(dev.get("name", "")) if dev.get("spec") != "unknown" else {}
+        peaks = _peaks_of(dev)
         for key, label, field, unit, peak_key in _ROWS:
             lines.append("  " + _row(dev, key, label, field, unit, peaks.get(peak_key)))
     return "\n".join(lines)
@@ -125,8 +172,10 @@ def _row(dev: dict[str, Any], key: str, label: str, field: str, unit: str,
     value = entry.get(field)
     ratio = dev.get("ratios", {}).get(key)
     shown = _number(value) if value is not None else "-"
+    flag = ("  SUSPECT: above the spec peak, a measurement bug"
+            if ratio is not None and ratio > SUSPECT_RATIO else "")
     return (f"{label:<14} {shown:>12} {peak if peak else '-':>10} "
-            f"{f'{ratio:.0%}' if ratio is not None else '-':>6}  {unit}")
+            f"{f'{ratio:.0%}' if ratio is not None else '-':>6}  {unit}{flag}")
 
 
 def _number(value: float) -> str:
