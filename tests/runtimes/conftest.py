@@ -61,8 +61,10 @@ def run_job_process(tmp_path: Path, runtime: str, payload: dict[str, Any],
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     read_fd, write_fd = os.pipe()
+    # CUDA_VISIBLE_DEVICES comes from os.environ: tests/conftest.py empties it for every
+    # test not marked gpu, and a gpu test's job sees the very devices the test process sees.
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MINER_EVENTS_FD": str(write_fd),
-                "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+                **(env or {})}
     out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "runtimes.host", str(spec_path)],

@@ -24,8 +24,13 @@ MLP = {"in_features": 6, "out_features": 3, "hidden": [16]}
 
 
 def make_ctx(tmp_path: Path, payload: dict[str, Any]) -> JobContext:
-    return JobContext({"job_id": "t", "payload": payload}, tmp_path / "pkg", tmp_path,
-                      EventChannel(None))
+    """A context for a run in this process, pinned to the CPU.
+
+    Hiding GPUs (tests/conftest.py) cannot reach this process once CUDA is initialised,
+    and on a GPU the runtime would autocast to bf16, off from the fp32 expectations.
+    """
+    return JobContext({"job_id": "t", "payload": {"device": "cpu", **payload}},
+                      tmp_path / "pkg", tmp_path, EventChannel(None))
 
 
 def saved_mlp(tmp_path: Path) -> tuple[torch.nn.Module, Path]:

@@ -83,7 +83,9 @@ def test_seed_makes_torch_random_and_numpy_repeat(tmp_path):
     ctx, _ = make_ctx(tmp_path)
 
     def draw() -> tuple[float, float, float]:
-        dev.select_device(ctx, {"seed": 1234, "deterministic": True})
+        # On the CPU: on a GPU, deterministic mode would also set CUBLAS_WORKSPACE_CONFIG
+        # in this process's environment, for every later test's children to inherit.
+        dev.select_device(ctx, {"seed": 1234, "deterministic": True, "device": "cpu"})
         return torch.rand(1).item(), random.random(), float(np.random.rand())
 
     assert draw() == draw()

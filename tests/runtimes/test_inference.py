@@ -56,8 +56,13 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_ctx(tmp_path: Path, payload: dict[str, Any]) -> JobContext:
-    return JobContext({"job_id": "t", "payload": payload}, tmp_path / "pkg", tmp_path,
-                      EventChannel(None))
+    """A context for a run in this process, pinned to the CPU.
+
+    Hiding GPUs (tests/conftest.py) cannot reach this process once CUDA is initialised,
+    and on a GPU the runtime would load bf16 weights.
+    """
+    return JobContext({"job_id": "t", "payload": {"device": "cpu", **payload}},
+                      tmp_path / "pkg", tmp_path, EventChannel(None))
 
 
 def generate_text(tmp_path: Path, tiny_llm: Path, monkeypatch: pytest.MonkeyPatch,

@@ -285,7 +285,7 @@ def test_gpt_mixed_precision_on_cuda(tmp_path: Path, precision: str) -> None:
                "model": {"arch": "gpt", "config": {"block_size": 32, "n_layer": 1}},
                "dataset": {"synthetic": {"kind": "text", "samples": 200}},
                "optimizer": {"lr": 0.003}}
-    run = run_job_process(tmp_path, RUNTIME, payload, env={"CUDA_VISIBLE_DEVICES": "0"})
+    run = run_job_process(tmp_path, RUNTIME, payload)  # a gpu test: the job sees the GPUs
     metrics = completed(run)["metrics"]
     assert metrics["device"]["kind"] == "cuda" and metrics["device"]["precision"] == precision
     assert metrics["peak_cuda_allocated_mb"] > 0
@@ -300,12 +300,18 @@ def test_gpt_mixed_precision_on_cuda(tmp_path: Path, precision: str) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_oom_fails_with_figures(tmp_path: Path) -> None:
-    free, _total = torch.cuda.mem_get_info()
-    width = int((free / 4) ** 0.5) + 1024  # one Linear weight larger than free memory
-    payload = mlp_payload(steps=2, model={"arch": "mlp", "config": {"hidden": [width]}},
-                          dataset={"synthetic": {"kind": "classification", "samples": 64,
-                                                 "features": width}})
-    run = run_job_process(tmp_path, RUNTIME, payload, env={"CUDA_VISIBLE_DEVICES": "0"})
+    # Given a job whose GPU has only gpu_fill.LEAVE_FREE_MIB (256 MiB) left free
+    # When it trains an MLP with a 16384 x 16384 layer (1 GiB of fp32 weights): within
+    # every payload cap, and about 1 GiB of host memory while it is built on the CPU
+    payload = mlp_payload(steps=2, model={"arch": "mlp", "config": {"hidden": [16384, 16384]}},
+                          dataset={"synthetic": {"kind": "classification", "samples": 64}})
+    run = run_job_process(tmp_path, "tests.runtimes.gpu_fill:run", payload)
+    # Then moving the model to the GPU fails, and the job says so with the figures
+    filled = run.named("gpu_filled")
+    assert filled and filled[0]["free_mib"] < 1024, (filled, run.stderr[-3000:])
     finished = run.finished
-    assert finished["error_code"] == "cuda_oom", finished
-    assert "MiB" in finished["error_message"] and finished["details"]["total_mib"] > 0
+    assert finished["error_code"] == "cuda_oom", (finished, run.stderr[-3000:])
+    details = finished["details"]
+    assert details["device"] == "cuda:0" and details["total_mib"] > 0
+    assert details["requested_mib"] >= 1024 > details["free_mib"]
+    assert "MiB" in finished["error_message"]
