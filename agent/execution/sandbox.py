@@ -94,7 +94,11 @@ class SandboxPolicy:
         args += self._cover((*HOST_SECRETS, *self.hidden))
         for path in _existing(self.read_only):
             args += ["--ro-bind", str(path), str(path)]
-        args += self._cover(self.hidden)  # a cache or model path inside the state dir
+        # A secret inside a read-only path just bound (a state dir inside a model folder)
+        # is covered again; a read-only path inside a secret one (the cache under the
+        # state dir) stays bound.
+        args += self._cover([h for h in self.hidden
+                             if any(h != r and h.is_relative_to(r) for r in self.read_only)])
         for path in _existing((self.jobs_root, self.work_root)):
             args += ["--bind", str(path), str(path)]
         for device in nvidia_devices():

@@ -127,7 +127,8 @@ def assert_serving(node: dict[str, Any]) -> None:
 def test_the_jobs_view_of_the_node(node: dict[str, Any]) -> None:
     # Given a job that lists and tries to write what it can
     state, key_file = node["state"], node["key_file"]
-    targets = ["/", "/usr", "/etc", "/var", str(Path(sys.executable).parent)]
+    targets = ["/", "/usr", "/etc", "/var", str(Path(sys.executable).parent),
+               str(state / "cache")]
     script = f"""
     r=$MINER_RESULT_FILE
     echo "ls_run=$(ls -A /run | tr '\\n' ,)" >> $r
@@ -158,7 +159,8 @@ def test_the_jobs_view_of_the_node(node: dict[str, Any]) -> None:
     assert found["ls_home"] == ""
     assert found["ls_jobs"] == f"job_{job_id},"
     assert found["ls_work"] == f"{job_id},"
-    assert found["ls_state"] == "jobs,work,", found["ls_state"]  # no journal, log or cache
+    # no journal or log; the shared download cache only read-only (a target above)
+    assert found["ls_state"] == "cache,jobs,work,", found["ls_state"]
     # and it sees only its own processes, and no device beyond the basic ones
     pids = [int(p) for p in found["pids"].split(",") if p]
     assert 1 in pids and max(pids) < 100, pids
