@@ -48,7 +48,7 @@ from agent.execution.isolation import Isolation, for_agent
 from agent.execution.launcher import make_launcher
 from agent.node.metrics import AgentMetrics, MetricsServer
 from agent.node.notify import Notifier, watchdog_interval_s
-from agent.node.telemetry import Telemetry, capabilities
+from agent.node.telemetry import Sampler, Telemetry, capabilities
 from agent.signals import capture_signals
 from runtimes.registry import BUILTIN_RUNTIMES
 
@@ -70,6 +70,7 @@ class Agent:
                                         retry=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s))
         self.journal = Journal(cfg.state_dir / "journal.db")
         self.telemetry = Telemetry(disk_paths=[cfg.state_dir, cfg.cache_dir])
+        self.sampler = Sampler(self.telemetry, timeout_s=max(2.0, cfg.heartbeat_interval_s * 2))
         self.scheduler = self._make_scheduler()
         self.held = HeldJobs()
         self.inbox = CancelInbox(self.held)
@@ -126,6 +127,10 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> int:
+        if self.telemetry.failure and self.cfg.gpus != ():
+            log.error("not starting: %s", self.telemetry.failure)
+            await self.shutdown()
+            return ExitCode.FAILED
         with capture_signals(self._on_signal):
             if not await self.startup():
                 await self.shutdown()
@@ -152,10 +157,13 @@ class Agent:
             await self._until_stopped(warm_task)
         self.recovery.prune()
         await self.recovery.recover()
+        await self.sampler.refresh()
         self.notifier.ready(status=self._status_line())
         for loop in (self.heartbeats, self.polls, self.cancel_checks, self.shipping):
             self._tasks.append(asyncio.create_task(self._forever(loop.run),
                                                    name=type(loop).__name__))
+        self._tasks.append(asyncio.create_task(self._forever(self._sample_forever),
+                                               name="Sampler"))
         return True
 
     async def main_loop(self) -> None:
@@ -208,6 +216,7 @@ class Agent:
         await self.client.aclose()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        self.sampler.close()
         self.telemetry.close()
         self.journal.close()
         log.info("agent stopped")
@@ -283,9 +292,15 @@ class Agent:
                 "agent": {"pid": os.getpid()}}
 
     def _sample(self) -> dict[str, Any]:
-        sample = self.telemetry.sample()
-        self.metrics.update_gpus(sample)
-        return sample
+        """The latest telemetry (taken off the event loop by the sampler)."""
+        return self.sampler.latest()
+
+    async def _sample_forever(self) -> None:
+        while True:
+            sample = await self.sampler.refresh()
+            if sample:
+                self.metrics.update_gpus(sample)
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     def _status_line(self) -> str:
         state = "draining" if self.draining else "serving"

@@ -57,11 +57,20 @@ class Check:
 def check_nvml(tel: Telemetry) -> Check:
     """The NVIDIA driver answers through NVML and lists GPUs."""
     gpus = tel.inventory()
+    if tel.failure:
+        return Check("nvidia driver", "FAIL", tel.failure,
+                     "run nvidia-smi: fix the driver (or reboot after an upgrade) until it "
+                     "lists every GPU; the agent does not start on a broken driver")
     if not gpus:
         return Check("nvidia driver", "WARN", f"no GPU: {tel.reason}",
                      "install the NVIDIA driver (nvidia-smi must list the GPUs); "
                      "without one this node takes CPU jobs only")
     names = ", ".join(sorted({g.name for g in gpus}))
+    if tel.lost:
+        return Check("nvidia driver", "WARN", f"{len(gpus)} GPU(s) answer ({names}); "
+                     f"{len(tel.lost)} do not: " + "; ".join(
+                         f"gpu {g['index']}: {g['error']}" for g in tel.lost),
+                     "check the lost GPU with nvidia-smi -q; the agent runs without it")
     return Check("nvidia driver", "OK", f"{len(gpus)} GPU(s): {names}; driver "
                  f"{gpus[0].driver_version}, CUDA {gpus[0].cuda_driver_version}")
 

@@ -14,11 +14,13 @@ static facts are read once, a sample is a dozen NVML calls per GPU plus a few
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,9 +101,16 @@ class Telemetry:
     (the state and cache directories).
     """
 
-    def __init__(self, disk_paths: Iterable[str | Path] = (), nvml: Any = None) -> None:
+    def __init__(self, disk_paths: Iterable[str | Path] = (), nvml: Any = None,
+                 driver_present: bool | None = None) -> None:
         self.disk_paths = [str(p) for p in disk_paths]
         self.reason: str | None = None
+        # The driver is installed but NVML cannot serve it (a library/driver mismatch, a
+        # broken install): not a CPU node, a broken GPU node. The agent refuses to start.
+        self.failure: str | None = None
+        self.lost: list[dict[str, Any]] = []  # GPUs dropped at start, and why
+        self._driver_present = nvidia_driver_present() if driver_present is None \
+            else driver_present
         self._nvml: Any = None
         self._handles: list[Any] = []
         self._inventory: list[GpuInfo] = []
@@ -117,20 +126,41 @@ class Telemetry:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
             self.reason = _NO_GPU_REASONS.get(type(exc).__name__, f"NVML failed to start: {exc}")
-            log.info("no GPUs: %s", self.reason)
+            self._fail_if_driver(self.reason)
             return
         self._nvml = nvml
         try:
             count = nvml.nvmlDeviceGetCount()
-            self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            self._inventory = [self._gpu_info(i, h) for i, h in enumerate(self._handles)]
         except nvml.NVMLError as exc:
-            self.reason = f"NVML could not list the GPUs: {exc}"
-            log.warning("no GPUs: %s", self.reason)
+            self.reason = f"NVML could not count the GPUs: {exc}"
+            self._fail_if_driver(self.reason)
             self.close()
             return
+        for index in range(count):  # one lost GPU drops that GPU, not the node's others
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                info = self._gpu_info(index, handle)
+            except nvml.NVMLError as exc:
+                log.error("gpu %d is left out: NVML cannot read it: %s", index, exc)
+                self.lost.append({"index": index, "error": str(exc)})
+                continue
+            self._handles.append(handle)
+            self._inventory.append(info)
         if not self._handles:
-            self.reason = "the NVIDIA driver reports no GPU"
+            self.reason = ("the NVIDIA driver reports no GPU" if not self.lost
+                           else f"every GPU failed in NVML: {self.lost[0]['error']}")
+            if self.lost:
+                self._fail_if_driver(self.reason)
+
+    def _fail_if_driver(self, reason: str) -> None:
+        if self._driver_present:
+            self.failure = (f"the NVIDIA driver is installed but NVML cannot use it: {reason}. "
+                            "Check that nvidia-smi works (a driver/library version mismatch "
+                            "needs a reboot or matching packages), or set gpus = [] to run "
+                            "this node CPU-only on purpose")
+            log.error("%s", self.failure)
+        else:
+            log.info("no GPUs: %s", reason)
 
     def _field(self, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn(*args)``, or None where the GPU or driver does not offer the figure."""
@@ -314,6 +344,57 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def nvidia_driver_present() -> bool:
+    """Is the NVIDIA kernel driver loaded (whatever NVML says)?"""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+class Sampler:
+    """Telemetry samples taken in a worker thread, so a wedged GPU never stalls the loop.
+
+    NVML calls can block for a long time on a GPU that stopped answering. The agent
+    asks :meth:`refresh` once per heartbeat interval and reads :meth:`latest` when it
+    heartbeats: a sample that has not come back within ``timeout_s`` leaves the last
+    one in place, marked stale, and no second sample starts while one hangs.
+    """
+
+    def __init__(self, telemetry: Telemetry, timeout_s: float = 10.0) -> None:
+        self.telemetry = telemetry
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._latest: dict[str, Any] = {}
+        self._at: float | None = None
+        self._stuck_logged = False
+
+    async def refresh(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self._pending is None or self._pending.done():
+            self._pending = loop.run_in_executor(self._pool, self.telemetry.sample)
+        try:
+            sample = await asyncio.wait_for(asyncio.shield(self._pending), self.timeout_s)
+        except TimeoutError:
+            if not self._stuck_logged:
+                log.error("NVML did not answer within %.0f s (a wedged GPU?); heartbeats go on "
+                          "with the last sample", self.timeout_s)
+                self._stuck_logged = True
+            return self.latest()
+        self._stuck_logged = False
+        self._latest, self._at = sample, time.monotonic()
+        return sample
+
+    def latest(self) -> dict[str, Any]:
+        """The last sample; ``stale_s`` and ``error`` when the newest one is overdue."""
+        if self._pending is not None and not self._pending.done() and self._at is not None \
+                and time.monotonic() - self._at > self.timeout_s:
+            return {**self._latest, "stale_s": round(time.monotonic() - self._at, 1),
+                    "error": "NVML is not answering"}
+        return self._latest
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def inventory_as_dicts(gpus: Sequence[GpuInfo]) -> list[dict[str, Any]]:

@@ -157,3 +157,70 @@ def test_sample_is_cheap_enough_for_a_heartbeat(tmp_path: Any, gpus: int) -> Non
     print(f"telemetry sample ({gpus} stand-in GPUs): {per_sample_ms:.3f} ms")
     # A heartbeat every few seconds can afford far more; this only catches a blocking call.
     assert per_sample_ms < 50
+
+
+class BrokenNvml(FakeNvml):
+    """A driver whose library does not match: nvmlInit fails."""
+
+    def nvmlInit(self) -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
+
+
+def test_a_broken_driver_is_a_failure_not_a_cpu_node() -> None:
+    # Given NVML failing where the NVIDIA driver is installed
+    tel = Telemetry(nvml=BrokenNvml(), driver_present=True)
+    # Then the node is not silently CPU-only: a failure says what to do
+    assert tel.failure is not None and "nvidia-smi" in tel.failure
+    assert "gpus = []" in tel.failure
+    from agent.node.doctor import check_nvml
+    assert check_nvml(tel).status == "FAIL"
+    # and with no driver installed, the same NVML error is just a CPU-only node
+    cpu = Telemetry(nvml=BrokenNvml(), driver_present=False)
+    assert cpu.failure is None and cpu.inventory() == [] and cpu.reason
+
+
+def test_one_lost_gpu_drops_only_that_gpu() -> None:
+    # Given a node where GPU 0 fell off the bus before the agent started
+    nvml = FakeNvml()
+    nvml.lost.add(0)
+    tel = Telemetry(nvml=nvml, driver_present=True)
+    # Then the other GPU serves, the lost one is named, and the agent may start
+    assert [g.index for g in tel.inventory()] == [1]
+    assert tel.lost[0]["index"] == 0 and tel.failure is None
+    from agent.node.doctor import check_nvml
+    assert check_nvml(tel).status == "WARN"
+
+
+def test_a_wedged_gpu_never_stalls_the_event_loop() -> None:
+    import asyncio
+    import threading
+
+    from agent.node.telemetry import Sampler
+
+    release = threading.Event()
+
+    class Wedged(Telemetry):
+        calls = 0
+
+        def sample(self) -> dict[str, Any]:
+            Wedged.calls += 1
+            if Wedged.calls > 1:
+                release.wait(30)  # the second sample hangs, as NVML does on a wedged GPU
+            return {"gpus": [], "n": Wedged.calls}
+
+    async def main() -> None:
+        sampler = Sampler(Wedged(nvml=BrokenNvml(), driver_present=False), timeout_s=0.2)
+        assert (await sampler.refresh())["n"] == 1
+        t0 = time.monotonic()
+        again = await sampler.refresh()  # hangs in its thread; we wait only the timeout
+        assert time.monotonic() - t0 < 1.0 and again["n"] == 1
+        await asyncio.sleep(0.25)
+        stale = sampler.latest()
+        assert stale["n"] == 1 and stale["error"] == "NVML is not answering"
+        await sampler.refresh()
+        assert Wedged.calls == 2  # no second thread piled up behind the wedged one
+        release.set()
+        assert (await sampler.refresh())["n"] in (2, 3)
+        sampler.close()
+
+    asyncio.run(main())
