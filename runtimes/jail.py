@@ -244,7 +244,24 @@ def _private_views(request: JailRequest) -> None:
     _move_back(mine)
     for root in covered:  # nothing new can appear beside the job's folders
         _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _own_hosts(request.hostname)
     _umount(STAGE)
+
+
+def _own_hosts(hostname: str) -> None:
+    """An /etc/hosts that resolves the job's hostname to loopback (torchrun needs it).
+
+    Written in the stage tmpfs and bound read-only over /etc/hosts: the bind keeps
+    the file when the stage is unmounted. Without it, `torchrun --standalone` waits
+    for a hostname that neither the host's /etc/hosts nor (without network) DNS knows.
+    """
+    if not os.path.isfile("/etc/hosts"):
+        return  # nothing to bind over (and / is read-only: nothing to create)
+    path = f"{STAGE}/hosts"
+    with open(path, "w") as fh:
+        fh.write(f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n")
+    _mount(path, "/etc/hosts", None, MS_BIND)
+    _mount(None, "/etc/hosts", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def _stage(path: str, stage: str) -> str:

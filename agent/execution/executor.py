@@ -490,11 +490,20 @@ class JobRun:
             "cancel": self._cancel_block(),
             "environment": {**environment_info(self.gpu_names),
                             "cuda_visible_devices": self.gpu_ids,
-                            "device": (self.events_seen.get("device") or {}).get("summary"),
+                            "device": self._device_summary(),
                             "isolation": self._isolation()},
             "logs": {s: {"bytes": c.size, "dropped_bytes": c.dropped}
                      for s, c in self.captures.items()},
         }
+
+    def _device_summary(self) -> dict[str, Any] | None:
+        """What the runtime said of its device (its ``device`` event, flat fields)."""
+        event = self.events_seen.get("device")
+        if not isinstance(event, dict):
+            return None
+        summary = event.get("summary")  # older runtimes nested it
+        fields = summary if isinstance(summary, dict) else event
+        return {k: v for k, v in fields.items() if k not in ("event", "t")}
 
     def _isolation(self) -> dict[str, Any]:
         """How this job was confined: the package says, so a reader need not guess."""

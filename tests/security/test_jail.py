@@ -95,3 +95,24 @@ def test_code_and_read_only_paths_under_tmp_survive_the_jobs_fresh_tmp(tmp_path:
     text = (tmp_path / "out" / "job_reads" / "result.txt").read_text()
     assert text.splitlines() == ['{"tiny": "/nonexistent"}', "read-only"], text
     assert models.read_text() == '{"tiny": "/nonexistent"}\n'
+
+
+@pytest.mark.slow
+def test_ddp_ranks_meet_inside_the_sandbox(tmp_path: Path) -> None:
+    # Given a two-rank DDP training job (torchrun resolves the job's hostname to meet),
+    # with the network off as the sandbox allows per type
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"job_id": "ddp", "payload": {
+        "type": "training", "model": {"arch": "mlp", "config": {"hidden": [8]}},
+        "dataset": {"synthetic": {"kind": "classification", "samples": 64}},
+        "optimizer": {"name": "sgd", "lr": 0.05}, "batch_size": 16, "steps": 4,
+        "distributed": {"nproc": 2, "backend": "gloo"}}, "constraints": {"timeout_s": 120}}))
+    # When it runs in the sandbox
+    done = subprocess.run([sys.executable, "-m", "agent", "exec", str(job), "--out",
+                           str(tmp_path / "out"), "--quiet", "--launcher", "forkserver"],
+                          capture_output=True, text=True, timeout=180)
+    # Then both ranks meet and train (no wait on an unresolvable hostname)
+    assert done.returncode == 0, done.stderr
+    output = json.loads((tmp_path / "out" / "job_ddp" / "output.json").read_text())
+    assert output["metrics"]["world_size"] == 2
+    assert output["environment"]["device"] is not None  # the runtime's device event
