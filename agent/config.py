@@ -100,6 +100,9 @@ class AgentConfig:
     job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
+    # A GPU a finished job's contexts still hold after this long is given to no job until
+    # it is free (the slot drains, with the reason in the heartbeat).
+    gpu_release_timeout_s: float = 30.0
 
     @property
     def jobs_dir(self) -> Path:

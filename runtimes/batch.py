@@ -181,8 +181,12 @@ def load_batch_model(ctx: JobContext, spec: dict[str, Any], setup: dev.DeviceSet
     except Exception as exc:  # a file that is not what it claims to be
         raise JobFailed("input_error", f"model file is not a loadable {fmt} file: "
                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    # An exported program's graph is fixed; it runs on the device it was exported for.
-    return program.module().to(setup.device)
+    # An exported program's graph has devices baked into its nodes: `.module().to(...)`
+    # moves the weights but not those (a CPU export would then fail on CUDA inputs).
+    # torch's pass rewrites both.
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, setup.device).module()
 
 
 # -- outputs ----------------------------------------------------------------------

@@ -50,6 +50,11 @@ def train_rank(ctx: JobContext, local_rank: int, rank: int, world: int) -> None:
     spec = parse_spec(ctx.payload, ctx.constraints)
     setup = select_device(ctx, spec.device_payload)
     if setup.kind == "cuda":
+        held = torch.cuda.device_count()
+        if local_rank >= held:  # else: "invalid device ordinal", deep in NCCL
+            raise JobFailed("no_capacity", f"rank {rank} of {world} needs a GPU of its own "
+                            f"(cuda:{local_rank}) but the job holds {held}; ask for "
+                            f"gpu_count = {world} or fewer ranks")
         setup.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(setup.device)
     backend = spec.backend or ("nccl" if setup.kind == "cuda" else "gloo")

@@ -21,6 +21,7 @@ from agent.coordinator.transport import CoordinatorHTTPError, LeaseLost
 from agent.daemon.cancels import Disposition, disposition
 from agent.daemon.held import Active, HeldJobs
 from agent.daemon.journal import Journal, Phase
+from agent.daemon.release import Release, ReleaseGate
 from agent.daemon.report import Report, build_report
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
@@ -55,8 +56,10 @@ class JobFlow:
     def __init__(self, *, cfg: AgentConfig, journal: Journal, client: CoordinatorClient,
                  scheduler: Scheduler, held: HeldJobs, starter: JobStarter,
                  metrics: AgentMetrics, session: Callable[[], Session],
-                 wake_heartbeat: Callable[[], None], wake_poll: Callable[[], None]) -> None:
+                 wake_heartbeat: Callable[[], None], wake_poll: Callable[[], None],
+                 gate: ReleaseGate | None = None) -> None:
         self.cfg = cfg
+        self.gate = gate  # None: no GPU, or NVML cannot tell
         self.journal = journal
         self.client = client
         self.scheduler = scheduler
@@ -138,8 +141,35 @@ class JobFlow:
         try:
             return await run.run()
         finally:
-            self.scheduler.release(job.job_id)
-            self.held.release(job.job_id)
+            try:
+                active.release = await self._release_gpus(assignment, run)
+            finally:
+                self.scheduler.release(job.job_id)
+                self.held.release(job.job_id)
+
+    async def _release_gpus(self, assignment: Assignment, run: JobRun) -> Release:
+        """The release gate: the job's GPUs go on only once it let go of them."""
+        if self.gate is None or not assignment.gpu_indices:
+            return Release()
+        release = await self.gate.wait(assignment.gpu_indices,
+                                       {run.pid} if run.pid is not None else set())
+        for index, pids in release.held.items():
+            reason = (f"GPU {index} still held by finished job {assignment.job_id}'s "
+                      f"processes {pids} after {self.gate.timeout_s:.0f} s")
+            log.error("%s: no job gets it until it is free", reason)
+            self.scheduler.block(index, reason)
+            task = asyncio.create_task(self._unblock_when_free(index))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return release
+
+    async def _unblock_when_free(self, index: int) -> None:
+        assert self.gate is not None
+        while await self.gate.still_held(index):
+            await asyncio.sleep(5)
+        log.info("GPU %d is free again", index)
+        self.scheduler.unblock(index)
+        self.wake_poll()
 
     async def conclude(self, active: Active, report: JobReport) -> None:
         """The package is written: report it as :func:`disposition` says."""
@@ -154,7 +184,8 @@ class JobFlow:
             return
         location = await session.uploads.upload(report, job=active.job,
                                                 lease_id=active.lease_id)
-        rep = await self.finish(report, active.lease_id, active.gpu_count, location)
+        rep = await self.finish(report, active.lease_id, active.gpu_count, location,
+                                active.release.metrics())
         await self.deliver(report.job_id, rep, active.lease_id)
 
     def _count(self, report: JobReport) -> None:
@@ -166,11 +197,14 @@ class JobFlow:
             self.metrics.cancel_latency_s(cancel["latency_ms"] / 1000)
 
     async def finish(self, report: JobReport, lease_id: str | None, gpu_count: int,
-                     location: str | None) -> Report:
+                     location: str | None, extra_metrics: dict[str, Any] | None = None
+                     ) -> Report:
         """Build the report once, journal it, and ship the logs' last bytes."""
         rep = build_report(report, gpu_count=gpu_count, location=location, lease_id=lease_id,
                            max_text_bytes=self.cfg.max_result_text_bytes,
                            log_tail_bytes=self.cfg.log_tail_bytes)
+        if extra_metrics:
+            rep.body["metrics"].update(extra_metrics)
         self.journal.set_phase(report.job_id, Phase.FINISHED, outcome=report.outcome.value,
                                report=rep.to_dict())
         shipper = self.session().shipper

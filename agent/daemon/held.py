@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from agent.daemon.release import Release
 from agent.daemon.scheduler import Assignment
 from agent.errors import CancelReason
 from agent.execution.executor import JobRun
@@ -26,6 +27,7 @@ class Active:
     cancel_reason: CancelReason | None = None
     dropped: bool = False  # the coordinator no longer wants a report of it (core)
     accepted_at: float = field(default_factory=time.time)  # when poll handed it over
+    release: Release = field(default_factory=Release)  # how its GPUs came free
 
     def cancel(self, reason: CancelReason, dropped: bool) -> None:
         """Stop it (or keep it from starting); the first reason is the one recorded."""

@@ -38,6 +38,7 @@ from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal
 from agent.daemon.poll import PollLoop
 from agent.daemon.recovery import Recovery
+from agent.daemon.release import ReleaseGate
 from agent.daemon.scheduler import Device, Scheduler
 from agent.daemon.session import Session
 from agent.daemon.shipping import ShipLoop
@@ -97,7 +98,10 @@ class Agent:
                             scheduler=self.scheduler, held=self.held,
                             starter=JobStarter(exec_cfg, self.launcher, job_environ),
                             metrics=self.metrics, session=self._session,
-                            wake_heartbeat=self.wake_heartbeat, wake_poll=self.wake_poll)
+                            wake_heartbeat=self.wake_heartbeat, wake_poll=self.wake_poll,
+                            gate=ReleaseGate(self.telemetry.compute_pids,
+                                             timeout_s=cfg.gpu_release_timeout_s)
+                            if self.telemetry.has_gpus else None)
         self.recovery = Recovery(flow=self.flow, journal=self.journal, held=self.held,
                                  out_root=exec_cfg.out_root, work_root=exec_cfg.work_root,
                                  keep_packages_days=cfg.keep_packages_days,
@@ -288,8 +292,11 @@ class Agent:
             p.pop("t", None)
             jobs[a.job_id] = {"progress": p, "phase": "running" if a.run else "waiting",
                               "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
-        return {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
-                "agent": {"pid": os.getpid()}}
+        out = {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
+               "agent": {"pid": os.getpid()}}
+        if self.scheduler.blocked:  # GPUs a finished job's contexts still hold
+            out["blocked_gpus"] = {str(i): why for i, why in self.scheduler.blocked.items()}
+        return out
 
     def _sample(self) -> dict[str, Any]:
         """The latest telemetry (taken off the event loop by the sampler)."""

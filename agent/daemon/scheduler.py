@@ -123,6 +123,7 @@ class Scheduler:
     jobs_per_gpu: int = 1
     cpu_slots: int = 1
     cuda_version: str = ""  # the driver's CUDA version ("12.4"), for constraints.cuda
+    blocked: dict[int, str] = field(default_factory=dict)  # GPU index -> why it waits
     _gpu_load: dict[int, int] = field(default_factory=dict)
     _held: dict[str, Assignment] = field(default_factory=dict)
 
@@ -164,7 +165,8 @@ class Scheduler:
         if want.count == 0:
             return self._hold(Assignment(job_id, ()))
         per_gpu = self.jobs_per_gpu if want.count == 1 else 1
-        free = [d for d in fitting if self._gpu_load[d.index] < per_gpu]
+        free = [d for d in fitting
+                if self._gpu_load[d.index] < per_gpu and d.index not in self.blocked]
         if len(free) < want.count:
             return None
         free.sort(key=lambda d: (self._gpu_load[d.index], d.index))
@@ -176,6 +178,13 @@ class Scheduler:
                                      tuple(d.name for d in chosen),
                                      tuple(d.minor for d in chosen),
                                      tuple(d.uuid for d in chosen)))
+
+    def block(self, index: int, reason: str) -> None:
+        """Give GPU ``index`` to no job until :meth:`unblock` (its memory is still held)."""
+        self.blocked[index] = reason
+
+    def unblock(self, index: int) -> None:
+        self.blocked.pop(index, None)
 
     def _fitting(self, want: GpuRequest) -> list[Device]:
         if want.cuda and want.cuda not in self.cuda_version:

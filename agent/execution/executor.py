@@ -186,14 +186,13 @@ class JobRun:
             (self.work_dir / ".home").mkdir(exist_ok=True)
 
     def _contract_env(self) -> dict[str, str]:
-        private = {}
-        if self.cfg.sandbox is not None:
-            # The node's home and caches are read-only in the sandbox: the job's own,
-            # never shared with the next job (a compile cache is code).
-            cache = self.work_dir / ".cache"
-            private = {"HOME": str(self.work_dir / ".home"), "XDG_CACHE_HOME": str(cache),
-                       "TRITON_CACHE_DIR": str(cache / "triton"),
-                       "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        # Compile caches are the job's own, never shared with the next job (a compile
+        # cache is code) and never in an unwritable HOME (torch.compile would go eager).
+        cache = self.work_dir / ".cache"
+        private = {"TRITON_CACHE_DIR": str(cache / "triton"),
+                   "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        if self.cfg.sandbox is not None:  # the node's home is read-only in the sandbox
+            private.update(HOME=str(self.work_dir / ".home"), XDG_CACHE_HOME=str(cache))
         return {**self.cfg.contract_env, **private, "MINER_JOB_ID": self.job.job_id,
                 "MINER_JOB_CACHE_DIR": str(self.work_dir / ".cache"),
                 "MINER_PACKAGE_DIR": str(self.folder), "MINER_WORK_DIR": str(self.work_dir),

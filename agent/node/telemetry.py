@@ -192,6 +192,22 @@ class Telemetry:
         """True when NVML started and sees at least one GPU."""
         return bool(self._inventory)
 
+    def compute_pids(self, index: int) -> list[int] | None:
+        """Pids (host pids, in any namespace) holding a CUDA context on GPU ``index``.
+
+        None when NVML cannot say (no NVML, an unknown index, an error). Blocking:
+        call it off the event loop.
+        """
+        for info, handle in zip(self._inventory, self._handles, strict=True):
+            if info.index != index:
+                continue
+            try:
+                procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except self._nvml.NVMLError:
+                return None
+            return [int(p.pid) for p in procs]
+        return None
+
     def inventory(self) -> list[GpuInfo]:
         """The GPUs NVML saw at start, in NVML index order (empty on a CPU-only node)."""
         return list(self._inventory)

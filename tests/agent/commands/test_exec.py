@@ -99,8 +99,9 @@ def test_job_dies_with_a_killed_agent(tmp_path: Path, sandbox: list[str], launch
     # When the agent is SIGKILLed (no chance to clean up)
     proc.kill()
     proc.wait()
-    # Then the job's process does not outlive it
-    deadline = time.monotonic() + 5
+    # Then the job's process does not outlive it (the kernel's kill chain can take a few
+    # seconds on this 2-core machine under the whole suite's load)
+    deadline = time.monotonic() + 15
     while pid_alive(found[0].pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pid_alive(found[0].pid)

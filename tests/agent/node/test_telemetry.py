@@ -47,6 +47,9 @@ class FakeNvml:
         return "NVIDIA H100 80GB HBM3" if h == 0 else b"NVIDIA GeForce RTX 4090"
     def nvmlDeviceGetUUID(self, h: int) -> str: return f"GPU-{h:08d}"
     def nvmlDeviceGetMinorNumber(self, h: int) -> int: return 7 - h
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[Any]:
+        self._check(h)
+        return [SimpleNamespace(pid=4242 + h, usedGpuMemory=512 * MIB)]
     def nvmlDeviceGetPciInfo(self, h: int) -> Any:
         return SimpleNamespace(busId=f"00000000:0{h}:00.0")
     def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
@@ -224,3 +227,12 @@ def test_a_wedged_gpu_never_stalls_the_event_loop() -> None:
         sampler.close()
 
     asyncio.run(main())
+
+
+def test_compute_pids_per_gpu_and_none_when_nvml_cannot_say() -> None:
+    nvml = FakeNvml()
+    tel = Telemetry(nvml=nvml, driver_present=True)
+    assert tel.compute_pids(0) == [4242] and tel.compute_pids(1) == [4243]
+    assert tel.compute_pids(7) is None  # no such GPU
+    nvml.lost.add(1)
+    assert tel.compute_pids(1) is None
