@@ -307,7 +307,17 @@ class Agent:
             sample = await self.sampler.refresh()
             if sample:
                 self.metrics.update_gpus(sample)
+                self._drop_lost_gpus(sample)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    def _drop_lost_gpus(self, sample: dict[str, Any]) -> None:
+        """A GPU that stopped answering NVML gets no new job (the others go on)."""
+        for gpu in sample.get("gpus") or ():
+            index, error = gpu.get("index"), gpu.get("error")
+            if error and isinstance(index, int) and index not in self.scheduler.blocked:
+                log.error("GPU %d stopped answering NVML (%s): no new job goes to it", index,
+                          error)
+                self.scheduler.block(index, f"NVML: {error}")
 
     def _status_line(self) -> str:
         state = "draining" if self.draining else "serving"
