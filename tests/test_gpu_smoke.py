@@ -11,10 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pynvml
 import pytest
 
 from benchmarks.gpu_smoke_steps import STEPS, Checks, Options, check_bench, merge_figures, step_nvml
+from tests.agent.node.test_telemetry import FakeNvml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "gpu_smoke.sh"
@@ -57,18 +57,13 @@ def test_without_nvidia_smi_it_says_no_gpu_and_exits_99_at_once(tmp_path: Path) 
     assert seconds < 5
 
 
-def test_a_failing_nvidia_smi_means_no_gpu(tmp_path: Path) -> None:
-    # Given an nvidia-smi that fails, as it does when the driver is not loaded
-    smi = fake_smi(tmp_path, 'echo "NVIDIA-SMI has failed" >&2; exit 9')
-    proc, seconds = run_smoke(tmp_path, smi)
-    assert_no_gpu(proc, tmp_path, "nvidia-smi failed (exit 9)")
-    assert seconds < 5
-
-
-def test_nvidia_smi_listing_nothing_means_no_gpu(tmp_path: Path) -> None:
-    smi = fake_smi(tmp_path, 'echo "No devices were found"')
-    proc, seconds = run_smoke(tmp_path, smi)
-    assert_no_gpu(proc, tmp_path, "nvidia-smi lists no GPU")
+@pytest.mark.parametrize(("body", "said"), [
+    ('echo "NVIDIA-SMI has failed" >&2; exit 9', "nvidia-smi failed (exit 9)"),  # no driver
+    ('echo "No devices were found"', "nvidia-smi lists no GPU"),
+], ids=["failing", "listing-nothing"])
+def test_an_nvidia_smi_without_gpus_means_no_gpu(tmp_path: Path, body: str, said: str) -> None:
+    proc, seconds = run_smoke(tmp_path, fake_smi(tmp_path, body))
+    assert_no_gpu(proc, tmp_path, said)
     assert seconds < 5
 
 
@@ -134,15 +129,9 @@ def test_figures_merge_each_step_result_and_its_figures(tmp_path: Path) -> None:
     assert (tmp_path / "figures.json").is_file()
 
 
-class OneH200:
+class OneH200(FakeNvml):
     """NVML as an H200 node answers it: bytes, milliwatts, degrees C, percent."""
 
-    NVMLError = pynvml.NVMLError
-    NVMLError_GpuIsLost = pynvml.NVMLError_GpuIsLost
-    NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
-    NVML_MEMORY_ERROR_TYPE_CORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
-    NVML_MEMORY_ERROR_TYPE_UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
-    NVML_VOLATILE_ECC = pynvml.NVML_VOLATILE_ECC
     power_mw = 118_456
 
     def nvmlInit(self) -> None: ...
