@@ -57,9 +57,21 @@ def run(ctx: JobContext) -> None:
     if ctx.cancelled:
         return
     if code < 0:
-        raise JobFailed("killed", f"{argv[0]} was killed by {signal.Signals(-code).name}")
+        raise JobFailed("killed", f"{argv[0]} was killed by {signal_label(-code)}",
+                        signal=-code)
     if code != 0:
         raise JobFailed("nonzero_exit", f"{argv[0]} exited with status {code}", exit_code=code)
+
+
+def signal_label(number: int) -> str:
+    """``SIGKILL``, ``SIGRTMIN+6`` (real-time signals have no name), or ``signal 99``."""
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        pass
+    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN} ({number})"
+    return f"signal {number}"
 
 
 def _poll_interval(ctx: JobContext) -> float:

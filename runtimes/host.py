@@ -98,7 +98,8 @@ def run_spec(spec: dict[str, Any]) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         fn = registry.load(spec["runtime"])
-        channel.send("started", pid=os.getpid())  # imports done: the job's code runs now
+        # Imports done: the job's code runs now (its clock is the agent's: system-wide).
+        channel.send("started", pid=os.getpid(), mono=time.monotonic())
         fn(ctx)
     except JobCancelled:
         pass

@@ -111,6 +111,11 @@ class JobRun:
                                                "requested": None, "started": None,
                                                "first_progress": None, "finished": None}
         self.cancel_times: dict[str, float | None] = {}
+        # Durations (billed as gpu_seconds) come from the monotonic clock: a wall clock set
+        # back mid-job once billed -3,588 s. Wall times above are timestamps only.
+        self.mono: dict[str, float | None] = {
+            "created": time.monotonic() - max(0.0, time.time() - created_at)
+            if created_at else time.monotonic()}
         self.cancel_reason: CancelReason | None = None
         self.forced_kill = False
         self.progress: dict[str, Any] = {}
@@ -139,6 +144,7 @@ class JobRun:
             return
         self.cancel_reason = reason
         self.cancel_times["requested"] = time.time()
+        self.mono["cancel_requested"] = time.monotonic()
         log.info("job %s: cancel requested (%s)", self.job.job_id, reason.value)
         if self.handle is not None:
             self._signal_cancel()
@@ -214,6 +220,7 @@ class JobRun:
         await self._prefetch()
         spec_path = self.work_dir / ".miner-job.json"
         self.times["requested"] = time.time()
+        self.mono["requested"] = time.monotonic()
         spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
                 "work_dir": str(self.work_dir), "runtime": runtime, "parent_pid": os.getpid(),
                 "t_request": self.times["requested"]}
@@ -293,6 +300,7 @@ class JobRun:
             timeout_task.cancel()
             quota_task.cancel()
         self.times["finished"] = time.time()
+        self.mono["finished"] = time.monotonic()
         if self.cancel_reason is not None:
             self.cancel_times["exited"] = self.times["finished"]
         if self._kill_task is not None:
@@ -327,6 +335,18 @@ class JobRun:
         finally:
             transport.close()
 
+    def _span_ms(self, since: str, until: str) -> float | None:
+        start, end = self.mono.get(since), self.mono.get(until)
+        return (end - start) * 1000 if start is not None and end is not None else None
+
+    def _job_monotonic(self, reported: Any) -> float:
+        """The job's own monotonic reading (the same clock, system-wide) when plausible."""
+        now = time.monotonic()
+        requested = self.mono.get("requested") or now
+        if isinstance(reported, (int, float)) and requested - 1 <= reported <= now:
+            return float(reported)
+        return now
+
     def _handle_event(self, line: bytes) -> None:
         try:
             event = json.loads(line)
@@ -336,10 +356,12 @@ class JobRun:
             return
         kind = event["event"]
         if kind == "started":
-            self.times["started"] = float(event.get("t") or time.time())
+            self.times["started"] = time.time()
+            self.mono["started"] = self._job_monotonic(event.get("mono"))
         elif kind == "progress":
             if not self.progress:
                 self.times["first_progress"] = time.time()
+                self.mono["first_progress"] = time.monotonic()
             self.progress = {k: v for k, v in event.items() if k not in ("event",)}
         elif kind == "metrics" and isinstance(event.get("metrics"), dict):
             self.metrics.update(event["metrics"])
@@ -468,13 +490,14 @@ class JobRun:
             progress["fraction"] = 1.0
         started, finished = self.times["started"], self.times["finished"]
         metrics = dict(self.metrics)
-        if started and finished:
-            metrics.setdefault("duration_ms", round((finished - started) * 1000, 1))
-        if started and self.times["requested"]:
-            metrics["start_latency_ms"] = round((started - self.times["requested"]) * 1000, 2)
-        if self.times["first_progress"] and self.times["created"]:
-            metrics["first_progress_ms"] = round(
-                (self.times["first_progress"] - self.times["created"]) * 1000, 2)
+        # Ours, not the runtime's: the bill must not depend on what the job reports.
+        for name, since, until, digits in (("duration_ms", "started", "finished", 1),
+                                           ("start_latency_ms", "requested", "started", 2),
+                                           ("first_progress_ms", "created", "first_progress",
+                                            2)):
+            span = self._span_ms(since, until)
+            if span is not None:
+                metrics[name] = round(span, digits)
         return {
             "job_id": self.job.job_id, "type": self.job.type, "status": verdict.outcome.value,
             "partial": self._partial(verdict),
@@ -523,8 +546,9 @@ class JobRun:
         if self.cancel_reason is None:
             return None
         t = self.cancel_times
-        exited, requested = t.get("exited"), t.get("requested")
-        latency = (exited - requested) * 1000 if exited and requested else None
+        exited, requested = self.mono.get("finished"), self.mono.get("cancel_requested")
+        latency = (exited - requested) * 1000 \
+            if exited is not None and requested is not None else None
         return {"reason": self.cancel_reason.recorded, "requested_at": iso(t.get("requested")),
                 "signalled_at": iso(t.get("signalled")), "exited_at": iso(t.get("exited")),
                 "packaged_at": None, "forced_kill": self.forced_kill,

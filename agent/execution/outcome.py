@@ -17,10 +17,14 @@ class Verdict:
 
 
 def signal_name(number: int) -> str:
+    """``SIGKILL``; ``SIGRTMIN+6`` for a real-time signal; ``signal 99`` for anything else."""
     try:
         return signal.Signals(number).name
     except ValueError:
-        return f"signal {number}"
+        pass
+    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+    return f"signal {number}"
 
 
 def classify(status: int | None, finished: dict[str, Any] | None,

@@ -132,3 +132,28 @@ def test_a_job_sees_its_gpus_by_uuid(tmp_path: Path) -> None:
     # Then the job sees exactly those, and the operator's CUDA_DEVICE_ORDER passes through
     seen = (tmp_path / "out" / "job_uuids" / "result.txt").read_text().split()
     assert seen == ["GPU-1a2b,GPU-3c4d", "PCI_BUS_ID"]
+
+
+def test_any_signal_is_killed_with_its_number(tmp_path: Path) -> None:
+    # Given a program killed by a real-time signal (no name in Python's Signals)
+    job = {"job_id": "rt", "payload": {"type": "command", "argv": ["sh", "-c", "kill -40 $$"]}}
+    done = subprocess.run([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
+                           str(tmp_path / "out"), "--quiet", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    output = json.loads(done.stdout)
+    # Then it is killed, with the signal's number and its real-time name
+    assert output["error"]["code"] == "killed", output["error"]
+    assert "SIGRTMIN+" in output["error"]["message"] and "(40)" in output["error"]["message"]
+
+
+def test_billed_duration_is_the_agents_monotonic_span(tmp_path: Path) -> None:
+    # Given a job that claims a negative duration (as a wall clock set back would give)
+    script = ('echo \'{"event": "metrics", "metrics": {"duration_ms": -3588000}}\' >&3; '
+              "sleep 0.3")
+    job = {"job_id": "bill", "payload": {"type": "command", "argv": ["sh", "-c", script]}}
+    done = subprocess.run([*CLI, "exec", str(write_job(tmp_path, job)), "--out",
+                           str(tmp_path / "out"), "--quiet", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    output = json.loads(done.stdout)
+    # Then the duration is the agent's own monotonic span, not the job's word
+    assert 300 <= output["metrics"]["duration_ms"] < 30_000, output["metrics"]

@@ -229,3 +229,13 @@ def test_existing_package_is_never_overwritten(out: Path) -> None:
     second = run(job, out)
     assert second.error_code == "package_error"
     assert (out / "job_t1/output.json").read_bytes() == before
+
+
+def test_signal_names_cover_every_number() -> None:
+    import signal as _signal
+
+    from agent.execution.outcome import signal_name
+
+    assert signal_name(9) == "SIGKILL"
+    assert signal_name(int(_signal.SIGRTMIN) + 6) == "SIGRTMIN+6"
+    assert signal_name(200) == "signal 200"
