@@ -16,6 +16,10 @@ Models resolve by name through the node's registry (:func:`load_model_registry`)
 never from a hub. The generated text streams to stdout (flushed every ~50 ms)
 and is appended to result.txt as it comes, so a kill keeps it; a cancel stops
 at the next token and keeps the text so far (the package is marked partial).
+
+``max_new_tokens`` is cut to what the model's context leaves after the prompt
+(metrics ``max_new_tokens``, ``capped_by_context``, ``context_length``); a prompt
+that fills the context fails ``prompt_too_long``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +40,10 @@ if TYPE_CHECKING:
 
 FLUSH_INTERVAL_S = 0.05
 MAX_NEW_TOKENS_LIMIT = 32768
+# Where model configs keep their context length, most common first. Hugging Face's
+# attribute maps already alias n_positions/n_ctx to max_position_embeddings for GPT-2.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
+                "max_sequence_length", "seq_length", "seq_len", "block_size")
 
 
 # -- the node's model registry ----------------------------------------------------
@@ -131,6 +139,9 @@ class GenerationRequest:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)
+    # Set by fit_to_context once the model is known.
+    context_length: int | None = None
+    capped_by_context: bool = False
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> GenerationRequest:
@@ -155,6 +166,36 @@ class GenerationRequest:
             raise JobFailed("invalid_job", "payload.stop must be a string or a list of strings")
         return cls(prompt=prompt if isinstance(prompt, str) else None, messages=messages,
                    max_new_tokens=max_new, stop=stop, sampling=_sampling(payload))
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context in tokens, from the first of :data:`CONTEXT_KEYS` its config
+    sets; ``None`` when it names none (relative positions, no fixed limit)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(request: GenerationRequest, prompt_tokens: int,
+                   context: int | None) -> GenerationRequest:
+    """``request`` with ``max_new_tokens`` cut to what ``context`` leaves after the prompt.
+
+    Generating past the context indexes past the position table (an ``IndexError``
+    mid-run) or silently degrades, so the cap is applied up front and recorded.
+    Raises ``JobFailed("prompt_too_long")`` when the prompt leaves no room at all.
+    """
+    if context is None:
+        return request
+    if prompt_tokens >= context:
+        raise JobFailed("prompt_too_long", f"the prompt is {prompt_tokens} tokens; the model's "
+                        f"context is {context} tokens, which leaves none to generate",
+                        prompt_tokens=prompt_tokens, context_length=context)
+    room = context - prompt_tokens
+    return replace(request, context_length=context,
+                   max_new_tokens=min(request.max_new_tokens, room),
+                   capped_by_context=request.max_new_tokens > room)
 
 
 def _sampling(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -310,6 +351,7 @@ def run(ctx: JobContext) -> None:
     load_time_s = time.monotonic() - t0
     ctx.check_cancel()
     input_ids = encode_prompt(tokenizer, request).to(setup.device)
+    request = fit_to_context(request, input_ids.shape[-1], context_length(model.config))
     dev.reset_peak_memory(setup)
     sink = TextSink(ctx)
     streamer = TokenStreamer(ctx, tokenizer, sink, request.max_new_tokens, request.stop)
@@ -391,4 +433,7 @@ def _metrics(name: str, streamer: TokenStreamer, request: GenerationRequest, pro
     return {"model": name, "tokens_generated": n, "prompt_tokens": int(prompt_tokens),
             "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else None,
             "time_to_first_token_ms": ttft, "load_time_s": round(load_time_s, 3),
-            "generation_time_s": round(elapsed, 3), "stop_reason": reason}
+            "generation_time_s": round(elapsed, 3), "stop_reason": reason,
+            "max_new_tokens": request.max_new_tokens,
+            "capped_by_context": request.capped_by_context,
+            "context_length": request.context_length}

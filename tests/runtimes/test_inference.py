@@ -1,4 +1,4 @@
-"""Text generation with a tiny random Llama and a tokenizer built offline."""
+"""Text generation with tiny random Llama and GPT-2 models and a tokenizer built offline."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from runtimes.base import EventChannel, JobContext, JobFailed
-from runtimes.inference import GenerationRequest, load_model_registry, resolve_model, run
+from runtimes.inference import (
+    GenerationRequest,
+    context_length,
+    load_model_registry,
+    resolve_model,
+    run,
+)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -24,11 +30,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
                  "{% if add_generation_prompt %}assistant{% endif %}")
 
 
-def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama and a word-level tokenizer under ``folder``."""
-    import torch
+def tiny_tokenizer() -> Any:
+    """A word-level tokenizer over SENTENCES, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<pad>", "<s>", "</s>"]
     words = sorted({w for s in SENTENCES for w in s.split()})
@@ -38,12 +43,38 @@ def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
                                         pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llm(folder: Path, seed: int = 0, context: int = 8192) -> Path:
+    """Save a random 2-layer Llama and a word-level tokenizer under ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=8192, pad_token_id=1, bos_token_id=2,
+                         max_position_embeddings=context, pad_token_id=1, bos_token_id=2,
                          eos_token_id=None)  # no EOS: runs go to max_new_tokens
     model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_gpt2(folder: Path, context: int) -> Path:
+    """Save a random 1-layer GPT-2: learned positions, so a token past ``context`` is an
+    IndexError rather than a quietly stretched rotary angle."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32,
+                        n_layer=1, n_head=4, pad_token_id=1, bos_token_id=2, eos_token_id=None)
+    model = GPT2LMHeadModel(config)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -53,6 +84,11 @@ def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def short_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("short-gpt2"), context=32)
 
 
 def make_ctx(tmp_path: Path, payload: dict[str, Any]) -> JobContext:
@@ -211,3 +247,56 @@ def test_end_to_end_through_the_executor(tmp_path, tiny_llm):
     text = (report.folder / "result.txt").read_text()
     assert text.strip()
     assert (report.folder / "logs" / "stdout.log").read_text() == text
+
+
+def test_default_max_new_tokens_is_capped_at_the_context(tmp_path, short_gpt2, monkeypatch):
+    # Given a 32-position model and a 4-token prompt, with the default 256 new tokens
+    # When it generates
+    text, ctx = generate_text(tmp_path, short_gpt2, monkeypatch, prompt="the quick brown fox")
+    # Then it fills the context and completes (no IndexError past position 32)
+    m = ctx.metrics
+    assert m["prompt_tokens"] == 4 and m["tokens_generated"] == 28
+    assert m["max_new_tokens"] == 28 and m["capped_by_context"] is True
+    assert m["context_length"] == 32 and m["stop_reason"] == "length"
+    assert 0 < len(text.split()) <= 28 and not ctx.partial
+
+
+def test_a_request_inside_the_context_is_not_capped(tmp_path, short_gpt2, monkeypatch):
+    _, ctx = generate_text(tmp_path, short_gpt2, monkeypatch, prompt="the quick brown fox",
+                           max_new_tokens=28)
+    m = ctx.metrics
+    assert m["tokens_generated"] == 28 and m["max_new_tokens"] == 28
+    assert m["capped_by_context"] is False
+
+
+def test_llama_context_comes_from_max_position_embeddings(tmp_path, monkeypatch):
+    small = build_tiny_llm(tmp_path / "model", context=16)
+    _, ctx = generate_text(tmp_path / "run", small, monkeypatch, prompt="hello world",
+                           max_new_tokens=100)
+    assert ctx.metrics["tokens_generated"] == 14 and ctx.metrics["capped_by_context"] is True
+
+
+@pytest.mark.parametrize("words", [32, 40])
+def test_a_prompt_that_fills_the_context_fails_prompt_too_long(tmp_path, short_gpt2,
+                                                               monkeypatch, words):
+    prompt = " ".join((SENTENCES[0].split() * 10)[:words])
+    with pytest.raises(JobFailed) as info:
+        generate_text(tmp_path, short_gpt2, monkeypatch, prompt=prompt)
+    assert info.value.code == "prompt_too_long"
+    assert info.value.message == (f"the prompt is {words} tokens; the model's context is 32 "
+                                  "tokens, which leaves none to generate")
+    assert info.value.details == {"prompt_tokens": words, "context_length": 32}
+    assert not (tmp_path / "pkg" / "result.txt").exists()  # failed before generating
+
+
+def test_context_length_reads_the_config_field_each_family_uses():
+    from types import SimpleNamespace
+
+    assert context_length(SimpleNamespace(max_position_embeddings=4096)) == 4096
+    assert context_length(SimpleNamespace(n_positions=1024)) == 1024
+    assert context_length(SimpleNamespace(n_ctx=2048)) == 2048
+    assert context_length(SimpleNamespace(max_seq_len=512)) == 512
+    assert context_length(SimpleNamespace(seq_length=8192)) == 8192
+    assert context_length(SimpleNamespace(block_size=64)) == 64
+    assert context_length(SimpleNamespace(hidden_size=32)) is None
+    assert context_length(SimpleNamespace(max_position_embeddings=None, n_ctx=128)) == 128
