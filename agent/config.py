@@ -103,6 +103,13 @@ class AgentConfig:
     # A GPU a finished job's contexts still hold after this long is given to no job until
     # it is free (the slot drains, with the reason in the heartbeat).
     gpu_release_timeout_s: float = 30.0
+    # A coordinator answer longer than this (decoded) or nested deeper is not read: a
+    # poll answer past either fails its job with invalid_job, or is skipped.
+    max_answer_bytes: int = 16 * 1024 * 1024
+    max_answer_depth: int = 64
+    # Advertised as capabilities.price: jobs with constraints.max_price go only to miners
+    # whose price is at or below it (None: no price, so no such job comes here).
+    price: float | None = None
 
     @property
     def jobs_dir(self) -> Path:
@@ -249,6 +256,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
 
+def _validate_limits(cfg: AgentConfig) -> None:
+    """The limits a job and a coordinator answer are held to."""
+    for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config field {name} must not be negative (0: no limit)")
+    if not 1 <= cfg.job_cpu_weight <= 10000:
+        raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
+    if cfg.max_answer_bytes < 4096 or not 2 <= cfg.max_answer_depth <= 512:
+        raise ConfigError("max_answer_bytes must be at least 4096 and max_answer_depth "
+                          "between 2 and 512")
+
+
 def _validate(cfg: AgentConfig) -> None:
     positive = ("heartbeat_interval_s", "poll_interval_s", "poll_max_interval_s",
                 "cancel_check_interval_s", "progress_interval_s", "log_ship_interval_s",
@@ -263,10 +282,8 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("jobs_per_gpu must be at least 1 and cpu_slots at least 0")
     if cfg.coordinator_url and not cfg.coordinator_url.startswith(("http://", "https://")):
         raise ConfigError("coordinator_url must start with http:// or https://")
-    for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"config field {name} must not be negative (0: no limit)")
-    if not 1 <= cfg.job_cpu_weight <= 10000:
-        raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
+    _validate_limits(cfg)
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
+    if cfg.price is not None and not 0 <= cfg.price < float("inf"):  # NaN fails too
+        raise ConfigError("price must be a number >= 0 (or unset: no price advertised)")

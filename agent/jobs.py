@@ -81,7 +81,7 @@ def _vram_field(raw: dict[str, Any]) -> int:
     gb = raw.get("min_vram_gb")
     if mb or gb is None:
         return int(mb)
-    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not math.isfinite(gb) \
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not _finite(gb) \
             or not 0 <= gb <= 10_000:
         raise InvalidJob("constraints.min_vram_gb must be a number of GB (0-10000)")
     return int(gb * 1024)
@@ -102,9 +102,17 @@ def _timeout_field(raw: dict[str, Any]) -> float:
         timeout = DEFAULT_TIMEOUT_S
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidJob("constraints.timeout_s must be a number of seconds")
-    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+    if not _finite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
         raise InvalidJob(f"constraints.timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}]")
     return float(timeout)
+
+
+def _finite(value: float) -> bool:
+    """math.isfinite, where an int too large for a float (10**400) is simply not finite."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _bounded(name: str, value: int, lo: int, hi: int) -> int:

@@ -13,7 +13,9 @@ import asyncio
 import base64
 import enum
 import logging
+import math
 import os
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,21 +23,32 @@ from typing import Any
 from agent.coordinator.capabilities import SUPPORTED_EXTENSIONS, Capabilities
 from agent.coordinator.retry import CallStats, RetryPolicy
 from agent.coordinator.transport import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    DEFAULT_MAX_ANSWER_DEPTH,
+    AnswerLimits,
+    AnswerProblem,
+    BadAnswer,
     CoordinatorHTTPError,
     LeaseLost,
     Transport,
+    decode_json,
+    path_segment,
     response_json,
 )
-from agent.coordinator.transport import (
-    path_segment as _seg,
-)
 from agent.errors import CoordinatorError
+from agent.jobs import valid_job_id
 from agent.layout import STREAMS, Stream
 
 logger = logging.getLogger(__name__)
 
 MAX_LOG_CHUNK_BYTES = 4 * 1024 * 1024
 _UPLOAD_CHUNK_BYTES = 1024 * 1024
+_MAX_COUNT = 2**53  # offsets and sizes past what a double holds exactly are not believed
+_MAX_LEASE_TTL_S = 7 * 24 * 3600.0
+_LEASE_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+# The first key of a poll answer's top-level object, read from a body that cannot be
+# decoded (past a limit) to fail the job it handed out.
+_HEAD_JOB_ID_RE = re.compile(rb'^\s*\{\s*"job_id"\s*:\s*"([^"\\\x00-\x1f]{1,128})"')
 
 
 class _Default(enum.Enum):
@@ -50,6 +63,25 @@ DEFAULT_DEADLINES_S: dict[str, float | None] = {
     "result": None, "fail": None, "progress": 10.0, "logs": 60.0, "log_offsets": 30.0,
     "package": None, "presigned": None,
 }
+
+
+class BadJobId(CoordinatorError):
+    """Raised before a call whose URL would carry a job id that is not valid (see valid_job_id)."""
+
+    code = "bad_job_id"
+
+
+def _seg(job_id: str) -> str:
+    """A job id as a path segment; refused unless valid (null, "..", "a/b", control chars)."""
+    if not valid_job_id(job_id):
+        raise BadJobId(f"refusing a call for the invalid job id {shown_id(job_id)}")
+    return path_segment(job_id)
+
+
+def shown_id(job_id: object) -> str:
+    """An id from the wire as a log line may show it: repr'd, control characters escaped, cut."""
+    text = ascii(job_id)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class LogOffsetConflict(CoordinatorError):
@@ -87,13 +119,19 @@ class HeartbeatAnswer:
 
 @dataclass(frozen=True)
 class PolledJob:
-    """A job handed out by poll, as raw JSON parts (validate with ``Job.from_dict``)."""
+    """A job handed out by poll, as raw JSON parts (validate with ``Job.from_dict``).
+
+    ``job_id`` is always valid (:func:`agent.jobs.valid_job_id`). ``problem`` says why
+    the answer cannot run (past a limit, or a malformed lease); such a job carries no
+    payload, so ``Job.from_dict`` refuses it and the flow fails it with ``invalid_job``.
+    """
 
     job_id: str
     payload: Any
     constraints: Any
     lease_id: str | None = None
     lease_ttl_s: float | None = None
+    problem: str | None = None
 
     def job_dict(self) -> dict[str, Any]:
         """The shape :meth:`agent.jobs.Job.from_dict` reads (lease flattened to lease_id)."""
@@ -101,6 +139,8 @@ class PolledJob:
                                "constraints": self.constraints}
         if self.lease_id is not None:
             out["lease_id"] = self.lease_id
+        if self.problem is not None:
+            out["answer_problem"] = self.problem  # journaled: why it was refused
         return out
 
 
@@ -117,7 +157,8 @@ class LogOffsets:
     @classmethod
     def from_body(cls, body: Any) -> LogOffsets:
         body = body if isinstance(body, dict) else {}
-        return cls(int(body.get("stdout", 0) or 0), int(body.get("stderr", 0) or 0))
+        return cls(_count(body.get("stdout"), "offsets.stdout"),
+                   _count(body.get("stderr"), "offsets.stderr"))
 
 
 @dataclass(frozen=True)
@@ -139,14 +180,17 @@ class CoordinatorClient:
     def __init__(self, base_url: str, api_key: str, miner_id: str, *,
                  connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0,
                  retry: RetryPolicy | None = None,
-                 deadlines_s: Mapping[str, float | None] | None = None) -> None:
+                 deadlines_s: Mapping[str, float | None] | None = None,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+                 max_answer_depth: int = DEFAULT_MAX_ANSWER_DEPTH) -> None:
         _install_url_redaction()
         self.miner_id = miner_id
         self.stats = CallStats()
         self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
         self._t = Transport(base_url, api_key, miner_id, connect_timeout_s=connect_timeout_s,
                             read_timeout_s=read_timeout_s, policy=retry or RetryPolicy(),
-                            stats=self.stats)
+                            stats=self.stats,
+                            limits=AnswerLimits(max_answer_bytes, max_answer_depth))
 
     def __repr__(self) -> str:
         return f"CoordinatorClient(miner_id={self.miner_id!r}, api_key='***')"
@@ -182,50 +226,56 @@ class CoordinatorClient:
         body = {"capabilities": caps, "concurrency": concurrency, "region": region}
         resp = await self._t.request("register", "POST", "/v1/miners/register", json=body,
                                      deadline_s=self._deadline("register", deadline_s))
-        data = _json_object(resp, "register")
-        announced = frozenset(str(x) for x in data.get("extensions") or ())
+        data = self._object(resp, "register")
+        announced = frozenset(str(x) for x in _list(data, "extensions", "register"))
         return RegisterAnswer(data.get("session_token"), announced & declared, announced)
 
     async def heartbeat(self, inflight: int, metadata: Mapping[str, Any] | None = None,
-                        leases: Mapping[str, str] | None = None, *,
+                        leases: Mapping[str, str] | None = None, *, status: str = "ONLINE",
                         deadline_s: Deadline = DEFAULT) -> HeartbeatAnswer:
         """Report the true in-flight count; with leases (job_id -> lease_id), renew them.
 
         Raises :class:`NotRegistered` on 404.
         """
-        body: dict[str, Any] = {"inflight": inflight, "status": "ONLINE",
+        body: dict[str, Any] = {"inflight": inflight, "status": status,
                                 "metadata": dict(metadata or {})}
         if leases:
             body["leases"] = [{"job_id": j, "lease_id": lid} for j, lid in leases.items()]
         resp = await self._t.request("heartbeat", "POST", "/v1/miners/heartbeat", json=body,
                                      deadline_s=self._deadline("heartbeat", deadline_s),
                                      not_registered=frozenset({404}))
-        return _heartbeat_answer(_json_object(resp, "heartbeat"))
+        return _heartbeat_answer(self._object(resp, "heartbeat"))
 
     async def poll(self, *, deadline_s: Deadline = DEFAULT) -> PolledJob | None:
-        """Ask for one job; None when there is none. Raises :class:`NotRegistered` on 500."""
-        resp = await self._t.request("poll", "POST", "/v1/miners/poll", json={},
-                                     deadline_s=self._deadline("poll", deadline_s),
-                                     not_registered=frozenset({500}))
-        if resp.status_code == 204 or not resp.content:
-            return None
-        data = _json_object(resp, "poll")
-        raw = data.get("lease")
-        lease = raw if isinstance(raw, dict) else {}
-        ttl = lease.get("ttl_s")
-        return PolledJob(job_id=str(data.get("job_id")), payload=data.get("payload"),
-                         constraints=data.get("constraints"),
-                         lease_id=lease.get("id"),
-                         lease_ttl_s=float(ttl) if isinstance(ttl, int | float) else None)
+        """Ask for one job; None when there is none. Raises :class:`NotRegistered` on 500.
+
+        An answer past a limit or malformed comes back as a job with a ``problem`` (to
+        fail through ``/fail``) when it names a valid job id, and raises
+        :class:`BadAnswer` when it does not (nothing can be reported for it).
+        """
+        try:
+            resp = await self._t.request("poll", "POST", "/v1/miners/poll", json={},
+                                         deadline_s=self._deadline("poll", deadline_s),
+                                         not_registered=frozenset({500}))
+            if resp.status_code == 204 or not resp.content:
+                return None
+            data = self._object(resp, "poll")
+        except BadAnswer as exc:
+            found = _HEAD_JOB_ID_RE.match(exc.head)
+            job_id = found.group(1).decode() if found else None
+            if not valid_job_id(job_id):
+                raise
+            return PolledJob(str(job_id), None, None, problem=exc.message)
+        return _polled_job(data)
 
     async def running_jobs(self, *, limit: int = 100,
                            deadline_s: Deadline = DEFAULT) -> set[str]:
         """Ids of the jobs the coordinator thinks this miner runs (a missing one: stop it)."""
         resp = await self._t.request(
-            "running_jobs", "POST", f"/v1/miners/{_seg(self.miner_id)}/jobs", json={},
+            "running_jobs", "POST", f"/v1/miners/{path_segment(self.miner_id)}/jobs", json={},
             params={"job_status": "running", "limit": limit},
             deadline_s=self._deadline("running_jobs", deadline_s))
-        jobs = _json_object(resp, "running_jobs").get("jobs") or []
+        jobs = _list(self._object(resp, "running_jobs"), "jobs", "running_jobs")
         return {str(j.get("job_id", j.get("id"))) for j in jobs if isinstance(j, dict)}
 
     async def result(self, job_id: str, result: Mapping[str, Any],
@@ -241,7 +291,7 @@ class CoordinatorClient:
             body["lease_id"] = lease_id
         resp = await self._t.request("result", "POST", f"/v1/miners/{_seg(job_id)}/result",
                                      json=body, deadline_s=self._deadline("result", deadline_s))
-        receipt = _json_object(resp, "result").get("receipt")
+        receipt = self._object(resp, "result").get("receipt")
         return receipt if isinstance(receipt, dict) else None
 
     async def fail(self, job_id: str, error_code: str, error_message: str = "",
@@ -269,7 +319,7 @@ class CoordinatorClient:
         body = {k: v for k, v in fields.items() if v is not None}
         resp = await self._t.request("progress", "POST", f"/v1/miners/{_seg(job_id)}/progress",
                                      json=body, deadline_s=self._deadline("progress", deadline_s))
-        return bool(_json_object(resp, "progress").get("cancel"))
+        return bool(self._object(resp, "progress").get("cancel"))
 
     async def ship_logs(self, job_id: str, stream: Stream, offset: int, data: bytes, *,
                         lease_id: str | None = None,
@@ -323,8 +373,9 @@ class CoordinatorClient:
             raise CoordinatorHTTPError(f"coordinator rejected the package of {job_id}: "
                                        f"{data.get('detail', 'unprocessable')}", 422, data,
                                        code="sha256_mismatch")
-        return PackageAnswer(str(data.get("sha256", sha256)), int(data.get("size", 0) or 0),
-                             data.get("url"))
+        url = data.get("url")
+        return PackageAnswer(str(data.get("sha256", sha256)), _count(data.get("size"), "size"),
+                             url if isinstance(url, str) else None)
 
     async def put_presigned(self, url: str, zip_path: str | os.PathLike[str], sha256: str, *,
                             deadline_s: Deadline = DEFAULT) -> None:
@@ -338,13 +389,69 @@ class CoordinatorClient:
             raise CoordinatorHTTPError("upload URL rejected the package: checksum mismatch",
                                        422, response_json(resp), code="sha256_mismatch")
 
+    async def deregister(self, *, deadline_s: float | None = 10.0) -> bool:
+        """Leave: ``DELETE /v1/miners/{miner_id}`` (the coordinator marks it OFFLINE).
 
-def _json_object(resp: Any, endpoint: str) -> dict[str, Any]:
-    body = response_json(resp)
-    if not isinstance(body, dict):
-        raise CoordinatorError(f"coordinator answered {endpoint} with a body that is not a "
-                               "JSON object", "bad_answer")
-    return body
+        Returns False when the coordinator did not know this miner (404: already gone).
+        """
+        resp = await self._t.request("deregister", "DELETE",
+                                     f"/v1/miners/{path_segment(self.miner_id)}",
+                                     deadline_s=deadline_s, accept=frozenset({404}))
+        return resp.status_code != 404
+
+
+    def _object(self, resp: Any, endpoint: str) -> dict[str, Any]:
+        """The answer's JSON object, within the depth and number limits, or BadAnswer."""
+        try:
+            body = decode_json(resp.content, self._t.limits.max_depth)
+        except BadAnswer as exc:
+            raise BadAnswer(f"coordinator's {endpoint} answer: {exc.message}", exc.problem,
+                            exc.head) from None
+        if not isinstance(body, dict):
+            raise BadAnswer(f"coordinator answered {endpoint} with a body that is not a "
+                            "JSON object", AnswerProblem.NOT_OBJECT, resp.content[:4096])
+        return body
+
+
+def _polled_job(data: dict[str, Any]) -> PolledJob:
+    """A decoded poll answer as a job; BadAnswer when its job_id is not valid."""
+    job_id = data.get("job_id")
+    if not isinstance(job_id, str) or not valid_job_id(job_id):
+        raise BadAnswer(f"coordinator's poll answer names the invalid job id "
+                        f"{shown_id(job_id)}", AnswerProblem.BAD_FIELD)
+    raw = data.get("lease")
+    lease = raw if isinstance(raw, dict) else {}
+    lease_id, ttl = lease.get("id"), lease.get("ttl_s")
+    if lease_id is not None and not (isinstance(lease_id, str) and _LEASE_ID_RE.match(lease_id)):
+        return PolledJob(job_id, None, None, problem=f"the poll answer's lease id "
+                         f"{shown_id(lease_id)} is not 1-256 printable characters")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) \
+            or not 0 < ttl <= _MAX_LEASE_TTL_S:
+        ttl = None  # not a usable TTL: the lease is renewed on every heartbeat anyway
+    return PolledJob(job_id=job_id, payload=data.get("payload"),
+                     constraints=data.get("constraints"), lease_id=lease_id,
+                     lease_ttl_s=float(ttl) if ttl is not None else None)
+
+
+def _list(data: dict[str, Any], key: str, endpoint: str) -> list[Any]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadAnswer(f"coordinator's {endpoint} answer: {key} is not a list",
+                        AnswerProblem.BAD_FIELD)
+    return value
+
+
+def _count(value: Any, name: str) -> int:
+    """A byte offset or size from an answer: a whole number in [0, 2**53]; missing is 0."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not (math.isfinite(value) and 0 <= value <= _MAX_COUNT and value == int(value)):
+        raise BadAnswer(f"coordinator's answer: {name} is not a whole number in "
+                        f"[0, 2**53]: {shown_id(value)}", AnswerProblem.BAD_FIELD)
+    return int(value)
 
 
 def _heartbeat_answer(data: dict[str, Any]) -> HeartbeatAnswer:
@@ -353,11 +460,13 @@ def _heartbeat_answer(data: dict[str, Any]) -> HeartbeatAnswer:
     raw = data.get("leases")
     leases = raw if isinstance(raw, dict) else {}
     for job_id, state in leases.items():
-        if isinstance(state, dict) and isinstance(state.get("ttl_s"), int | float):
-            renewed[str(job_id)] = float(state["ttl_s"])
+        ttl = state.get("ttl_s") if isinstance(state, dict) else None
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool):
+            # decode_json let only finite numbers through; a huge TTL is cut, not believed
+            renewed[str(job_id)] = min(float(ttl), _MAX_LEASE_TTL_S)
         else:
             lost.add(str(job_id))
-    cancel = frozenset(str(j) for j in data.get("cancel") or () if j is not None)
+    cancel = frozenset(str(j) for j in _list(data, "cancel", "heartbeat") if j is not None)
     return HeartbeatAnswer(cancel, renewed, frozenset(lost))
 
 

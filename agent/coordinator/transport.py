@@ -10,16 +10,25 @@ One loop (:meth:`Transport.request`) decides, per answer, between "return it",
 - 401/403 raise :class:`AuthError`, 409 :class:`LeaseLost`, other 4xx
   :class:`CoordinatorHTTPError`; the caller names statuses that mean
   :class:`NotRegistered` (heartbeat 404, poll 500) so those are never retried.
+
+Every answer is read within :class:`AnswerLimits`: the body is streamed and dropped
+past ``max_bytes``, and :func:`decode_json` refuses nesting deeper than ``max_depth``
+and numbers a double cannot hold (NaN, Infinity, 1e400, a 400-digit integer), so no
+answer can exhaust memory or raise RecursionError or OverflowError further on.
+An answer past a limit raises :class:`BadAnswer`, which is not retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json as jsonlib
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -34,6 +43,13 @@ Content = bytes | Callable[[], AsyncIterator[bytes]]
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MIN_ATTEMPT_TIMEOUT_S = 0.05
 MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_ANSWER_DEPTH = 64
+_HEAD_BYTES = 4096
+# Python refuses int() of more than 4300 digits; a double holds at most 309.
+_MAX_NUMBER_CHARS = 400
+# Headers that describe the bytes on the wire, not the decoded body kept in memory.
+_WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 class AuthError(CoordinatorError):
@@ -74,6 +90,48 @@ class BodyTooLarge(CoordinatorError):
     code = "body_too_large"
 
 
+class AnswerProblem(enum.StrEnum):
+    """Why an answer was refused: the limit it broke, or how it is malformed."""
+
+    TOO_LARGE = "too_large"
+    TOO_DEEP = "too_deep"
+    BAD_NUMBER = "bad_number"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    BAD_FIELD = "bad_field"
+
+
+class BadAnswer(CoordinatorError):
+    """Raised when a coordinator answer is past a limit or is not the JSON it should be.
+
+    ``head`` is the start of the body as read (at most 4 KiB), so a caller can still
+    find which job a broken poll answer handed out; ``job_id`` is that job's id once a
+    caller found a valid one.
+    """
+
+    code = "bad_answer"
+
+    def __init__(self, message: str, problem: AnswerProblem, head: bytes = b"",
+                 job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.head = head
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class AnswerLimits:
+    """How much of an answer the agent reads: bytes of the body, and JSON nesting."""
+
+    max_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    max_depth: int = DEFAULT_MAX_ANSWER_DEPTH
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or not 1 <= self.max_depth <= 512:
+            raise ValueError("answer limits: max_bytes must be at least 1 and max_depth "
+                             "between 1 and 512")
+
+
 class CoordinatorUnavailable(CoordinatorError):
     """Raised when a call's deadline passed while the coordinator was unreachable or busy."""
 
@@ -91,15 +149,82 @@ class RetriesStopped(CoordinatorUnavailable):
 
 
 def path_segment(value: str) -> str:
-    """One path segment, quoted: an id from the wire never changes which endpoint is hit."""
-    return urllib.parse.quote(str(value), safe="")
+    """One path segment, quoted: an id from the wire never changes which endpoint is hit.
+
+    Raises ValueError for "", "." and "..": quoting leaves them as they are, and an
+    HTTP client folds them into the path (``/v1/miners/../fail`` is ``/v1/fail``).
+    """
+    text = str(value)
+    if text in ("", ".", ".."):
+        raise ValueError(f"{text!r} cannot be a URL path segment")
+    return urllib.parse.quote(text, safe="")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NumberError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text) if len(text) <= _MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise _NumberError(f"the number {text[:40]}... is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _NumberError(f"a {len(text)}-digit number is out of range")
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise _NumberError(f"a {len(text)}-digit number is out of range") from None
+    return value
+
+
+class _NumberError(ValueError):
+    pass
+
+
+def _depth(value: Any) -> int:
+    """Nesting of decoded JSON, walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def decode_json(data: bytes, max_depth: int = DEFAULT_MAX_ANSWER_DEPTH) -> Any:
+    """Decode an answer's JSON body within the depth and number limits, or raise BadAnswer."""
+    head = data[:_HEAD_BYTES]
+    try:
+        value = jsonlib.loads(data, parse_float=_finite_float, parse_int=_bounded_int,
+                              parse_constant=_refuse_constant)
+    except RecursionError:
+        # The C scanner stops at the interpreter's recursion limit (1000 by default).
+        raise BadAnswer(f"the answer nests JSON deeper than {max_depth}",
+                        AnswerProblem.TOO_DEEP, head) from None
+    except _NumberError as exc:
+        raise BadAnswer(f"the answer holds a number out of range: {exc}",
+                        AnswerProblem.BAD_NUMBER, head) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadAnswer(f"the answer is not JSON: {str(exc)[:200]}",
+                        AnswerProblem.NOT_JSON, head) from None
+    if _depth(value) > max_depth:
+        raise BadAnswer(f"the answer nests JSON deeper than {max_depth}",
+                        AnswerProblem.TOO_DEEP, head)
+    return value
 
 
 def response_json(resp: httpx.Response) -> Any:
-    """The decoded JSON body, or None when there is none or it is not JSON."""
+    """The decoded JSON body, or None when there is none, it is not JSON or past a limit."""
     try:
-        return resp.json()
-    except ValueError:
+        return decode_json(resp.content)
+    except BadAnswer:
         return None
 
 
@@ -133,8 +258,10 @@ class Transport:
 
     def __init__(self, base_url: str, api_key: str, miner_id: str, *,
                  connect_timeout_s: float, read_timeout_s: float,
-                 policy: RetryPolicy, stats: CallStats) -> None:
+                 policy: RetryPolicy, stats: CallStats,
+                 limits: AnswerLimits | None = None) -> None:
         self._api_key = api_key
+        self.limits = limits or AnswerLimits()
         self.miner_id = miner_id
         self.policy = policy
         self.stats = stats
@@ -182,8 +309,12 @@ class Transport:
         self.stats.call_started(endpoint)
         attempt = 0
         while True:
-            resp, error = await self._attempt(endpoint, method, url, json, content,
-                                              headers, params, deadline, auth)
+            try:
+                resp, error = await self._attempt(endpoint, method, url, content,
+                                                  headers, params, deadline, auth)
+            except BadAnswer:
+                self.stats.call_finished(endpoint, False, attempt)
+                raise
             wait: float | None = None
             if resp is not None:
                 self._raise_if_final_error(resp, endpoint, attempt, not_registered, accept)
@@ -197,7 +328,7 @@ class Transport:
             await self._wait_or_give_up(endpoint, error or "", wait, deadline, attempt)
             attempt += 1
 
-    async def _attempt(self, endpoint: str, method: str, url: str, json: Any,
+    async def _attempt(self, endpoint: str, method: str, url: str,
                        content: Content | None, headers: Mapping[str, str] | None,
                        params: Mapping[str, str | int] | None, deadline: Deadline,
                        auth: bool) -> tuple[httpx.Response | None, str | None]:
@@ -206,17 +337,53 @@ class Transport:
         body = content() if callable(content) else content
         started = time.monotonic()
         try:
-            resp = await self._http.request(method, url, json=json, content=body,
-                                            headers=all_headers, params=params,
-                                            timeout=self._timeout(deadline))
+            request = self._http.build_request(method, url, content=body, headers=all_headers,
+                                               params=params, timeout=self._timeout(deadline))
+            streamed = await self._http.send(request, stream=True)
+            try:
+                resp = await self._read_capped(streamed, endpoint)
+            finally:
+                await streamed.aclose()
         except httpx.TransportError as exc:
             name = _transport_error_name(exc)
             self.stats.attempt(endpoint, time.monotonic() - started, name)
             logger.debug("coordinator %s: %s (%s)", endpoint, name, type(exc).__name__)
             return None, name
+        except BadAnswer as exc:
+            self.stats.attempt(endpoint, time.monotonic() - started, exc.problem.value)
+            raise
         error = f"http_{resp.status_code}" if resp.status_code >= 400 else None
         self.stats.attempt(endpoint, time.monotonic() - started, error)
         return resp, error
+
+    async def _read_capped(self, streamed: httpx.Response, endpoint: str) -> httpx.Response:
+        """The answer with its body read, at most ``limits.max_bytes`` of it (decoded).
+
+        A success past the cap raises :class:`BadAnswer` before more is read; an error
+        answer's body only feeds the error's detail, so it is cut at the cap instead.
+        """
+        cap = self.limits.max_bytes
+        strict = streamed.status_code < 400
+        declared = streamed.headers.get("Content-Length", "")
+        early = strict and declared.isdigit() and int(declared) > cap
+        # Over a declared size past the cap, only the head a caller may need is read.
+        limit = _HEAD_BYTES if early else cap
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in streamed.aiter_bytes():
+            chunks.append(chunk[:limit + 1 - size])
+            size += len(chunks[-1])
+            if size > limit:
+                break
+        if strict and (early or size > cap):
+            raise BadAnswer(f"coordinator's {endpoint} answer is over the {cap}-byte limit "
+                            "(max_answer_bytes); not read", AnswerProblem.TOO_LARGE,
+                            b"".join(chunks)[:_HEAD_BYTES])
+        body = b"".join(chunks)[:cap]
+        headers = [(k, v) for k, v in streamed.headers.multi_items()
+                   if k.lower() not in _WIRE_HEADERS]
+        return httpx.Response(streamed.status_code, headers=headers, content=body,
+                              request=streamed.request, extensions=streamed.extensions)
 
     def _raise_if_final_error(self, resp: httpx.Response, endpoint: str, attempt: int,
                               not_registered: frozenset[int], accept: frozenset[int]) -> None:

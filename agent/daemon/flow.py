@@ -97,6 +97,9 @@ class JobFlow:
         active = self.held.get(job_id)
         assert active is not None
         try:
+            problem = raw.get("answer_problem")
+            if isinstance(problem, str):  # the coordinator's answer itself was unreadable
+                raise InvalidJob(f"the coordinator's answer for this job was refused: {problem}")
             job = Job.from_dict(raw)
             assignment = await self._reserve(active, job)
         except (InvalidJob, NoCapacity) as exc:

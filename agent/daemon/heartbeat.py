@@ -1,8 +1,10 @@
-"""The heartbeat loop: the true in-flight count, telemetry, lease renewals, cancels back.
+"""The heartbeat loop: the true in-flight count, status, telemetry, lease renewals, cancels.
 
 It runs on its own timer so job work never delays it, and beats at once when woken
 (a job accepted, a slot freed, a report sent). With leases held it beats at least
-every third of the shortest lease, so a short lease survives a long interval.
+every third of the shortest lease, so a short lease survives a long interval. The
+status is the node's truth: ``ONLINE``, or ``DRAINING`` (the reason in the metadata)
+while it takes no new work; the daemon's shutdown sends the last one, ``OFFLINE``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class HeartbeatLoop:
 
     def __init__(self, *, client: CoordinatorClient, held: HeldJobs, inbox: CancelInbox,
                  interval_s: float, capacity: int, metadata: Callable[[], dict[str, Any]],
+                 status: Callable[[], str],
                  reregister: Callable[[str], Awaitable[None]],
                  on_free_slot: Callable[[], None]) -> None:
         self.client = client
@@ -35,6 +38,7 @@ class HeartbeatLoop:
         self.interval_s = interval_s
         self.capacity = capacity
         self.metadata = metadata
+        self.status = status
         self.reregister = reregister
         self.on_free_slot = on_free_slot
         self._now = asyncio.Event()
@@ -53,6 +57,7 @@ class HeartbeatLoop:
         try:
             answer = await self.client.heartbeat(len(self.held), self.metadata(),
                                                  leases=self.held.leases() or None,
+                                                 status=self.status(),
                                                  deadline_s=self.interval_s)
         except NotRegistered:
             await self.reregister("heartbeat 404")

@@ -55,6 +55,7 @@ from runtimes.registry import BUILTIN_RUNTIMES
 
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0
+LEAVE_DEADLINE_S = 2.0  # each of the last heartbeat and the deregistration, on the way out
 
 
 class Agent:
@@ -68,7 +69,9 @@ class Agent:
         self.client = CoordinatorClient(cfg.coordinator_url, api_key, cfg.miner_id,
                                         connect_timeout_s=cfg.connect_timeout_s,
                                         read_timeout_s=cfg.read_timeout_s,
-                                        retry=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s))
+                                        retry=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s),
+                                        max_answer_bytes=cfg.max_answer_bytes,
+                                        max_answer_depth=cfg.max_answer_depth)
         self.journal = Journal(cfg.state_dir / "journal.db")
         self.telemetry = Telemetry(disk_paths=[cfg.state_dir, cfg.cache_dir])
         self.sampler = Sampler(self.telemetry, timeout_s=max(2.0, cfg.heartbeat_interval_s * 2))
@@ -109,11 +112,12 @@ class Agent:
         self.heartbeats = HeartbeatLoop(
             client=self.client, held=self.held, inbox=self.inbox,
             interval_s=cfg.heartbeat_interval_s, capacity=self.scheduler.capacity,
-            metadata=self._metadata, reregister=self._reregister, on_free_slot=self.wake_poll)
+            metadata=self._metadata, status=self._status, reregister=self._reregister,
+            on_free_slot=self.wake_poll)
         self.polls = PollLoop(cfg=cfg, client=self.client, held=self.held,
                               capacity=self.scheduler.capacity, accept=self.flow.accept,
                               reregister=self._reregister, draining=lambda: self.draining,
-                              on_empty=self._burst_done)
+                              on_empty=self._burst_done, resync=self.heartbeats.beat)
         self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
                                              inbox=self.inbox,
                                              interval_s=cfg.cancel_check_interval_s)
@@ -126,6 +130,7 @@ class Agent:
         self._signals = 0
         self._metrics_server: MetricsServer | None = None
         self.draining = False
+        self.drain_reason: str | None = None  # why it stops: in the heartbeat while draining
         self.registered_at: float | None = None
         self._last_prune = time.monotonic()
 
@@ -187,8 +192,11 @@ class Agent:
 
     async def drain(self) -> None:
         """Stop leasing; let jobs finish up to the drain timeout; then cancel and report."""
-        # 1. Stop leasing: the poll loop sees `draining` and returns.
+        # 1. Stop leasing: the poll loop sees `draining` and returns; the next heartbeat
+        #    says DRAINING, with the reason.
+        self.drain_reason = self.drain_reason or "shutdown"
         self.draining = True
+        self.wake_heartbeat()
         self.notifier.stopping(status=f"draining {len(self.held)} job(s)")
         log.info("draining: %d job(s) running, up to %.0f s", len(self.held),
                  self.cfg.drain_timeout_s)
@@ -212,8 +220,8 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(CoordinatorError):
-            await self.client.heartbeat(0, self._metadata(), deadline_s=2.0)
+        if self.registered_at is not None:
+            await self.leave()
         await self.launcher.close()
         if self._owns_isolation:
             self.isolation.close()
@@ -225,6 +233,17 @@ class Agent:
         self.journal.close()
         log.info("agent stopped")
 
+    async def leave(self) -> None:
+        """Tell the coordinator this node is gone: a last heartbeat saying OFFLINE (in-flight
+        0), then a deregistration. Both best effort and short: exit never waits on them."""
+        beat = await _best_effort("last heartbeat", self.client.heartbeat(
+            0, self._metadata(), status="OFFLINE", deadline_s=LEAVE_DEADLINE_S))
+        # Deregister even if the beat failed: either one alone tells the truth.
+        gone = await _best_effort("deregistration",
+                                  self.client.deregister(deadline_s=LEAVE_DEADLINE_S))
+        if beat and gone:
+            log.info("left the coordinator: OFFLINE and deregistered")
+
     # -- registration ---------------------------------------------------------------
     async def register(self) -> None:
         async with self._register_lock:
@@ -234,6 +253,8 @@ class Agent:
             caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes}
                                       & set(self.cfg.allowed_job_types))
             caps["sandbox"] = "bwrap" if self.isolation.sandbox is not None else "off"
+            if self.cfg.price is not None:  # dispatch matches it against max_price
+                caps["price"] = self.cfg.price
             if self.cfg.extensions is not None:
                 caps["extensions"] = list(self.cfg.extensions)
             answer = await self.client.register(caps, self.scheduler.capacity, self.cfg.region)
@@ -281,6 +302,7 @@ class Agent:
         if not self.burst or len(self.held) or self.flow.tasks:
             return False
         log.info("burst mode: no work left; stopping")
+        self.drain_reason = "burst mode: no work left"
         self.stop_event.set()
         return True
 
@@ -294,9 +316,15 @@ class Agent:
                               "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
         out = {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
                "agent": {"pid": os.getpid()}}
+        if self.draining:
+            out["drain_reason"] = self.drain_reason
         if self.scheduler.blocked:  # GPUs a finished job's contexts still hold
             out["blocked_gpus"] = {str(i): why for i, why in self.scheduler.blocked.items()}
         return out
+
+    def _status(self) -> str:
+        """The heartbeat's status: DRAINING while no new work is taken, else ONLINE."""
+        return "DRAINING" if self.draining else "ONLINE"
 
     def _sample(self) -> dict[str, Any]:
         """The latest telemetry (taken off the event loop by the sampler)."""
@@ -379,6 +407,7 @@ class Agent:
         name = signal.Signals(sig).name
         if self._signals == 1:
             log.info("%s: draining (send it again to cancel running jobs now)", name)
+            self.drain_reason = f"shutdown ({name})"
             self.stop_event.set()
         elif self._signals == 2:
             log.info("%s again: canceling running jobs now", name)
@@ -386,3 +415,14 @@ class Agent:
         else:
             log.info("%s a third time: killing running jobs", name)
             self.inbox.kill_all()
+
+
+async def _best_effort(what: str, call: Awaitable[Any]) -> bool:
+    """Await one leaving call; a failure or a hang is logged, never raised."""
+    try:
+        # The call's deadline bounds its retries; wait_for also bounds a hung attempt.
+        await asyncio.wait_for(call, LEAVE_DEADLINE_S + 0.5)
+    except (TimeoutError, CoordinatorError) as exc:
+        log.warning("%s not sent: %s", what, exc or "timed out")
+        return False
+    return True

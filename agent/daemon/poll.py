@@ -3,6 +3,10 @@
 An idle agent backs off up to ``poll_max_interval_s``, but polls at once when a
 report or a heartbeat has just told the coordinator a slot is free (the core counts
 in-flight jobs itself and answers 204 until it knows).
+
+No answer stops the loop: one past a limit or malformed that names a valid job id is
+handed on as a job with a ``problem`` (the flow fails it with ``invalid_job``); one that
+names none is logged and skipped, and no call is ever made with its id.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from agent.clock import wait_event
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
-from agent.coordinator.transport import NotRegistered
+from agent.coordinator.transport import BadAnswer, NotRegistered
 from agent.daemon.held import HeldJobs
 from agent.errors import CoordinatorError
 
@@ -28,7 +32,8 @@ class PollLoop:
     def __init__(self, *, cfg: AgentConfig, client: CoordinatorClient, held: HeldJobs,
                  capacity: int, accept: Callable[[PolledJob], None],
                  reregister: Callable[[str], Awaitable[None]],
-                 draining: Callable[[], bool], on_empty: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool], on_empty: Callable[[], bool],
+                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.held = held
@@ -37,6 +42,7 @@ class PollLoop:
         self.reregister = reregister
         self.draining = draining
         self.on_empty = on_empty
+        self.resync = resync  # tell the coordinator our true in-flight count now
         self._now = asyncio.Event()
 
     def wake(self) -> None:
@@ -54,11 +60,23 @@ class PollLoop:
             except NotRegistered:
                 await self.reregister("poll 500")
                 continue
+            except BadAnswer as exc:
+                # It may have handed out a job, now RUNNING on the coordinator until it
+                # expires; without a valid id there is nothing to report it with. More
+                # work may wait, so this is not "no work", but it is paced like it.
+                log.error("poll answer skipped (%s): %s", exc.problem.value, exc)
+                if self.resync is not None:  # the coordinator counts it in our in-flight
+                    await self.resync()
+                await self._idle(self.cfg.poll_interval_s)
+                continue
             except CoordinatorError as exc:
                 log.warning("poll failed: %s", exc)
                 polled = None
             if polled is not None:
                 interval = self.cfg.poll_interval_s
+                if polled.problem is not None:
+                    log.error("job %s: refused, the poll answer is unusable: %s",
+                              polled.job_id, polled.problem)
                 self.accept(polled)
                 continue
             if self.on_empty():

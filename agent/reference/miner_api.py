@@ -46,6 +46,7 @@ class MinerAPI:
         return [
             route("POST", "/v1/miners/register", self.register, "miner"),
             route("POST", "/v1/miners/heartbeat", self.heartbeat, "miner", "heartbeat"),
+            route("DELETE", "/v1/miners/{miner_id}", self.deregister, "miner"),
             route("POST", "/v1/miners/poll", self.poll, "miner", "poll"),
             route("POST", "/v1/miners/{job_id}/result", self.result, "miner", "result"),
             route("POST", "/v1/miners/{job_id}/fail", self.fail, "miner", "fail"),
@@ -116,6 +117,16 @@ class MinerAPI:
                 answer["cancel"] = [j["job_id"] for j in self.store.jobs((RUNNING,),
                                     req.miner_id, 1000) if j.get("cancel_requested_at")]
         return Response(200, answer)
+
+    def deregister(self, req: Request) -> Response:
+        """The real server keeps the miner, marked OFFLINE (a register brings it back)."""
+        miner_id = req.params["miner_id"]
+        with self.store.tx():
+            miner = self.store.miner(miner_id)
+            if miner is None:
+                raise Problem(404, "miner not found")
+            self.store.update_miner_seen(miner_id, "OFFLINE", miner["metadata"])
+        return Response(200, {"miner_id": miner_id, "status": "deregistered"})
 
     def _renew(self, miner_id: str, leases: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
