@@ -110,6 +110,12 @@ class AgentConfig:
     # Advertised as capabilities.price: jobs with constraints.max_price go only to miners
     # whose price is at or below it (None: no price, so no such job comes here).
     price: float | None = None
+    # The [models] name an inference payload without `model` runs (AITBC's CLI omits it
+    # when --model is not given); None: such a payload fails invalid_job.
+    default_model: str | None = None
+    # Below this much free space on the state dir's filesystem no job is taken (polling
+    # pauses, the heartbeat says why) until space returns; 0: no check.
+    min_free_disk_mb: int = 1024
 
     @property
     def jobs_dir(self) -> Path:
@@ -258,7 +264,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _validate_limits(cfg: AgentConfig) -> None:
     """The limits a job and a coordinator answer are held to."""
-    for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max"):
+    for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max", "min_free_disk_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
     if not 1 <= cfg.job_cpu_weight <= 10000:

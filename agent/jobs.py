@@ -18,7 +18,10 @@ from agent.errors import InvalidJob
 
 # The id becomes a folder name (job_<ID>): no separators, no dot-dot, bounded.
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# A type is only ever a lookup key (runtime registry, allow-list) and is shown with
+# repr(): any short printable string is a well-formed type, and one no runtime has
+# fails unsupported_job_type (the executor), not invalid_job.
+MAX_TYPE_CHARS = 64
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -26,6 +29,16 @@ DEFAULT_TIMEOUT_S = 3600.0
 def valid_job_id(job_id: object) -> bool:
     """True when ``job_id`` is safe as a folder name (job_<ID>) and a URL segment."""
     return isinstance(job_id, str) and bool(_JOB_ID_RE.match(job_id)) and ".." not in job_id
+
+
+def valid_job_type(job_type: object) -> bool:
+    """True when ``job_type`` is a well-formed payload type: 1-64 printable characters.
+
+    Printable excludes control and format characters, so a type never splits a log
+    line; whether any runtime handles it is the executor's question.
+    """
+    return isinstance(job_type, str) and 0 < len(job_type) <= MAX_TYPE_CHARS \
+        and job_type.isprintable()
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,9 @@ class Job:
         if not isinstance(payload, dict):
             raise InvalidJob("payload must be a JSON object with a 'type'")
         jtype = payload.get("type")
-        if not isinstance(jtype, str) or not _TYPE_RE.match(jtype):
-            raise InvalidJob("payload.type must be a lower-case name such as 'inference'")
+        if not valid_job_type(jtype):
+            raise InvalidJob(f"payload.type must be a string of 1-{MAX_TYPE_CHARS} printable "
+                             "characters, such as 'inference'")
         constraints = Constraints.from_dict(raw.get("constraints"))
         lease = raw.get("lease_id")
         if lease is not None and not isinstance(lease, str):

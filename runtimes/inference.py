@@ -7,7 +7,9 @@ Payload (what coordinators send)::
      "do_sample": true, "repetition_penalty": 1.1, "seed": 1, "precision": "auto",
      "stop": ["\\n\\n"], "chat": false, "messages": [{"role": "user", "content": "..."}]}
 
-Only ``model`` and one of ``prompt``/``messages`` are required. ``do_sample``
+Only one of ``prompt``/``messages`` is required; without ``model`` the node's
+default model runs (``MINER_DEFAULT_MODEL``, config ``default_model``), and a node
+with none fails ``invalid_job``. ``do_sample``
 defaults to true when a positive ``temperature`` is given. ``chat: true`` (or
 ``messages``) applies the tokenizer's chat template. Device keys (``precision``,
 ``seed``, ``tf32``, ``device``) are read by :mod:`runtimes.device`.
@@ -112,10 +114,7 @@ def resolve_model(payload: Mapping[str, Any], environ: Mapping[str, str]) -> tup
         path = Path(str(payload["model_path"])).expanduser()
         name = str(payload.get("model") or path.name)
     else:
-        wanted = payload.get("model")
-        if not isinstance(wanted, str) or not wanted:
-            raise JobFailed("invalid_job", "payload.model must name a model")
-        name = wanted
+        name = _wanted_model(payload, environ)
         registry = load_model_registry(environ)
         if name not in registry:
             have = ", ".join(sorted(registry)) or "no models"
@@ -126,6 +125,22 @@ def resolve_model(payload: Mapping[str, Any], environ: Mapping[str, str]) -> tup
         raise JobFailed("model_not_found", f"model {name!r}: folder {path} is missing",
                         model=name)
     return name, path
+
+
+def _wanted_model(payload: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    """The model the payload names, else the node's default (``MINER_DEFAULT_MODEL``)."""
+    wanted = payload.get("model")
+    if wanted is None or wanted == "":  # omitted, as AITBC's CLI does without --model
+        default = environ.get("MINER_DEFAULT_MODEL", "").strip()
+        if not default:
+            raise JobFailed("invalid_job", "payload.model is missing and this node has no "
+                            "default model (config field default_model, "
+                            "MINER_AGENT_DEFAULT_MODEL); name a model in the payload")
+        return default
+    if not isinstance(wanted, str):
+        raise JobFailed("invalid_job", f"payload.model must be a model name (a string), "
+                        f"not {type(wanted).__name__}")
+    return wanted
 
 
 # -- the request ------------------------------------------------------------------

@@ -25,12 +25,13 @@ from agent.daemon.release import Release, ReleaseGate
 from agent.daemon.report import Report, build_report
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
-from agent.errors import CoordinatorError, InvalidJob
+from agent.errors import CoordinatorError, InvalidJob, LaunchError
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun
 from agent.execution.launcher import Launcher
 from agent.jobs import Job, valid_job_id
 from agent.layout import job_folder, package_paths
 from agent.node.metrics import AgentMetrics
+from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class JobFlow:
         if not self.journal.accept(polled.job_id, raw, polled.lease_id):
             log.warning("job %s: handed out twice; ignoring the repeat", polled.job_id)
             return
-        log.info("job %s: accepted (%s)", polled.job_id,
+        log.info("job %s: accepted (%r)", polled.job_id,
                  (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
         if valid_job_id(polled.job_id):  # a bad id fails the job; it never names a path
             self.set_aside_earlier_attempt(polled.job_id)
@@ -101,8 +102,9 @@ class JobFlow:
             if isinstance(problem, str):  # the coordinator's answer itself was unreadable
                 raise InvalidJob(f"the coordinator's answer for this job was refused: {problem}")
             job = Job.from_dict(raw)
+            self._check_type(job)  # before devices: a missing runtime is the answer
             assignment = await self._reserve(active, job)
-        except (InvalidJob, NoCapacity) as exc:
+        except (InvalidJob, NoCapacity, LaunchError) as exc:
             self.held.release(job_id)
             await asyncio.shield(self._refuse(job_id, lease_id, exc))
             return
@@ -113,8 +115,19 @@ class JobFlow:
         report = await self._run(active, job, assignment)
         await asyncio.shield(self.conclude(active, report))
 
+    def _check_type(self, job: Job) -> None:
+        """Refuse a type this node lacks, or does not allow, before it waits for devices."""
+        if resolve_path(job.type, self.cfg.runtimes) is None:
+            raise LaunchError(f"no runtime on this node handles payload type {job.type!r}",
+                              code="unsupported_job_type")
+        if job.type not in self.cfg.allowed_job_types:
+            raise LaunchError(
+                f"payload type {job.type!r} is not allowed on this node; the operator allows "
+                f"{', '.join(sorted(self.cfg.allowed_job_types)) or 'none'} (config field "
+                "allowed_job_types, MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
+
     async def _refuse(self, job_id: str, lease_id: str | None,
-                      exc: InvalidJob | NoCapacity) -> None:
+                      exc: InvalidJob | NoCapacity | LaunchError) -> None:
         report = Report("fail", {"error_code": exc.code, "error_message": exc.message,
                                  "metrics": {"duration_ms": 0, "units": 0,
                                              "unit_type": "gpu_seconds"}})

@@ -10,18 +10,28 @@ Phases of a job on this node::
 been acknowledged yet; after a crash it is sent once more, never rebuilt. Every
 write commits before the agent acts on it, so a SIGKILL at any point leaves a
 state the next start can resume from.
+
+A full disk is the exception (``database or disk is full``, or an I/O error from a
+write that found no room): the write is kept in memory, in order, and tried again
+before every later call, so the agent keeps serving. While writes wait, what they
+record (a phase, an unacknowledged report, a log offset) is lost if the agent dies
+before space returns; a restart then sees the job's last written phase.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+MAX_PENDING = 10_000  # writes kept in memory while the disk is full; older ones are dropped
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,7 +53,6 @@ CREATE TABLE IF NOT EXISTS log_offsets (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
 
 
 class Phase(enum.StrEnum):
@@ -79,26 +88,111 @@ class Journal:
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []  # writes the full disk refused
+        self._kept_leases: dict[str, str | None] = {}  # accepted while the disk was full
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
         self._db.executescript(SCHEMA)
 
+    @property
+    def pending(self) -> int:
+        """Writes kept in memory because the disk was full (0 when all are on disk)."""
+        return len(self._pending)
+
     def close(self) -> None:
         with self._lock:
+            self._flush_pending()
+            if self._pending:
+                log.error("journal: %d write(s) never reached the disk (it is full); a "
+                          "restart sees older job phases and re-ships some log lines",
+                          len(self._pending))
             self._db.close()
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
+            self._flush_pending()
             return self._db.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """One write, or, when the disk is full, kept to be tried again in order."""
+        with self._lock:
+            self._flush_pending()
+            if self._pending:
+                self._keep(sql, args)
+                return
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    raise
+                log.error("journal: cannot write (%s); keeping writes in memory until space "
+                          "returns: they are lost if the agent stops before then", exc)
+                self._keep(sql, args)
+
+    def _keep(self, sql: str, args: tuple[Any, ...]) -> None:
+        self._pending.append((sql, args))
+        if len(self._pending) > MAX_PENDING:
+            self._pending.pop(0)
+            log.error("journal: more than %d writes wait for disk space; the oldest is "
+                      "dropped", MAX_PENDING)
+
+    def _flush_pending(self) -> None:
+        """Replay the writes the full disk refused, oldest first (the lock is held)."""
+        while self._pending:
+            sql, args = self._pending[0]
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    log.error("journal: a kept write failed and is dropped: %s", exc)
+                    self._pending.pop(0)
+                    continue
+                return
+            self._pending.pop(0)
+            if not self._pending:
+                log.info("journal: the writes kept while the disk was full are on disk")
 
     def accept(self, job_id: str, job: dict[str, Any], lease_id: str | None) -> bool:
         """Record a job handed to us; False for a repeat of one we hold.
 
         A job we finished or dropped that comes back under a new lease is a new attempt
         (the coordinator requeued it after our lease lapsed): its record starts over.
+        On a full disk the job is taken (True) and its record kept to be written later.
         """
+        try:
+            return self._accept(job_id, job, lease_id)
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+        if self._held_already(job_id, lease_id):
+            return False
+        log.error("journal: job %s accepted without a record on disk (it is full); a crash "
+                  "before space returns forgets it", job_id)
+        self._kept_leases[job_id] = lease_id
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO jobs (job_id, job_json, lease_id, phase, "
+                    "created_at, updated_at) VALUES (?, ?, ?, 'accepted', ?, ?)",
+                    (job_id, json.dumps(job), lease_id, now, now))
+        return True
+
+    def _held_already(self, job_id: str, lease_id: str | None) -> bool:
+        """The repeat test of ``accept``, by reading (which a full disk allows)."""
+        if job_id in self._kept_leases and (lease_id is None
+                                            or self._kept_leases[job_id] == lease_id):
+            return True
+        rows = self._exec("SELECT lease_id, phase FROM jobs WHERE job_id = ?", (job_id,))
+        if not rows:
+            return False
+        held_lease, phase = rows[0]
+        return lease_id is None or held_lease == lease_id or phase not in (
+            Phase.REPORTED, Phase.DROPPED, Phase.REJECTED)
+
+    def _accept(self, job_id: str, job: dict[str, Any], lease_id: str | None) -> bool:
         now = time.time()
         with self._lock:
+            self._flush_pending()
+            if self._pending:  # its rows may be among the kept writes: decide after them
+                raise sqlite3.OperationalError("database or disk is full")
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, job_json, lease_id, phase, created_at, "
                 "updated_at) VALUES (?, ?, ?, 'accepted', ?, ?)",
@@ -127,7 +221,7 @@ class Journal:
         if "report" in fields:
             sets.append("report_json = ?")
             args.append(json.dumps(fields["report"], default=str))
-        self._exec(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
+        self._write(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._exec("SELECT job_id, job_json, lease_id, phase, outcome, report_json, "
@@ -147,7 +241,7 @@ class Journal:
         return int(rows[0][0]) if rows else 0
 
     def set_shipped(self, job_id: str, stream: str, offset: int) -> None:
-        self._exec("INSERT INTO log_offsets (job_id, stream, shipped) VALUES (?, ?, ?) "
+        self._write("INSERT INTO log_offsets (job_id, stream, shipped) VALUES (?, ?, ?) "
                    "ON CONFLICT(job_id, stream) DO UPDATE SET shipped = excluded.shipped",
                    (job_id, stream, offset))
 
@@ -158,14 +252,19 @@ class Journal:
     def prune(self, keep_s: float) -> list[str]:
         """Forget reported and dropped jobs older than ``keep_s``; returns their ids."""
         cutoff = time.time() - keep_s
-        with self._lock:
-            ids = [r[0] for r in self._db.execute(
-                "SELECT job_id FROM jobs WHERE phase IN ('reported', 'dropped') "
-                "AND updated_at < ?", (cutoff,))]
-            for job_id in ids:
-                self._db.execute("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
-                self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        ids = [r[0] for r in self._exec(
+            "SELECT job_id FROM jobs WHERE phase IN ('reported', 'dropped') "
+            "AND updated_at < ?", (cutoff,))]
+        for job_id in ids:
+            self._write("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
+            self._write("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return ids
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_FULL, or SQLITE_IOERR, which a write that finds no room can also give."""
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:

@@ -117,7 +117,8 @@ class Agent:
         self.polls = PollLoop(cfg=cfg, client=self.client, held=self.held,
                               capacity=self.scheduler.capacity, accept=self.flow.accept,
                               reregister=self._reregister, draining=lambda: self.draining,
-                              on_empty=self._burst_done, resync=self.heartbeats.beat)
+                              on_empty=self._burst_done, resync=self.heartbeats.beat,
+                              on_pause=self.wake_heartbeat)
         self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
                                              inbox=self.inbox,
                                              interval_s=cfg.cancel_check_interval_s)
@@ -318,6 +319,8 @@ class Agent:
                "agent": {"pid": os.getpid()}}
         if self.draining:
             out["drain_reason"] = self.drain_reason
+        if (paused := self.polls.pause_reason()) is not None:
+            out["paused"] = paused
         if self.scheduler.blocked:  # GPUs a finished job's contexts still hold
             out["blocked_gpus"] = {str(i): why for i, why in self.scheduler.blocked.items()}
         return out
@@ -348,7 +351,8 @@ class Agent:
                 self.scheduler.block(index, f"NVML: {error}")
 
     def _status_line(self) -> str:
-        state = "draining" if self.draining else "serving"
+        paused = self.polls.pause_reason()
+        state = "draining" if self.draining else f"paused ({paused})" if paused else "serving"
         return (f"{state}: {len(self.held)}/{self.scheduler.capacity} slots busy, "
                 f"coordinator {self.cfg.coordinator_url}")
 
@@ -365,6 +369,8 @@ class Agent:
                "MINER_CACHE_MAX_BYTES": str(self.cfg.cache_max_bytes)}
         if self.cfg.models:
             env["MINER_MODELS"] = json.dumps(dict(self.cfg.models))
+        if self.cfg.default_model:
+            env["MINER_DEFAULT_MODEL"] = self.cfg.default_model
         return env
 
     def _bench_summary(self) -> dict[str, Any] | None:

@@ -7,6 +7,11 @@ in-flight jobs itself and answers 204 until it knows).
 No answer stops the loop: one past a limit or malformed that names a valid job id is
 handed on as a job with a ``problem`` (the flow fails it with ``invalid_job``); one that
 names none is logged and skipped, and no call is ever made with its id.
+
+Before each poll the free space on the state dir's filesystem is checked (one
+``statvfs``): below ``min_free_disk_mb`` no job is taken, ``pause_reason()`` says why
+(the heartbeat carries it), and the check runs again every few seconds until space
+returns. Running jobs go on meanwhile.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from agent.clock import wait_event
 from agent.config import AgentConfig
@@ -24,6 +31,15 @@ from agent.daemon.held import HeldJobs
 from agent.errors import CoordinatorError
 
 log = logging.getLogger(__name__)
+DISK_RECHECK_S = 5.0
+
+
+def free_mb(path: Path) -> int | None:
+    """Free MiB on the filesystem holding ``path`` (None where it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free >> 20
+    except OSError:
+        return None
 
 
 class PollLoop:
@@ -33,7 +49,8 @@ class PollLoop:
                  capacity: int, accept: Callable[[PolledJob], None],
                  reregister: Callable[[str], Awaitable[None]],
                  draining: Callable[[], bool], on_empty: Callable[[], bool],
-                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
+                 resync: Callable[[], Awaitable[None]] | None = None,
+                 on_pause: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.held = held
@@ -43,7 +60,31 @@ class PollLoop:
         self.draining = draining
         self.on_empty = on_empty
         self.resync = resync  # tell the coordinator our true in-flight count now
+        self.on_pause = on_pause  # called when polling pauses or resumes
+        self._paused: str | None = None
         self._now = asyncio.Event()
+
+    def pause_reason(self) -> str | None:
+        """Why no job is taken now (low disk), or None while polling."""
+        return self._paused
+
+    def _disk_low(self) -> bool:
+        """Check the state dir's free space; log and tell ``on_pause`` on each change."""
+        floor = self.cfg.min_free_disk_mb
+        free = free_mb(self.cfg.state_dir) if floor else None
+        was = self._paused
+        if free is None or free >= floor:
+            self._paused = None
+            if was is not None:
+                log.info("disk space is back (%s MiB free); taking jobs again", free)
+        else:
+            self._paused = f"low disk: {free} MiB free < min_free_disk_mb {floor}"
+            if was is None:
+                log.warning("not taking jobs: %s (state dir %s)", self._paused,
+                            self.cfg.state_dir)
+        if (was is None) != (self._paused is None) and self.on_pause is not None:
+            self.on_pause()
+        return self._paused is not None
 
     def wake(self) -> None:
         """Poll now instead of after the back-off (a slot just freed)."""
@@ -54,6 +95,9 @@ class PollLoop:
         while not self.draining():
             if len(self.held) >= self.capacity:
                 await self.held.slot_freed()
+                continue
+            if self._disk_low():
+                await self._idle(min(DISK_RECHECK_S, self.cfg.poll_max_interval_s))
                 continue
             try:
                 polled = await self.client.poll()

@@ -10,6 +10,7 @@ reader never slows or blocks the job.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -23,6 +24,7 @@ _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 MOVE_BYTES = 1 << 20
 DEFAULT_MAX_LOG_BYTES = 4 << 30
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def make_pipe() -> tuple[int, int]:
@@ -45,6 +47,7 @@ class StreamCapture:
         self.path = path
         self.size = 0
         self.dropped = 0
+        self.disk_full = False  # a write found no room: the log holds what came before
         self.max_bytes = max_bytes
         self._read_fd = read_fd
         self._on_data = on_data
@@ -59,6 +62,7 @@ class StreamCapture:
         try:
             self._copy(out_fd)
         except OSError as exc:  # disk full or similar: keep draining so the job never blocks
+            self.disk_full = exc.errno in DISK_FULL_ERRNOS
             log.error("log capture for %s stopped writing: %s", self.name, exc)
             self._drain()
         finally:
@@ -75,8 +79,10 @@ class StreamCapture:
             if use_splice:
                 try:
                     moved = os.splice(self._read_fd, out_fd, want)
-                except OSError:  # filesystem without splice support
-                    use_splice = False
+                except OSError as exc:
+                    if exc.errno in DISK_FULL_ERRNOS:
+                        raise
+                    use_splice = False  # filesystem without splice support
                     continue
             else:
                 data = os.read(self._read_fd, min(want, 1 << 16))

@@ -34,7 +34,7 @@ from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCaptu
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
-from agent.execution.outcome import Verdict, classify, signal_name
+from agent.execution.outcome import Verdict, classify, disk_full, signal_name
 from agent.execution.package import PackageInfo, write_package
 from agent.execution.prefetch import find_inputs, prefetch
 from agent.execution.sandbox import SandboxPolicy
@@ -469,9 +469,24 @@ class JobRun:
             verdict = Verdict(Outcome.FAILED, "launch_failed",
                               str(self.events_seen.get("launch_error", "launch failed")))
         else:
-            verdict = classify(status, self.events_seen.get("finished"), self.cancel_reason,
-                               last_error)
+            verdict = await self._out_of_room(classify(
+                status, self.events_seen.get("finished"), self.cancel_reason, last_error))
         return await self._package(verdict, status)
+
+    async def _out_of_room(self, verdict: Verdict) -> Verdict:
+        """A run that filled the disk fails with ``disk_full``. Its scratch goes first, so
+        that the package, logs included, has room to be written."""
+        try:
+            free: int | None = shutil.disk_usage(self.folder).free
+        except OSError:
+            free = None
+        full = disk_full(verdict, self.cancel_reason, free,
+                         any(c.disk_full for c in self.captures.values()))
+        if full is not verdict:
+            log.error("job %s: %s", self.job.job_id, full.error_message)
+            if not self.cfg.keep_work_dir:
+                await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+        return full
 
     def _partial(self, verdict: Verdict) -> bool:
         if verdict.outcome == Outcome.COMPLETED:

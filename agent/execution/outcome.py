@@ -8,6 +8,9 @@ from typing import Any
 
 from agent.errors import CancelReason, Outcome
 
+DISK_FULL_MARGIN_BYTES = 1 << 20  # less free than this at the end: the job ran out of room
+UNCHANGED_BY_DISK = (Outcome.CANCELED, Outcome.TIMED_OUT, Outcome.LOST)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -63,3 +66,23 @@ def classify(status: int | None, finished: dict[str, Any] | None,
         return Verdict(Outcome.FAILED, str(last_error.get("code") or "runtime_error"),
                        str(last_error.get("message") or f"exited with status {status}"))
     return Verdict(Outcome.FAILED, "nonzero_exit", f"the job exited with status {status}")
+
+
+def disk_full(verdict: Verdict, cancel_reason: CancelReason | None, free_bytes: int | None,
+              capture_full: bool) -> Verdict:
+    """``failed``/``disk_full`` for a run that ran out of room, else ``verdict`` unchanged.
+
+    Out of room: a log capture hit ENOSPC, or the package folder's filesystem has less
+    than ``DISK_FULL_MARGIN_BYTES`` free once the job is gone (a job whose own writes
+    failed usually exits with some runtime error, or even 0). A cancel, a timeout and
+    the agent's shutdown keep their own outcome.
+    """
+    if cancel_reason is not None or verdict.outcome in UNCHANGED_BY_DISK:
+        return verdict
+    low = free_bytes is not None and free_bytes < DISK_FULL_MARGIN_BYTES
+    if not (capture_full or low):
+        return verdict
+    free = "?" if free_bytes is None else str(free_bytes >> 20)
+    return Verdict(Outcome.FAILED, "disk_full",
+                   f"the disk holding the job's folder is full: {free} MiB free; "
+                   "what the logs had is kept")

@@ -86,10 +86,17 @@ def matches(capabilities: Mapping[str, Any], payload: Mapping[str, Any],
         wanted.append(payload["model"])
     if any(m not in models for m in wanted):
         return False
-    max_price, price = constraints.get("max_price"), capabilities.get("price")
-    if isinstance(max_price, int | float) and isinstance(price, int | float):
-        return price <= max_price
-    return True
+    return _within_price(constraints.get("max_price"), capabilities.get("price"))
+
+
+def _within_price(max_price: Any, price: Any) -> bool:
+    """A job with a max_price goes only to a miner whose price is at or below it: no
+    price, no such jobs (as the real server dispatches)."""
+    if max_price is None:
+        return True
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool)
+                  for v in (max_price, price))
+    return numbers and bool(price <= max_price)
 
 
 def iso(ts: float | None) -> str | None:

@@ -300,3 +300,40 @@ def test_context_length_reads_the_config_field_each_family_uses():
     assert context_length(SimpleNamespace(block_size=64)) == 64
     assert context_length(SimpleNamespace(hidden_size=32)) is None
     assert context_length(SimpleNamespace(max_position_embeddings=None, n_ctx=128)) == 128
+
+
+def test_a_payload_without_model_runs_the_node_default(tmp_path, tiny_llm, monkeypatch):
+    # Given a node whose config names a default model (the agent passes it on as
+    # MINER_DEFAULT_MODEL), and a payload that names none, as AITBC's CLI sends it
+    monkeypatch.setenv("MINER_MODELS", json.dumps({"tiny": str(tiny_llm)}))
+    monkeypatch.setenv("MINER_DEFAULT_MODEL", "tiny")
+    ctx = make_ctx(tmp_path, {"type": "inference", "prompt": "hello world",
+                              "max_new_tokens": 4})
+    # When it runs
+    run(ctx)
+    # Then the default model generated the text
+    assert ctx.metrics["model"] == "tiny" and ctx.metrics["tokens_generated"] == 4
+    assert ctx.result_path.read_text().strip()
+
+
+def test_model_resolution_with_and_without_a_default(tmp_path):
+    env = {"MINER_MODELS": json.dumps({"tiny": str(tmp_path), "other": str(tmp_path)})}
+    with_default = {**env, "MINER_DEFAULT_MODEL": "tiny"}
+    # A payload that names a model gets that model, default or not
+    assert resolve_model({"model": "other"}, with_default) == ("other", tmp_path)
+    # A missing or empty model falls back to the default
+    assert resolve_model({}, with_default) == ("tiny", tmp_path)
+    assert resolve_model({"model": None}, with_default) == ("tiny", tmp_path)
+    assert resolve_model({"model": ""}, with_default) == ("tiny", tmp_path)
+    # Without a default, a missing model is invalid_job naming the config field
+    with pytest.raises(JobFailed) as info:
+        resolve_model({}, env)
+    assert info.value.code == "invalid_job" and "default_model" in info.value.message
+    # A model that is not a name is invalid_job, default or not
+    with pytest.raises(JobFailed) as info:
+        resolve_model({"model": 7}, with_default)
+    assert info.value.code == "invalid_job"
+    # A default the registry lacks is model_not_found, naming what the node has
+    with pytest.raises(JobFailed) as info:
+        resolve_model({}, {**env, "MINER_DEFAULT_MODEL": "gone"})
+    assert info.value.code == "model_not_found" and "'gone'" in info.value.message

@@ -49,12 +49,11 @@ def test_a_type_the_operator_did_not_allow_fails_at_once(tmp_path: Path) -> None
         job = client.wait_status(job_id, "failed", "completed", timeout=60)
         # Then it fails with job_type_not_allowed, naming the config field, and never ran
         assert job["status"] == "failed", job
-        folder = tmp_path / "state" / "jobs" / f"job_{job_id}"
-        output = json.loads((folder / "output.json").read_text())
-        assert output["error"]["code"] == "job_type_not_allowed"
-        assert "allowed_job_types" in output["error"]["message"]
-        assert output["exit"]["via"] is None and output["started_at"] is None
-        assert (folder / "logs" / "stderr.log").read_bytes() == b""
+        assert job["error"]["code"] == "job_type_not_allowed", job["error"]
+        assert "allowed_job_types" in job["error"]["message"]
+        # refused before any device, folder or process was given to it
+        assert not (tmp_path / "state" / "jobs" / f"job_{job_id}").exists()
+        assert "started pid" not in agent.log()
         # and `miner-agent status` shows the code and message to the client
         shown = subprocess.run([*CLI, "status", job_id, "--coordinator", coord.base_url,
                                 "--client-key", CLIENT_KEY], capture_output=True, text=True,

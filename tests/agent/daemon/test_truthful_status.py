@@ -97,6 +97,7 @@ def test_leaving_an_unreachable_coordinator_does_not_hold_up_exit(
     agents.append(agent)
     agent.wait_log("registered as miner-1")
     assert "price" not in miner(core)["capabilities"]
+    time.sleep(1.0)  # past start-up: a SIGTERM racing start-up is another test's subject
     core.faults.down()
     # When it is stopped, its last heartbeat and deregistration fail
     started = time.monotonic()

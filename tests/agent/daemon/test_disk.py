@@ -1,0 +1,94 @@
+"""A full disk: the real daemon on a tiny tmpfs state dir, against the reference coordinator."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
+
+SLEEP = {"type": "sleep", "steps": 3, "step_s": 0.02, "print_every": 1}
+TMPFS_MB = 16
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A state dir on its own 16 MiB tmpfs (root only: skipped where mount fails)."""
+    mount = tmp_path / "state"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a small disk: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def coord(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
+    coordinator = start_coordinator(tmp_path / "coordinator", extensions=())
+    yield coordinator
+    coordinator.stop()
+
+
+def _fill(path: Path, leave_mb: int) -> None:
+    """Write a file until only ``leave_mb`` MiB stay free on ``path``'s filesystem."""
+    size = shutil.disk_usage(path.parent).free - (leave_mb << 20)
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * max(0, size))
+
+
+def test_low_disk_pauses_polling_until_space_returns(
+        small_disk: Path, coord: ReferenceCoordinator, agents: list[AgentProcess]) -> None:
+    # Given a state dir with 4 MiB free, a floor of 8 MiB, and a queued job
+    filler = small_disk / "filler"
+    _fill(filler, leave_mb=4)
+    client = Client(coord)
+    job_id = client.submit(SLEEP)
+    agent = AgentProcess(coord.base_url, small_disk, min_free_disk_mb=8)
+    agents.append(agent)
+
+    # When the agent runs, it takes no job and the heartbeat says why
+    def paused() -> str:
+        miner = coord.store.miner("miner-1") or {}
+        return str((miner.get("metadata") or {}).get("paused") or "")
+
+    wait_until(lambda: paused().startswith("low disk: "), 30,
+               lambda: f"no pause in the heartbeat:\n{agent.log()[-3000:]}")
+    assert "< min_free_disk_mb 8" in paused()
+    assert client.job(job_id)["status"] == "pending"  # not handed out
+    # When space returns, polling resumes and the job completes
+    filler.unlink()
+    assert client.wait_status(job_id, "completed", "failed", timeout=60)["status"] == "completed"
+    wait_until(lambda: paused() == "", 30, lambda: f"still paused: {paused()}")
+
+
+def test_a_job_that_fills_the_disk_fails_with_disk_full(
+        small_disk: Path, coord: ReferenceCoordinator, agents: list[AgentProcess]) -> None:
+    # Given a command job that prints a line, then writes until the disk is full
+    client = Client(coord)
+    fill = client.submit({"type": "command", "argv": [
+        "sh", "-c", "echo before-the-fill; dd if=/dev/zero of=fill bs=64k 2>/dev/null; "
+        "echo after-the-fill; exit 0"]})
+    agent = AgentProcess(coord.base_url, small_disk, min_free_disk_mb=2,
+                         allowed_job_types="command,sleep")
+    agents.append(agent)
+    # When it runs, it ends failed with disk_full (not completed), though it exited 0
+    job = client.wait_status(fill, "completed", "failed", timeout=90)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "disk_full", job
+    assert "the disk holding the job's folder is full" in job["error"]["message"]
+    # And its logs keep what they had before the disk filled
+    stdout = small_disk / "jobs" / f"job_{fill}" / "logs" / "stdout.log"
+    assert "before-the-fill" in stdout.read_text()
+    # And the agent keeps serving: the next job runs to completion
+    after = client.submit(SLEEP)
+    assert client.wait_status(after, "completed", "failed", timeout=60)["status"] == "completed"
+    assert agent.proc.poll() is None
