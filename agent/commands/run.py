@@ -6,7 +6,12 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
+import os
 import sys
+import threading
+from collections.abc import Coroutine
+from typing import Any
 
 from agent.commands.options import Sub, config_args, load
 from agent.config import config_file
@@ -72,8 +77,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not api_key:
             raise ConfigError("no API key: set api_key_file in the config (or the systemd "
                               "credential api-key)")
-        return asyncio.run(Agent(cfg, api_key, burst=args.burst, isolation=isolation).serve())
+        code = run_bounded(Agent(cfg, api_key, burst=args.burst, isolation=isolation).serve())
     finally:
         isolation.close()
         if coordinator is not None:
             coordinator.stop()
+    exit_past_lingering_threads(code)
+    return code
+
+
+def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 5.0) -> int:
+    """``asyncio.run``, but its cleanup cannot hold the process up.
+
+    On Python 3.11, ``asyncio.run`` waits without limit for the loop's default
+    executor's threads; one stuck in a blocking call (a resolver, a file system that
+    stopped answering) would keep a stopped agent alive.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=cleanup_s))
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), cleanup_s))
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(),
+                                                     cleanup_s))
+        except TimeoutError:
+            logging.getLogger(__name__).warning("event loop cleanup took over %.0f s; "
+                                                "leaving it", cleanup_s)
+        finally:
+            loop.close()
+
+
+def exit_past_lingering_threads(code: int) -> None:
+    """Everything is closed: a thread still running must not keep the process alive.
+
+    Interpreter exit joins non-daemon threads (executor workers among them); one stuck
+    in a blocking call would hold a stopped agent up past systemd's stop timeout. Such
+    threads are named in the log, and the process exits with its code regardless.
+    """
+    lingering = [t.name for t in threading.enumerate()
+                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not lingering:
+        return
+    logging.getLogger(__name__).warning("exiting past %d thread(s) still running: %s",
+                                        len(lingering), ", ".join(lingering))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
