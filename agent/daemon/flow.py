@@ -26,12 +26,11 @@ from agent.daemon.report import Report, build_report
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
 from agent.errors import CoordinatorError, InvalidJob, LaunchError
-from agent.execution.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.executor import ExecutorConfig, JobReport, JobRun, runtime_for
 from agent.execution.launcher import Launcher
 from agent.jobs import Job, valid_job_id
 from agent.layout import job_folder, package_paths
 from agent.node.metrics import AgentMetrics
-from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +116,7 @@ class JobFlow:
 
     def _check_type(self, job: Job) -> None:
         """Refuse a type this node lacks, or does not allow, before it waits for devices."""
-        if resolve_path(job.type, self.cfg.runtimes) is None:
-            raise LaunchError(f"no runtime on this node handles payload type {job.type!r}",
-                              code="unsupported_job_type")
-        if job.type not in self.cfg.allowed_job_types:
-            raise LaunchError(
-                f"payload type {job.type!r} is not allowed on this node; the operator allows "
-                f"{', '.join(sorted(self.cfg.allowed_job_types)) or 'none'} (config field "
-                "allowed_job_types, MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
+        runtime_for(job.type, self.cfg.runtimes, self.cfg.allowed_job_types)
 
     async def _refuse(self, job_id: str, lease_id: str | None,
                       exc: InvalidJob | NoCapacity | LaunchError) -> None:

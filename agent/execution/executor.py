@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,17 +169,7 @@ class JobRun:
 
     # -- start ----------------------------------------------------------------------
     def _runtime_path(self) -> str:
-        path = resolve_path(self.job.type, self.cfg.extra_runtimes)
-        if path is None:
-            raise LaunchError(f"no runtime on this node handles payload type "
-                              f"{self.job.type!r}", code="unsupported_job_type")
-        allowed = self.cfg.allowed_types
-        if allowed is not None and self.job.type not in allowed:
-            raise LaunchError(
-                f"payload type {self.job.type!r} is not allowed on this node; the operator "
-                f"allows {', '.join(sorted(allowed)) or 'none'} (config field "
-                f"allowed_job_types, MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
-        return path
+        return runtime_for(self.job.type, self.cfg.extra_runtimes, self.cfg.allowed_types)
 
     def _prepare_dirs(self) -> None:
         if self.folder.exists():
@@ -545,11 +535,9 @@ class JobRun:
     def _isolation(self) -> dict[str, Any]:
         """How this job was confined: the package says, so a reader need not guess."""
         sandbox = self.cfg.sandbox
-        jail = sandbox.jail(self.folder, self.work_dir, self.job.type, self.gpu_devices) \
-            if sandbox is not None else None
         cgroup = self.cgroup
         return {"sandbox": "bwrap" if sandbox is not None else "off",
-                "network": jail["network"] if jail is not None else True,
+                "network": sandbox.network_for(self.job.type) if sandbox is not None else True,
                 "cgroup": cgroup.path.name if cgroup is not None else None,
                 "kill": "cgroup.kill" if cgroup is not None else (
                     "pid namespace and process group" if sandbox is not None
@@ -600,6 +588,24 @@ class JobRun:
             return JobReport(self.job.job_id, Outcome.FAILED, code, message, False, {}, None)
         verdict = Verdict(Outcome.FAILED, code, message)
         return await self._package(verdict, None)
+
+
+def runtime_for(job_type: str, extra: Mapping[str, str],
+                allowed: Collection[str] | None) -> str:
+    """The runtime's import path for ``job_type``, or the LaunchError that refuses it.
+
+    One check for the daemon (before any device is reserved) and for the executor.
+    """
+    path = resolve_path(job_type, extra)
+    if path is None:
+        raise LaunchError(f"no runtime on this node handles payload type {job_type!r}",
+                          code="unsupported_job_type")
+    if allowed is not None and job_type not in allowed:
+        raise LaunchError(
+            f"payload type {job_type!r} is not allowed on this node; the operator allows "
+            f"{', '.join(sorted(allowed)) or 'none'} (config field allowed_job_types, "
+            "MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
+    return path
 
 
 def folder_bytes(folder: Path, stop_above: int | None = None) -> int:

@@ -138,7 +138,8 @@ class SandboxPolicy:
         return [str(p) for p in paths if any(p.is_relative_to(t) and p != t for t in fresh)]
 
 
-def code_roots() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def code_roots() -> tuple[Path, ...]:
     """What a job's interpreter needs to read: Python, its packages, the agent's code."""
     roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix),
              Path(sys.executable).resolve().parent.parent,
@@ -153,7 +154,7 @@ def code_roots() -> list[Path]:
                 any(Path(tree).is_relative_to(root) for tree in HIDDEN_TREES):
             continue  # "/", or a script's folder like /tmp: never bound over the covers
         kept.append(root)
-    return kept
+    return tuple(kept)
 
 
 def _package_parents(*names: str) -> list[Path]:
