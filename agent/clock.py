@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def iso(ts: float | None, *, timespec: str = "milliseconds", zulu: bool = False) -> str | None:
@@ -30,3 +34,15 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
         async with asyncio.timeout(timeout_s):
             await event.wait()
     return event.is_set()
+
+
+async def within(aw: Awaitable[T], timeout_s: float) -> T:
+    """``await aw``, raising TimeoutError past ``timeout_s``: the daemon's ``wait_for``.
+
+    ``asyncio.wait_for`` on Python 3.11 returns the result when the awaited thing
+    finishes in the same loop iteration as a cancel of the waiting task, so the cancel is
+    lost and the task runs on (this held a stopping agent up forever: its sampler loop
+    ignored the shutdown's one cancel). ``asyncio.timeout`` re-raises the cancel.
+    """
+    async with asyncio.timeout(timeout_s):
+        return await aw

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
+from agent.clock import within
 from agent.commands.options import Sub, config_args, load
 from agent.config import config_file
 from agent.errors import ConfigError, ExitCode
@@ -58,6 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args, coordinator_url=args.coordinator, miner_id=args.miner_id)
     setup_logging(cfg.log_format, cfg.log_level)
     set_non_dumpable()
+    # `kill -QUIT <pid>` writes every thread's stack to stderr (the journal) and goes on:
+    # what an operator (or a test) needs to see where a stuck agent is.
+    faulthandler.register(signal.SIGQUIT, all_threads=True, chain=False)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         isolation = for_agent(cfg, config_file(args.config))
@@ -82,8 +89,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         isolation.close()
         if coordinator is not None:
             coordinator.stop()
+    exit_within(EXIT_WATCHDOG_S, code)
     exit_past_lingering_threads(code)
     return code
+
+
+EXIT_WATCHDOG_S = 10.0
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """The agent has stopped: if the process is still alive ``seconds`` from now, it
+    writes every thread's stack to stderr and exits with ``code`` anyway.
+
+    Interpreter exit runs atexit hooks and finalizers the agent does not control; none of
+    them may keep a stopped agent alive past systemd's stop timeout.
+    """
+    def watchdog() -> None:
+        time.sleep(seconds)
+        logging.getLogger(__name__).error("still alive %.0f s after stopping; stacks follow, "
+                                          "then a forced exit", seconds)
+        faulthandler.dump_traceback(all_threads=True)
+        sys.stderr.flush()
+        os._exit(int(code))
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
 
 
 def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 5.0) -> int:
@@ -103,8 +132,8 @@ def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 5.0) -> int:
                 task.cancel()
             if pending:
                 loop.run_until_complete(asyncio.wait(pending, timeout=cleanup_s))
-            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), cleanup_s))
-            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(),
+            loop.run_until_complete(within(loop.shutdown_asyncgens(), cleanup_s))
+            loop.run_until_complete(within(loop.shutdown_default_executor(),
                                                      cleanup_s))
         except TimeoutError:
             logging.getLogger(__name__).warning("event loop cleanup took over %.0f s; "

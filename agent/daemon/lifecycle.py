@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.clock import wait_event
+from agent.clock import wait_event, within
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.retry import RetryPolicy
@@ -426,8 +426,8 @@ class Agent:
 async def _best_effort(what: str, call: Awaitable[Any]) -> bool:
     """Await one leaving call; a failure or a hang is logged, never raised."""
     try:
-        # The call's deadline bounds its retries; wait_for also bounds a hung attempt.
-        await asyncio.wait_for(call, LEAVE_DEADLINE_S + 0.5)
+        # The call's deadline bounds its retries; the timeout also bounds a hung attempt.
+        await within(call, LEAVE_DEADLINE_S + 0.5)
     except (TimeoutError, CoordinatorError) as exc:
         log.warning("%s not sent: %s", what, exc or "timed out")
         return False

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from agent.clock import within
+
 log = logging.getLogger(__name__)
 
 PidsOf = Callable[[int], "list[int] | None"]  # NVML's compute pids of one GPU
@@ -70,7 +72,7 @@ class ReleaseGate:
     async def _holders(self, indices: list[int], job_pids: set[int]
                        ) -> dict[int, list[int]] | None:
         try:
-            answers = await asyncio.wait_for(
+            answers = await within(
                 asyncio.to_thread(lambda: [self.pids_of(i) for i in indices]),
                 self.call_timeout_s)
         except TimeoutError:

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from agent.clock import iso
+from agent.clock import iso, within
 from agent.errors import CancelReason, LaunchError, Outcome, PackageError
 from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
@@ -301,7 +301,7 @@ class JobRun:
             log.error("job %s: processes are still left in %s after cgroup.kill",
                       self.job.job_id, self.cgroup.path)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(events_task, 5)
+            await within(events_task, 5)
         if not events_task.done():
             events_task.cancel()
         timed_out = self.cancel_reason is CancelReason.TIMEOUT

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.clock import within
 from agent.config import LauncherKind
 from agent.errors import LaunchError
 from agent.execution.sandbox import SandboxPolicy
@@ -203,7 +204,7 @@ class ForkServerLauncher:
             listener.close()
         assert self._proc.stdout is not None
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), FORKSERVER_START_TIMEOUT_S)
+            line = await within(self._proc.stdout.readline(), FORKSERVER_START_TIMEOUT_S)
         except TimeoutError:
             line = b""
         if not line:
@@ -230,7 +231,7 @@ class ForkServerLauncher:
         except OSError as exc:
             raise LaunchError(f"fork server request failed: {exc}") from exc
         try:
-            data, fds = await asyncio.wait_for(_receive_with_fds(sock), 30)
+            data, fds = await within(_receive_with_fds(sock), 30)
         except (TimeoutError, OSError) as exc:
             sock.close()
             raise LaunchError(f"fork server request failed: {exc}") from exc

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import psutil
 
+from agent.clock import within
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -390,7 +392,7 @@ class Sampler:
         if self._pending is None or self._pending.done():
             self._pending = loop.run_in_executor(self._pool, self.telemetry.sample)
         try:
-            sample = await asyncio.wait_for(asyncio.shield(self._pending), self.timeout_s)
+            sample = await within(asyncio.shield(self._pending), self.timeout_s)
         except TimeoutError:
             if not self._stuck_logged:
                 log.error("NVML did not answer within %.0f s (a wedged GPU?); heartbeats go on "

@@ -95,7 +95,7 @@ def test_sandbox_off_is_the_operators_explicit_choice(tmp_path: Path) -> None:
     try:
         state = tmp_path / "state"
         agent = AgentProcess(coord.base_url, state, burst=True, sandbox="off")
-        assert agent.wait(120) == 0, agent.log()[-2000:]
+        assert agent.wait(60) == 0, agent.log()[-2000:]
         assert "job sandbox is OFF" in agent.log()
     finally:
         coord.stop()

@@ -71,8 +71,16 @@ class AgentProcess:
         self.proc.wait(10)
 
     def wait(self, timeout: float = 60.0) -> int:
+        """The agent's exit code; past ``timeout``, its stacks (SIGQUIT) and log tail."""
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGQUIT)  # the agent dumps every thread's stack
+            time.sleep(1.0)
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the agent did not exit within {timeout:.0f} s; its log "
+                                 f"ends:\n{self.log()[-6000:]}") from None
         finally:
             self._log.close()
 

@@ -181,7 +181,7 @@ def test_429_and_5xx_storms_are_ridden_out(core: ReferenceCoordinator, tmp_path:
     core.faults.set(status=503, count=15)
     agent = AgentProcess(core.base_url, tmp_path / "state", burst=True)
     agents.append(agent)
-    assert agent.wait(120) == 0, agent.log()
+    assert agent.wait(100) == 0, agent.log()
     assert client.job(job_id)["status"] == "completed"
     assert len(client.receipts(job_id)) == 1
     assert "Traceback" not in agent.log()
