@@ -89,6 +89,8 @@ class AgentConfig:
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 8731
     keep_packages_days: float = 14.0  # reported packages older than this are removed
+    # Reported packages past this total (MiB) are removed too, oldest first; 0: no cap.
+    keep_packages_max_mb: int = 10240
     bench_file: Path | None = None  # `miner-agent bench --attach-capabilities` output
     models: Mapping[str, str] = field(default_factory=dict)
     runtimes: Mapping[str, str] = field(default_factory=dict)
@@ -281,7 +283,8 @@ def _validate(cfg: AgentConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config field {name} must be greater than 0")
-    for name in ("drain_timeout_s", "cancel_grace_s"):
+    for name in ("drain_timeout_s", "cancel_grace_s", "keep_packages_days",
+                 "keep_packages_max_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative")
     if cfg.jobs_per_gpu < 1 or cfg.cpu_slots < 0:

@@ -19,6 +19,7 @@ class Capabilities:
     """The extensions both sides speak; empty for a core-only coordinator."""
 
     extensions: frozenset[str] = frozenset()
+    max_package_bytes: int | None = None  # announced with the package extension, if at all
 
     @classmethod
     def agreed(cls, announced: Iterable[str], declared: Iterable[str]) -> Capabilities:

@@ -101,11 +101,12 @@ class RegisterAnswer:
     session_token: str | None
     extensions: frozenset[str]
     announced: frozenset[str] = frozenset()
+    max_package_bytes: int | None = None  # the package extension's announced upload limit
 
     @property
     def capabilities(self) -> Capabilities:
         """What the daemon may use: ask this, not the extension names."""
-        return Capabilities(self.extensions)
+        return Capabilities(self.extensions, self.max_package_bytes)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,12 @@ class CoordinatorClient:
                                      deadline_s=self._deadline("register", deadline_s))
         data = self._object(resp, "register")
         announced = frozenset(str(x) for x in _list(data, "extensions", "register"))
-        return RegisterAnswer(data.get("session_token"), announced & declared, announced)
+        limits = data.get("limits")
+        limit = limits.get("max_package_bytes") if isinstance(limits, dict) else None
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) \
+            and limit > 0 else None
+        return RegisterAnswer(data.get("session_token"), announced & declared, announced,
+                              limit)
 
     async def heartbeat(self, inflight: int, metadata: Mapping[str, Any] | None = None,
                         leases: Mapping[str, str] | None = None, *, status: str = "ONLINE",
@@ -280,7 +286,8 @@ class CoordinatorClient:
 
     async def result(self, job_id: str, result: Mapping[str, Any],
                      metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
-                     *, deadline_s: Deadline = DEFAULT) -> dict[str, Any] | None:
+                     *, deadline_s: Deadline = DEFAULT,
+                     retry_ambiguous: bool = True) -> dict[str, Any] | None:
         """Report a completion (or, with the cancel extension, a cancel); returns the receipt.
 
         Never call this for a job the coordinator canceled or expired in the core: it
@@ -290,20 +297,22 @@ class CoordinatorClient:
         if lease_id is not None:
             body["lease_id"] = lease_id
         resp = await self._t.request("result", "POST", f"/v1/miners/{_seg(job_id)}/result",
-                                     json=body, deadline_s=self._deadline("result", deadline_s))
+                                     json=body, deadline_s=self._deadline("result", deadline_s),
+                                     retry_ambiguous=retry_ambiguous)
         receipt = self._object(resp, "result").get("receipt")
         return receipt if isinstance(receipt, dict) else None
 
     async def fail(self, job_id: str, error_code: str, error_message: str = "",
                    metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
-                   *, deadline_s: Deadline = DEFAULT) -> None:
+                   *, deadline_s: Deadline = DEFAULT, retry_ambiguous: bool = True) -> None:
         """Report a failure. The core does not free the in-flight slot: heartbeat next."""
         body: dict[str, Any] = {"error_code": error_code, "error_message": error_message,
                                 "metrics": dict(metrics or {})}
         if lease_id is not None:
             body["lease_id"] = lease_id
         await self._t.request("fail", "POST", f"/v1/miners/{_seg(job_id)}/fail", json=body,
-                              deadline_s=self._deadline("fail", deadline_s))
+                              deadline_s=self._deadline("fail", deadline_s),
+                              retry_ambiguous=retry_ambiguous)
 
     # -- extensions ---------------------------------------------------------------------
 
@@ -358,7 +367,8 @@ class CoordinatorClient:
 
     async def upload_package(self, job_id: str, zip_path: str | os.PathLike[str], sha256: str,
                              *, lease_id: str | None = None,
-                             deadline_s: Deadline = DEFAULT) -> PackageAnswer:
+                             deadline_s: Deadline = DEFAULT,
+                             retry_ambiguous: bool = True) -> PackageAnswer:
         """PUT the result zip; the coordinator checks ``sha256`` (422: code sha256_mismatch)."""
         headers = _upload_headers(zip_path, sha256)
         if lease_id is not None:
@@ -366,7 +376,7 @@ class CoordinatorClient:
         resp = await self._t.request("package", "PUT", f"/v1/miners/{_seg(job_id)}/package",
                                      content=lambda: _file_chunks(zip_path), headers=headers,
                                      deadline_s=self._deadline("package", deadline_s),
-                                     accept=frozenset({422}))
+                                     accept=frozenset({422}), retry_ambiguous=retry_ambiguous)
         data = response_json(resp)
         data = data if isinstance(data, dict) else {}
         if resp.status_code == 422:
@@ -378,13 +388,13 @@ class CoordinatorClient:
                              url if isinstance(url, str) else None)
 
     async def put_presigned(self, url: str, zip_path: str | os.PathLike[str], sha256: str, *,
-                            deadline_s: Deadline = DEFAULT) -> None:
+                            deadline_s: Deadline = DEFAULT, retry_ambiguous: bool = True) -> None:
         """PUT the zip to a payload's ``upload_url`` (no API key: the URL is the credential)."""
         resp = await self._t.request("presigned", "PUT", url, auth=False,
                                      content=lambda: _file_chunks(zip_path),
                                      headers=_upload_headers(zip_path, sha256),
                                      deadline_s=self._deadline("presigned", deadline_s),
-                                     accept=frozenset({422}))
+                                     accept=frozenset({422}), retry_ambiguous=retry_ambiguous)
         if resp.status_code == 422:
             raise CoordinatorHTTPError("upload URL rejected the package: checksum mismatch",
                                        422, response_json(resp), code="sha256_mismatch")

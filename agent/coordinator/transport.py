@@ -142,6 +142,14 @@ class CoordinatorUnavailable(CoordinatorError):
         self.last_error = last_error
 
 
+class AmbiguousSend(CoordinatorUnavailable):
+    """Raised instead of a retry when a request may have reached the coordinator but no
+    answer came back (a reset or a timeout after it went out), for a call whose caller
+    must look before sending again: a core ``/result`` is not idempotent."""
+
+    code = "ambiguous_send"
+
+
 class RetriesStopped(CoordinatorUnavailable):
     """Raised when the client was told to stop retrying (agent shutdown)."""
 
@@ -243,8 +251,11 @@ def _encode_json(endpoint: str, body: Any) -> bytes:
     return data
 
 
+_NEVER_SENT = frozenset({"connect"})  # errors that say the request never went out
+
+
 def _transport_error_name(exc: httpx.TransportError) -> str:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.PoolTimeout):
         return "connect"
     if isinstance(exc, httpx.TimeoutException):
         return "timeout"
@@ -300,8 +311,14 @@ class Transport:
                       params: Mapping[str, str | int] | None = None,
                       deadline_s: float | None, auth: bool = True,
                       not_registered: frozenset[int] = frozenset(),
-                      accept: frozenset[int] = frozenset()) -> httpx.Response:
-        """Send until an answer that is not retryable; see the module docstring."""
+                      accept: frozenset[int] = frozenset(),
+                      retry_ambiguous: bool = True) -> httpx.Response:
+        """Send until an answer that is not retryable; see the module docstring.
+
+        ``retry_ambiguous=False``: a failure after the request may have gone out (reset,
+        read timeout) raises :class:`AmbiguousSend` instead of sending it again; a
+        connection that never opened is still retried.
+        """
         deadline = Deadline(deadline_s)
         if json is not None:
             content, json = _encode_json(endpoint, json), None
@@ -316,6 +333,10 @@ class Transport:
                 self.stats.call_finished(endpoint, False, attempt)
                 raise
             wait: float | None = None
+            if resp is None and not retry_ambiguous and error not in _NEVER_SENT:
+                self.stats.call_finished(endpoint, False, attempt)
+                raise AmbiguousSend(f"{endpoint}: no answer ({error}) after the request may "
+                                    "have reached the coordinator", error)
             if resp is not None:
                 self._raise_if_final_error(resp, endpoint, attempt, not_registered, accept)
                 if resp.status_code < 400 or resp.status_code in accept:

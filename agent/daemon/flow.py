@@ -17,15 +17,16 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
-from agent.coordinator.transport import CoordinatorHTTPError, LeaseLost
 from agent.daemon.cancels import Disposition, disposition
 from agent.daemon.held import Active, HeldJobs
 from agent.daemon.journal import Journal, Phase
+from agent.daemon.outbox import Outbox
 from agent.daemon.release import Release, ReleaseGate
 from agent.daemon.report import Report, build_report
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
-from agent.errors import CoordinatorError, InvalidJob, LaunchError
+from agent.daemon.uploads import plan as upload_plan
+from agent.errors import InvalidJob, LaunchError
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun, runtime_for
 from agent.execution.launcher import Launcher
 from agent.jobs import Job, valid_job_id
@@ -57,8 +58,9 @@ class JobFlow:
                  scheduler: Scheduler, held: HeldJobs, starter: JobStarter,
                  metrics: AgentMetrics, session: Callable[[], Session],
                  wake_heartbeat: Callable[[], None], wake_poll: Callable[[], None],
-                 gate: ReleaseGate | None = None) -> None:
+                 outbox: Outbox, gate: ReleaseGate | None = None) -> None:
         self.cfg = cfg
+        self.outbox = outbox
         self.gate = gate  # None: no GPU, or NVML cannot tell
         self.journal = journal
         self.client = client
@@ -76,7 +78,8 @@ class JobFlow:
         """Journal a polled job, hold it, and start its task."""
         raw = polled.job_dict()
         if not self.journal.accept(polled.job_id, raw, polled.lease_id):
-            log.warning("job %s: handed out twice; ignoring the repeat", polled.job_id)
+            if not self.outbox.adopt_lease(polled.job_id, polled.lease_id):
+                log.warning("job %s: handed out twice; ignoring the repeat", polled.job_id)
             return
         log.info("job %s: accepted (%r)", polled.job_id,
                  (polled.payload or {}).get("type") if isinstance(polled.payload, dict) else "?")
@@ -127,8 +130,8 @@ class JobFlow:
             report.body["lease_id"] = lease_id
         log.warning("job %s refused: %s: %s", job_id, exc.code, exc.message)
         self.journal.set_phase(job_id, Phase.FINISHED, outcome="failed",
-                               report=report.to_dict())
-        await self.deliver(job_id, report, lease_id)
+                               report=report.to_dict(), delivery={})
+        self.submit(job_id, report, lease_id)
 
     async def _reserve(self, active: Active, job: Job) -> Assignment | None:
         while True:
@@ -190,11 +193,10 @@ class JobFlow:
             self.journal.set_phase(report.job_id, Phase.DROPPED, outcome=report.outcome.value)
             session.forget(report.job_id)
             return
-        location = await session.uploads.upload(report, job=active.job,
-                                                lease_id=active.lease_id)
-        rep = await self.finish(report, active.lease_id, active.gpu_count, location,
-                                active.release.metrics())
-        await self.deliver(report.job_id, rep, active.lease_id)
+        upload = upload_plan(report, active.job, session.caps)
+        rep = await self.finish(report, active.lease_id, active.gpu_count,
+                                active.release.metrics(), upload=upload)
+        self.submit(report.job_id, rep, active.lease_id, {"upload": upload} if upload else {})
 
     def _count(self, report: JobReport) -> None:
         metrics = report.output.get("metrics", {})
@@ -205,65 +207,29 @@ class JobFlow:
             self.metrics.cancel_latency_s(cancel["latency_ms"] / 1000)
 
     async def finish(self, report: JobReport, lease_id: str | None, gpu_count: int,
-                     location: str | None, extra_metrics: dict[str, Any] | None = None
-                     ) -> Report:
-        """Build the report once, journal it, and ship the logs' last bytes."""
-        rep = build_report(report, gpu_count=gpu_count, location=location, lease_id=lease_id,
+                     extra_metrics: dict[str, Any] | None = None, *,
+                     upload: dict[str, Any] | None = None) -> Report:
+        """Build the report once, journal it with its uploads to do, and ship the logs'
+        last bytes. The outbox sends it (:meth:`submit`)."""
+        rep = build_report(report, gpu_count=gpu_count, location=None, lease_id=lease_id,
                            max_text_bytes=self.cfg.max_result_text_bytes,
                            log_tail_bytes=self.cfg.log_tail_bytes)
         if extra_metrics:
             rep.body["metrics"].update(extra_metrics)
         self.journal.set_phase(report.job_id, Phase.FINISHED, outcome=report.outcome.value,
-                               report=rep.to_dict())
+                               report=rep.to_dict(),
+                               delivery={"upload": upload} if upload else {})
         shipper = self.session().shipper
         if shipper is not None and report.folder is not None:
             await shipper.ship(report.job_id, report.folder)
         return rep
 
     # -- reporting ------------------------------------------------------------------
-    async def deliver(self, job_id: str, report: Report, lease_id: str | None) -> None:
-        """Send the stored report once; mark it reported, dropped or left for later."""
-        session = self.session()
-        session.forget(job_id)  # its last log bytes went out in finish()
-        decided = Disposition.DROP if report.kind == "none" else \
-            disposition(report.outcome, session.caps)
-        try:
-            if decided is Disposition.DROP or (decided is Disposition.SEND_IF_LISTED
-                                               and not await self._listed(job_id)):
-                log.info("job %s: the coordinator no longer lists it (canceled or expired); "
-                         "not reporting", job_id)
-                self.journal.set_phase(job_id, Phase.DROPPED)
-                return
-            await self._send(job_id, report)
-        except LeaseLost:
-            log.warning("job %s: lease lost; the coordinator gave it to another miner", job_id)
-            self.journal.set_phase(job_id, Phase.DROPPED)
-            return
-        except CoordinatorHTTPError as exc:
-            log.error("job %s: the coordinator refused the report (%s); kept in the journal "
-                      "as rejected", job_id, exc)
-            self.journal.set_phase(job_id, Phase.REJECTED)
-            return
-        except CoordinatorError as exc:
-            log.warning("job %s: report not delivered (%s); it is sent on the next start",
-                        job_id, exc)
-            return
-        self.journal.set_phase(job_id, Phase.REPORTED)
-        log.info("job %s: reported (%s)", job_id, report.kind)
-        self.wake_heartbeat()
-        self.wake_poll()
-
-    async def _listed(self, job_id: str) -> bool:
-        return job_id in await self.client.running_jobs()
-
-    async def _send(self, job_id: str, report: Report) -> None:
-        body = report.body
-        if report.kind == "result":
-            await self.client.result(job_id, body["result"], body.get("metrics"),
-                                     body.get("lease_id"))
-        else:
-            await self.client.fail(job_id, body["error_code"], body.get("error_message", ""),
-                                   body.get("metrics"), body.get("lease_id"))
+    def submit(self, job_id: str, report: Report, lease_id: str | None,
+               delivery: dict[str, Any] | None = None) -> None:
+        """Hand a journaled report to the outbox, which sends it until it is settled."""
+        self.session().forget(job_id)  # its last log bytes went out in finish()
+        self.outbox.submit(job_id, report, lease_id, delivery)
 
     def set_aside_earlier_attempt(self, job_id: str) -> None:
         """A requeued job runs again here: keep the earlier attempt's package, out of the way."""

@@ -7,9 +7,20 @@ Phases of a job on this node::
                       \\-> (agent crash) recovered on restart as failed/agent_restart
 
 ``finished`` holds the exact report (``/result`` or ``/fail`` body) that has not
-been acknowledged yet; after a crash it is sent once more, never rebuilt. Every
+been acknowledged yet, and its delivery state (tries, last error, whether an answer
+was lost after a send, the package upload's state); the outbox
+(:mod:`agent.daemon.outbox`) retries it while the agent runs, and after a crash it is
+sent once more, never rebuilt. Every
 write commits before the agent acts on it, so a SIGKILL at any point leaves a
 state the next start can resume from.
+
+Retention: a finished job's package is pruned (by age or by the size cap, see
+:mod:`agent.daemon.recovery`) while its row stays, marked ``pruned_at``, with its outcome
+and the report (result and zip hashes); its job payload shrinks to the id and its log
+offsets go. Rows of pruned packages are deleted later (see :meth:`Journal.forget`).
+Ages are clock-jump safe: each write stores the monotonic time and the boot id beside
+``updated_at``; a row written in this boot ages by the monotonic clock, another by the
+wall clock, and an age is never negative.
 
 A full disk is the exception (``database or disk is full``, or an I/O error from a
 write that found no room): the write is kept in memory, in order, and tried again
@@ -32,6 +43,16 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # writes kept in memory while the disk is full; older ones are dropped
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+DONE_PHASES = ("reported", "dropped", "rejected")  # a package of these may be pruned
+# Retention's columns, added on open like ADDED_COLUMNS (never in SCHEMA, so one path
+# makes them for new and old journals alike); old rows get NULL.
+RETENTION_COLUMNS = {"jobs": {"pruned_at": "REAL", "updated_mono": "REAL", "boot_id": "TEXT",
+                              "package_bytes": "INTEGER"}}
+# A row's age in seconds, given (this boot's id, monotonic now, wall now): by the
+# monotonic clock when the row was written in this boot, else by the wall clock; >= 0.
+_AGE_SQL = ("MAX(0, CASE WHEN boot_id = ? AND updated_mono IS NOT NULL THEN ? - updated_mono "
+            "ELSE ? - updated_at END)")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -78,6 +99,20 @@ class JobRecord:
     outcome: str | None
     report: dict[str, Any] | None
     package_dir: str | None
+    delivery: dict[str, Any] | None = None  # the report's tries, last error, upload state
+
+
+# Columns added after the first release, by an idempotent migration on open.
+ADDED_COLUMNS = {"jobs": {"delivery_json": "TEXT"}}
+
+
+def _add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column an older journal lacks."""
+    for table, columns in added.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
 
 class Journal:
@@ -93,6 +128,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
         self._db.executescript(SCHEMA)
+        _add_columns(self._db, RETENTION_COLUMNS)
+        self.boot_id = current_boot_id()
+        _add_columns(self._db, ADDED_COLUMNS)
 
     @property
     def pending(self) -> int:
@@ -169,10 +207,11 @@ class Journal:
         log.error("journal: job %s accepted without a record on disk (it is full); a crash "
                   "before space returns forgets it", job_id)
         self._kept_leases[job_id] = lease_id
-        now = time.time()
+        now, mono, boot = self._stamp()
         self._write("INSERT OR REPLACE INTO jobs (job_id, job_json, lease_id, phase, "
-                    "created_at, updated_at) VALUES (?, ?, ?, 'accepted', ?, ?)",
-                    (job_id, json.dumps(job), lease_id, now, now))
+                    "created_at, updated_at, updated_mono, boot_id) "
+                    "VALUES (?, ?, ?, 'accepted', ?, ?, ?, ?)",
+                    (job_id, json.dumps(job), lease_id, now, now, mono, boot))
         return True
 
     def _held_already(self, job_id: str, lease_id: str | None) -> bool:
@@ -188,32 +227,35 @@ class Journal:
             Phase.REPORTED, Phase.DROPPED, Phase.REJECTED)
 
     def _accept(self, job_id: str, job: dict[str, Any], lease_id: str | None) -> bool:
-        now = time.time()
+        now, mono, boot = self._stamp()
         with self._lock:
             self._flush_pending()
             if self._pending:  # its rows may be among the kept writes: decide after them
                 raise sqlite3.OperationalError("database or disk is full")
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, job_json, lease_id, phase, created_at, "
-                "updated_at) VALUES (?, ?, ?, 'accepted', ?, ?)",
-                (job_id, json.dumps(job), lease_id, now, now))
+                "updated_at, updated_mono, boot_id) VALUES (?, ?, ?, 'accepted', ?, ?, ?, ?)",
+                (job_id, json.dumps(job), lease_id, now, now, mono, boot))
             if cur.rowcount == 1:
                 return True
             if lease_id is None:
                 return False
             cur = self._db.execute(
                 "UPDATE jobs SET job_json = ?, lease_id = ?, phase = 'accepted', outcome = NULL, "
-                "report_json = NULL, updated_at = ? WHERE job_id = ? AND lease_id IS NOT ? "
-                "AND phase IN ('reported', 'dropped', 'rejected')",
+                "report_json = NULL, delivery_json = NULL, updated_at = ? WHERE job_id = ? "
+                "AND lease_id IS NOT ? AND phase IN ('reported', 'dropped', 'rejected')",
                 (json.dumps(job), lease_id, now, job_id, lease_id))
             if cur.rowcount == 1:
+                # A new attempt: its package will be a new one, not pruned, not measured yet
+                self._db.execute("UPDATE jobs SET updated_mono = ?, boot_id = ?, pruned_at = NULL, "
+                                 "package_bytes = NULL WHERE job_id = ?", (mono, boot, job_id))
                 self._db.execute("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
                 return True
             return False
 
     def set_phase(self, job_id: str, phase: Phase, **fields: Any) -> None:
-        sets = ["phase = ?", "updated_at = ?"]
-        args: list[Any] = [Phase(phase).value, time.time()]
+        sets = ["phase = ?", "updated_at = ?", "updated_mono = ?", "boot_id = ?"]
+        args: list[Any] = [Phase(phase).value, *self._stamp()]
         for name in ("outcome", "package_dir", "lease_id"):
             if name in fields:
                 sets.append(f"{name} = ?")
@@ -221,18 +263,38 @@ class Journal:
         if "report" in fields:
             sets.append("report_json = ?")
             args.append(json.dumps(fields["report"], default=str))
+        if "delivery" in fields:
+            sets.append("delivery_json = ?")
+            args.append(json.dumps(fields["delivery"], default=str))
         self._write(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
 
+    def set_delivery(self, job_id: str, delivery: dict[str, Any],
+                     report: dict[str, Any] | None = None,
+                     lease_id: str | None = None) -> None:
+        """Record a pending report's tries and upload state (the phase stays finished);
+        ``report``/``lease_id`` replace the stored ones (an upload's location, a new lease)."""
+        sets = ["delivery_json = ?", "updated_at = ?", "updated_mono = ?", "boot_id = ?"]
+        args: list[Any] = [json.dumps(delivery, default=str), *self._stamp()]
+        if report is not None:
+            sets.append("report_json = ?")
+            args.append(json.dumps(report, default=str))
+        if lease_id is not None:
+            sets.append("lease_id = ?")
+            args.append(lease_id)
+        self._write(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))
+
+    def _stamp(self) -> tuple[float, float, str | None]:
+        """What a write stores beside ``updated_at``: wall time, monotonic time, boot id."""
+        return time.time(), time.monotonic(), self.boot_id
+
     def get(self, job_id: str) -> JobRecord | None:
-        rows = self._exec("SELECT job_id, job_json, lease_id, phase, outcome, report_json, "
-                          "package_dir FROM jobs WHERE job_id = ?", (job_id,))
+        rows = self._exec(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
         return _record(rows[0]) if rows else None
 
     def in_phase(self, *phases: Phase) -> list[JobRecord]:
         marks = ",".join("?" for _ in phases)
-        rows = self._exec("SELECT job_id, job_json, lease_id, phase, outcome, report_json, "
-                          f"package_dir FROM jobs WHERE phase IN ({marks}) ORDER BY created_at",
-                          tuple(Phase(p).value for p in phases))
+        rows = self._exec(f"SELECT {_COLUMNS} FROM jobs WHERE phase IN ({marks}) "
+                          "ORDER BY created_at", tuple(Phase(p).value for p in phases))
         return [_record(r) for r in rows]
 
     def shipped(self, job_id: str, stream: str) -> int:
@@ -249,16 +311,61 @@ class Journal:
         return {phase: n for phase, n in
                 self._exec("SELECT phase, COUNT(*) FROM jobs GROUP BY phase")}
 
-    def prune(self, keep_s: float) -> list[str]:
-        """Forget reported and dropped jobs older than ``keep_s``; returns their ids."""
-        cutoff = time.time() - keep_s
+    def expired(self, keep_s: float) -> list[str]:
+        """Jobs done (reported, dropped, rejected) more than ``keep_s`` ago, package kept.
+
+        A row from another boot stamped in the future (the wall clock was set back since)
+        is stamped now instead, so it ages from here on rather than being kept until the
+        wall clock catches up.
+        """
+        now, mono, boot = self._stamp()
+        self._write("UPDATE jobs SET updated_at = ?, updated_mono = ?, boot_id = ? "
+                    "WHERE updated_at > ? AND boot_id IS NOT ?", (now, mono, boot, now, boot))
+        return [r[0] for r in self._exec(
+            f"SELECT job_id FROM jobs WHERE phase IN {DONE_PHASES} AND pruned_at IS NULL "
+            f"AND {_AGE_SQL} > ? ORDER BY updated_at", (boot, mono, now, keep_s))]
+
+    def kept_packages(self) -> list[tuple[str, float, int | None]]:
+        """(id, updated_at, size measured or None) of done jobs whose package is kept,
+        oldest first."""
+        return [(r[0], float(r[1]), r[2]) for r in self._exec(
+            "SELECT job_id, updated_at, package_bytes FROM jobs WHERE phase IN "
+            f"{DONE_PHASES} AND pruned_at IS NULL ORDER BY updated_at")]
+
+    def set_package_bytes(self, job_id: str, size: int) -> None:
+        """Remember a done job's package size (it no longer changes), so it is measured once."""
+        self._write("UPDATE jobs SET package_bytes = ? WHERE job_id = ?", (size, job_id))
+
+    def mark_pruned(self, job_id: str) -> None:
+        """Record that a done job's package is gone: the row keeps its outcome and report
+        (with the result and zip hashes); its payload shrinks to the id, its offsets go."""
+        self._write("UPDATE jobs SET pruned_at = ?, job_json = json_object('job_id', job_id) "
+                    f"WHERE job_id = ? AND phase IN {DONE_PHASES}", (time.time(), job_id))
+        self._write("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
+
+    def pruned_at(self, job_id: str) -> float | None:
+        """When the job's package was pruned; None while it is kept, or with no row."""
+        rows = self._exec("SELECT pruned_at FROM jobs WHERE job_id = ?", (job_id,))
+        return rows[0][0] if rows else None
+
+    def forget(self, keep_s: float) -> list[str]:
+        """Delete the rows of pruned packages older than ``keep_s``; returns their ids."""
+        now, mono, boot = self._stamp()
         ids = [r[0] for r in self._exec(
-            "SELECT job_id FROM jobs WHERE phase IN ('reported', 'dropped') "
-            "AND updated_at < ?", (cutoff,))]
+            f"SELECT job_id FROM jobs WHERE pruned_at IS NOT NULL AND {_AGE_SQL} > ?",
+            (boot, mono, now, keep_s))]
         for job_id in ids:
             self._write("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
             self._write("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return ids
+
+
+def current_boot_id() -> str | None:
+    """This boot's id (Linux), to tell monotonic times of this boot from older ones."""
+    try:
+        return BOOT_ID_PATH.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _disk_full(exc: sqlite3.OperationalError) -> bool:
@@ -267,7 +374,10 @@ def _disk_full(exc: sqlite3.OperationalError) -> bool:
     return "disk is full" in text or "disk i/o error" in text
 
 
+_COLUMNS = "job_id, job_json, lease_id, phase, outcome, report_json, package_dir, delivery_json"
+
+
 def _record(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(job_id=row[0], job=json.loads(row[1]), lease_id=row[2], phase=Phase(row[3]),
                      outcome=row[4], report=json.loads(row[5]) if row[5] else None,
-                     package_dir=row[6])
+                     package_dir=row[6], delivery=json.loads(row[7]) if row[7] else None)

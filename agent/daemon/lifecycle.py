@@ -36,6 +36,7 @@ from agent.daemon.flow import JobFlow, JobStarter
 from agent.daemon.heartbeat import HeartbeatLoop
 from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal
+from agent.daemon.outbox import Outbox
 from agent.daemon.poll import PollLoop
 from agent.daemon.recovery import Recovery
 from agent.daemon.release import ReleaseGate
@@ -56,6 +57,8 @@ from runtimes.registry import BUILTIN_RUNTIMES
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0
 LEAVE_DEADLINE_S = 2.0  # each of the last heartbeat and the deregistration, on the way out
+OUTBOX_FLUSH_MIN_S = 5.0  # the drain's last try of undelivered reports, however late
+OUTBOX_FLUSH_MAX_S = 30.0
 
 
 class Agent:
@@ -97,17 +100,22 @@ class Agent:
         self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
         self.session = Session.core(self.client, cfg.coordinator_url)
+        self.outbox = Outbox(journal=self.journal, client=self.client, session=self._session,
+                             policy=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s),
+                             on_settled=self._report_settled,
+                             try_s=max(1.0, cfg.read_timeout_s))
         self.flow = JobFlow(cfg=cfg, journal=self.journal, client=self.client,
                             scheduler=self.scheduler, held=self.held,
                             starter=JobStarter(exec_cfg, self.launcher, job_environ),
                             metrics=self.metrics, session=self._session,
                             wake_heartbeat=self.wake_heartbeat, wake_poll=self.wake_poll,
-                            gate=ReleaseGate(self.telemetry.compute_pids,
+                            outbox=self.outbox, gate=ReleaseGate(self.telemetry.compute_pids,
                                              timeout_s=cfg.gpu_release_timeout_s)
                             if self.telemetry.has_gpus else None)
         self.recovery = Recovery(flow=self.flow, journal=self.journal, held=self.held,
                                  out_root=exec_cfg.out_root, work_root=exec_cfg.work_root,
                                  keep_packages_days=cfg.keep_packages_days,
+                                 keep_packages_max_mb=cfg.keep_packages_max_mb,
                                  session=self._session)
         self.heartbeats = HeartbeatLoop(
             client=self.client, held=self.held, inbox=self.inbox,
@@ -118,7 +126,7 @@ class Agent:
                               capacity=self.scheduler.capacity, accept=self.flow.accept,
                               reregister=self._reregister, draining=lambda: self.draining,
                               on_empty=self._burst_done, resync=self.heartbeats.beat,
-                              on_pause=self.wake_heartbeat)
+                              on_pause=self.wake_heartbeat, before_poll=self.outbox.catch_up)
         self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
                                              inbox=self.inbox,
                                              interval_s=cfg.cancel_check_interval_s)
@@ -169,7 +177,8 @@ class Agent:
         await self.recovery.recover()
         await self.sampler.refresh()
         self.notifier.ready(status=self._status_line())
-        for loop in (self.heartbeats, self.polls, self.cancel_checks, self.shipping):
+        for loop in (self.heartbeats, self.polls, self.cancel_checks, self.shipping,
+                     self.outbox):
             self._tasks.append(asyncio.create_task(self._forever(loop.run),
                                                    name=type(loop).__name__))
         self._tasks.append(asyncio.create_task(self._forever(self._sample_forever),
@@ -209,13 +218,18 @@ class Agent:
         # 4. Cancel what is left: SIGTERM, grace period, SIGKILL (the executor's job).
         self.inbox.cancel_all(CancelReason.SIGNAL if self.hard_stop.is_set()
                               else CancelReason.DRAIN)
-        # 5. Each job packages and reports itself; wait for that, bounded.
+        # 5. Each job packages itself and hands its report to the outbox; wait for that,
+        #    bounded, then give the outbox what is left of the budget (at least a few
+        #    seconds) to deliver. What it cannot deliver stays journaled for the next start.
         if self.flow.tasks:
             done, pending = await asyncio.wait(self.flow.tasks,
                                                timeout=self.cfg.cancel_grace_s + 60)
             if pending:
-                self.client.stop_retrying()  # reports stay journaled for the next start
+                self.client.stop_retrying()
                 await asyncio.wait(pending, timeout=10)
+        await self.outbox.flush(min(OUTBOX_FLUSH_MAX_S, max(OUTBOX_FLUSH_MIN_S,
+                                                            deadline - time.monotonic())))
+        self.client.stop_retrying()
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -298,9 +312,15 @@ class Agent:
     def wake_poll(self) -> None:
         self.polls.wake()
 
+    def _report_settled(self) -> None:
+        """A report ended: the coordinator frees the slot on its side; say so and poll."""
+        self.wake_heartbeat()
+        self.wake_poll()
+
     def _burst_done(self) -> bool:
-        """Burst mode: stop once the coordinator has no work and no job is held."""
-        if not self.burst or len(self.held) or self.flow.tasks:
+        """Burst mode: stop once the coordinator has no work, no job is held and every
+        report is delivered (an outage keeps a burst run waiting, as it keeps a report)."""
+        if not self.burst or len(self.held) or self.flow.tasks or len(self.outbox):
             return False
         log.info("burst mode: no work left; stopping")
         self.drain_reason = "burst mode: no work left"
@@ -316,7 +336,7 @@ class Agent:
             jobs[a.job_id] = {"progress": p, "phase": "running" if a.run else "waiting",
                               "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
         out = {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
-               "agent": {"pid": os.getpid()}}
+               "agent": {"pid": os.getpid()}, "reports_pending": len(self.outbox)}
         if self.draining:
             out["drain_reason"] = self.drain_reason
         if (paused := self.polls.pause_reason()) is not None:

@@ -50,7 +50,8 @@ class PollLoop:
                  reregister: Callable[[str], Awaitable[None]],
                  draining: Callable[[], bool], on_empty: Callable[[], bool],
                  resync: Callable[[], Awaitable[None]] | None = None,
-                 on_pause: Callable[[], None] | None = None) -> None:
+                 on_pause: Callable[[], None] | None = None,
+                 before_poll: Callable[[], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.held = held
@@ -61,6 +62,7 @@ class PollLoop:
         self.on_empty = on_empty
         self.resync = resync  # tell the coordinator our true in-flight count now
         self.on_pause = on_pause  # called when polling pauses or resumes
+        self.before_poll = before_poll  # undelivered reports go before new work is asked
         self._paused: str | None = None
         self._now = asyncio.Event()
 
@@ -99,6 +101,8 @@ class PollLoop:
             if self._disk_low():
                 await self._idle(min(DISK_RECHECK_S, self.cfg.poll_max_interval_s))
                 continue
+            if self.before_poll is not None:
+                await self.before_poll()
             try:
                 polled = await self.client.poll()
             except NotRegistered:

@@ -1,10 +1,13 @@
 """What earlier runs of the agent left: unfinished jobs, unsent reports, old packages.
 
 On start: a job that was running when the agent died is packaged from what it left
-and reported as failed with ``agent_restart``; a report that was not acknowledged is
-sent again, as stored, never rebuilt; a job the coordinator canceled or expired
-meanwhile is dropped instead of reported (see :func:`agent.daemon.cancels.disposition`).
-Periodically: packages of reported jobs past ``keep_packages_days`` are removed.
+and reported as failed with ``agent_restart`` (one whose package was sealed before the
+crash is reported as it ended, and its upload is done now); a report that was not
+acknowledged goes back to the outbox as stored, never rebuilt, with its tries; a job
+the coordinator canceled or expired meanwhile is dropped instead of reported (see
+:func:`agent.daemon.cancels.disposition`).
+Periodically: done jobs' packages are pruned by age and total size
+(:mod:`agent.daemon.retention`), and scratch folders no running job holds are removed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from agent.daemon.flow import JobFlow
 from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal, Phase
 from agent.daemon.report import Report
+from agent.daemon.retention import MIB, Retention
 from agent.daemon.session import Session
-from agent.errors import Outcome, PackageError
+from agent.daemon.uploads import plan as upload_plan
+from agent.errors import InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
 from agent.execution.package import PackageInfo, write_package
-from agent.jobs import valid_job_id
+from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,
     LOGS_DIR,
@@ -34,7 +39,6 @@ from agent.layout import (
     checksum_of,
     job_folder,
     job_id_of,
-    package_paths,
     zip_of,
 )
 
@@ -46,22 +50,19 @@ class Recovery:
 
     def __init__(self, *, flow: JobFlow, journal: Journal, held: HeldJobs, out_root: Path,
                  work_root: Path | None, keep_packages_days: float,
-                 session: Callable[[], Session]) -> None:
+                 keep_packages_max_mb: int, session: Callable[[], Session]) -> None:
         self.flow = flow
         self.journal = journal
         self.held = held
         self.out_root = out_root
         self.work_root = work_root
-        self.keep_s = keep_packages_days * 86400
+        self.retention = Retention(journal, out_root, keep_s=keep_packages_days * 86400,
+                                   max_bytes=keep_packages_max_mb * MIB)
         self.session = session
 
     def prune(self) -> None:
-        """Remove packages of jobs reported (or dropped) more than keep_packages_days ago."""
-        for job_id in self.journal.prune(self.keep_s):
-            folder, *files = package_paths(job_folder(self.out_root, job_id))
-            shutil.rmtree(folder, ignore_errors=True)
-            for path in files:
-                path.unlink(missing_ok=True)
+        """Prune done jobs' packages (by age and total size) and orphaned scratch."""
+        self.retention.prune()
         if self.work_root is not None and self.work_root.is_dir():
             for work in self.work_root.iterdir():
                 if work.name not in self.held:  # scratch of a job that died with an agent
@@ -80,11 +81,17 @@ class Recovery:
                 self.journal.set_phase(record.job_id, Phase.DROPPED,
                                        outcome=report.outcome.value)
                 continue
-            await self.flow.finish(report, record.lease_id, 0, None)
+            # The crash may have come before or during the upload: it is done now.
+            upload = upload_plan(report, _job_or_none(record.job), session.caps)
+            await self.flow.finish(report, record.lease_id, 0, upload=upload)
         for record in self.journal.in_phase(Phase.FINISHED):
             if record.report is not None:
-                await self.flow.deliver(record.job_id, Report.from_dict(record.report),
-                                        record.lease_id)
+                self.flow.submit(record.job_id, Report.from_dict(record.report),
+                                 record.lease_id, record.delivery)
+            else:  # journaled before the report was (a write lost to a full disk)
+                log.error("job %s: finished without a stored report; nothing can be sent",
+                          record.job_id)
+                self.journal.set_phase(record.job_id, Phase.REJECTED)
 
     def _package_leftovers(self, job_id: str, raw: dict[str, Any]) -> JobReport:
         if not valid_job_id(job_id):  # refused before it ran: nothing on disk to package
@@ -106,6 +113,13 @@ class Recovery:
         except (OSError, PackageError) as exc:
             log.error("job %s: cannot package leftovers: %s", job_id, exc)
         return report_from_folder(folder)
+
+
+def _job_or_none(raw: dict[str, Any]) -> Job | None:
+    try:
+        return Job.from_dict(raw)
+    except InvalidJob:
+        return None
 
 
 def report_from_folder(folder: Path) -> JobReport:

@@ -50,7 +50,8 @@ class ReferenceCoordinator:
                  cancel_grace_s: float = 60.0,
                  rate_limits: Mapping[str, int] | None = None,
                  max_body_bytes: int = 10 * 1024 * 1024,
-                 max_package_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_package_bytes: int = 256 * 1024 * 1024,
+                 announce_limits: bool = True) -> None:
         unknown = set(extensions) - set(EXTENSIONS)
         if unknown:
             raise ValueError(f"unknown extensions {sorted(unknown)}; known: {EXTENSIONS}")
@@ -63,7 +64,7 @@ class ReferenceCoordinator:
                          for role, k in keys.items()}
         self.settings = Settings(tuple(e for e in EXTENSIONS if e in extensions), job_ttl_s,
                                  lease_ttl_s, cancel_grace_s, max_body_bytes, max_package_bytes,
-                                 os.urandom(32))
+                                 os.urandom(32), announce_limits)
         self.store = Store(db_path, cancel_grace_s=cancel_grace_s)
         self.faults = Faults()
         self.faults.bind(self._go_down, self._go_up)

@@ -97,6 +97,8 @@ class MinerAPI:
         answer: dict[str, Any] = {"status": "ok", "session_token": token}
         if self.settings.extensions:
             answer["extensions"] = list(self.settings.extensions)
+        if "package" in active and self.settings.announce_limits:
+            answer["limits"] = {"max_package_bytes": self.settings.max_package_bytes}
         return Response(200, answer)
 
     def heartbeat(self, req: Request) -> Response:

@@ -146,3 +146,6 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_package_bytes: int = 256 * 1024 * 1024
     receipt_secret: bytes = b"reference-coordinator"
+    # Register answers name the upload limit (`limits.max_package_bytes`); off, a miner
+    # learns it only from a 413 or, past what the server drains, a reset connection.
+    announce_limits: bool = True

@@ -213,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             if length <= _DRAIN_MAX_BYTES:
                 self._skip(length)
             self.close_connection = True
-            raise Problem(413, "Request body too large")
+            raise Problem(413, "Request body too large", max_bytes=limit)
         return self.rfile.read(length) if length > 0 else b""
 
     def _skip(self, length: int) -> None:

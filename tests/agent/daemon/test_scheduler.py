@@ -61,7 +61,10 @@ def test_journal_starts_a_new_attempt_only_under_a_new_lease(tmp_path: Path) -> 
     assert j.accept("a", {"job_id": "a"}, "lease-2")
     assert j.get("a").phase is Phase.ACCEPTED  # type: ignore[union-attr]
     j.set_phase("a", Phase.REPORTED)
-    assert j.prune(-1) == ["a"] and j.get("a") is None
+    assert j.expired(-1) == ["a"]
+    j.mark_pruned("a")  # the package is gone; the record stays
+    assert j.pruned_at("a") is not None
+    assert j.get("a").phase is Phase.REPORTED  # type: ignore[union-attr]
     j.close()
 
 
