@@ -8,6 +8,12 @@ socket), so tests exercise the client's actual network code, not a mock:
     coord.faults.reset(count=2)           # RST instead of an answer
     coord.faults.set(delay_s=2.0)         # answer normally, but late
     coord.faults.down(); coord.faults.up()
+
+Every request that reaches the server is counted by path, so a test can tell how many
+reports arrived, and how many went on to the routes (not replaced by a fault)::
+
+    coord.faults.arrived(f"/v1/miners/{job_id}/result")   # tries, faulted or not
+    coord.faults.answered(f"/v1/miners/{job_id}/result")  # tries the routes handled
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +52,8 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self.injected = 0
+        self._arrived: Counter[str] = Counter()
+        self._answered: Counter[str] = Counter()
         self._down: Callable[[], None] = lambda: None
         self._up: Callable[[], None] = lambda: None
 
@@ -95,11 +104,23 @@ class Faults:
         with self._lock:
             return sum(r.count for r in self._rules)
 
+    def arrived(self, prefix: str = "") -> int:
+        """Requests whose path starts with ``prefix`` that reached the server."""
+        with self._lock:
+            return sum(n for path, n in self._arrived.items() if path.startswith(prefix))
+
+    def answered(self, prefix: str = "") -> int:
+        """Of those, the ones passed on to the routes (no injected answer or reset)."""
+        with self._lock:
+            return sum(n for path, n in self._answered.items() if path.startswith(prefix))
+
     def take(self, path: str) -> Problem | None:
         """The fault for this request, if any (sleeping its delay first)."""
         with self._lock:
+            self._arrived[path] += 1
             rule = next((r for r in self._rules if r.applies(path)), None)
             if rule is None:
+                self._answered[path] += 1
                 return None
             rule.count -= 1
             self.injected += 1
@@ -107,6 +128,8 @@ class Faults:
         if rule.delay_s:
             time.sleep(rule.delay_s)
         if rule.status is None:
+            with self._lock:
+                self._answered[path] += 1
             return None
         problem = Problem(rule.status, "")
         problem.body = rule.body
