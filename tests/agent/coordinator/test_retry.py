@@ -12,9 +12,9 @@ from collections.abc import Callable
 import pytest
 
 from agent.coordinator.retry import RetryPolicy, parse_retry_after
-from agent.coordinator.transport import CoordinatorUnavailable, RetriesStopped
+from agent.coordinator.transport import AmbiguousSend, CoordinatorUnavailable, RetriesStopped
 from agent.reference.coordinator import ReferenceCoordinator
-from tests.agent.coordinator.conftest import GPU_CAPS, miner
+from tests.agent.coordinator.conftest import GPU_CAPS, client_http, miner
 
 
 def test_backoff_is_full_jitter_under_a_cap() -> None:
@@ -154,3 +154,41 @@ def test_read_timeout_is_retried(core: ReferenceCoordinator) -> None:
             assert client.stats.get("heartbeat").errors == {"timeout": 1}
 
     asyncio.run(flow())
+
+
+def test_a_send_that_may_have_arrived_is_not_repeated_blindly(
+        core: ReferenceCoordinator) -> None:
+    # A core /result is not idempotent: a reset after the request went out must reach
+    # the caller (who looks at the running list), not be sent again by the transport.
+    path = "/v1/miners/job-1/result"
+    core.faults.reset(count=1, paths=(path,))
+
+    async def flow() -> None:
+        async with miner(core) as client:
+            with pytest.raises(AmbiguousSend):
+                await client.result("job-1", {"status": "ok"}, deadline_s=5,
+                                    retry_ambiguous=False)
+            assert core.faults.arrived(path) == 1
+
+    asyncio.run(flow())
+
+
+def test_a_refused_connection_is_retried_even_for_a_guarded_send(
+        core: ReferenceCoordinator) -> None:
+    # Nothing went out while connects are refused: retrying is safe, and done.
+    with client_http(core) as http:
+        job_id = http.post("/v1/jobs", json={"payload": {"type": "sleep"}}).json()["job_id"]
+
+    async def flow() -> None:
+        async with miner(core, policy=RetryPolicy(base_s=0.02, cap_s=0.1)) as client:
+            await client.register(GPU_CAPS, 1)
+            polled = await client.poll()
+            assert polled is not None and polled.job_id == job_id
+            core.faults.down()
+            threading.Timer(0.5, core.faults.up).start()
+            await client.fail(job_id, "runtime_error", deadline_s=5, retry_ambiguous=False)
+            assert client.stats.get("fail").errors.get("connect", 0) >= 1
+
+    asyncio.run(flow())
+    with client_http(core) as http:
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "failed"
