@@ -286,8 +286,8 @@ class CoordinatorClient:
 
     async def result(self, job_id: str, result: Mapping[str, Any],
                      metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
-                     *, deadline_s: Deadline = DEFAULT,
-                     retry_ambiguous: bool = True) -> dict[str, Any] | None:
+                     *, deadline_s: Deadline = DEFAULT, retry_ambiguous: bool = True,
+                     max_attempts: int | None = None) -> dict[str, Any] | None:
         """Report a completion (or, with the cancel extension, a cancel); returns the receipt.
 
         Never call this for a job the coordinator canceled or expired in the core: it
@@ -298,13 +298,15 @@ class CoordinatorClient:
             body["lease_id"] = lease_id
         resp = await self._t.request("result", "POST", f"/v1/miners/{_seg(job_id)}/result",
                                      json=body, deadline_s=self._deadline("result", deadline_s),
-                                     retry_ambiguous=retry_ambiguous)
+                                     retry_ambiguous=retry_ambiguous,
+                                     max_attempts=max_attempts)
         receipt = self._object(resp, "result").get("receipt")
         return receipt if isinstance(receipt, dict) else None
 
     async def fail(self, job_id: str, error_code: str, error_message: str = "",
                    metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,
-                   *, deadline_s: Deadline = DEFAULT, retry_ambiguous: bool = True) -> None:
+                   *, deadline_s: Deadline = DEFAULT, retry_ambiguous: bool = True,
+                   max_attempts: int | None = None) -> None:
         """Report a failure. The core does not free the in-flight slot: heartbeat next."""
         body: dict[str, Any] = {"error_code": error_code, "error_message": error_message,
                                 "metrics": dict(metrics or {})}
@@ -312,7 +314,7 @@ class CoordinatorClient:
             body["lease_id"] = lease_id
         await self._t.request("fail", "POST", f"/v1/miners/{_seg(job_id)}/fail", json=body,
                               deadline_s=self._deadline("fail", deadline_s),
-                              retry_ambiguous=retry_ambiguous)
+                              retry_ambiguous=retry_ambiguous, max_attempts=max_attempts)
 
     # -- extensions ---------------------------------------------------------------------
 

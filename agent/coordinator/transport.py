@@ -312,12 +312,14 @@ class Transport:
                       deadline_s: float | None, auth: bool = True,
                       not_registered: frozenset[int] = frozenset(),
                       accept: frozenset[int] = frozenset(),
-                      retry_ambiguous: bool = True) -> httpx.Response:
+                      retry_ambiguous: bool = True,
+                      max_attempts: int | None = None) -> httpx.Response:
         """Send until an answer that is not retryable; see the module docstring.
 
         ``retry_ambiguous=False``: a failure after the request may have gone out (reset,
         read timeout) raises :class:`AmbiguousSend` instead of sending it again; a
-        connection that never opened is still retried.
+        connection that never opened is still retried. ``max_attempts`` caps the attempts
+        (a check-then-send caller keeps the time between its check and the send short).
         """
         deadline = Deadline(deadline_s)
         if json is not None:
@@ -346,6 +348,10 @@ class Transport:
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
             if wait is None:
                 wait = self.policy.backoff_s(attempt)
+            if max_attempts is not None and attempt + 1 >= max_attempts:
+                self.stats.call_finished(endpoint, False, attempt)
+                raise CoordinatorUnavailable(f"{endpoint}: no answer ({error}) in "
+                                             f"{max_attempts} attempt(s)", error)
             await self._wait_or_give_up(endpoint, error or "", wait, deadline, attempt)
             attempt += 1
 

@@ -184,7 +184,8 @@ class Outbox:
         if decided is Disposition.DROP:
             log.info("job %s: canceled by the coordinator; nothing reported", p.job_id)
             return Phase.DROPPED
-        if decided is Disposition.SEND_IF_LISTED and not await self._listed(p.job_id):
+        checked = decided is Disposition.SEND_IF_LISTED
+        if checked and not await self._listed(p.job_id):
             if p.delivery.get("ambiguous"):
                 log.info("job %s: the answer to the last send was lost and the coordinator "
                          "no longer runs the job: it was delivered", p.job_id)
@@ -194,7 +195,9 @@ class Outbox:
                      "not reporting", p.job_id)
             return Phase.DROPPED
         try:
-            await self._send(p)
+            # Checked: one attempt, right after the look; a retry is the next try's, with
+            # a fresh look (a cancel meanwhile must not be flipped back to COMPLETED).
+            await self._send(p, 1 if checked else None)
         except AmbiguousSend:
             p.delivery["ambiguous"] = True
             raise
@@ -206,16 +209,17 @@ class Outbox:
     async def _listed(self, job_id: str) -> bool:
         return job_id in await self.client.running_jobs(deadline_s=self.try_s)
 
-    async def _send(self, p: Pending) -> None:
+    async def _send(self, p: Pending, attempts: int | None) -> None:
         body = p.report.body
         if p.report.kind == "result":
             await self.client.result(p.job_id, body["result"], body.get("metrics"),
                                      body.get("lease_id"), deadline_s=self.try_s,
-                                     retry_ambiguous=False)
+                                     retry_ambiguous=False, max_attempts=attempts)
         else:
             await self.client.fail(p.job_id, body["error_code"], body.get("error_message", ""),
                                    body.get("metrics"), body.get("lease_id"),
-                                   deadline_s=self.try_s, retry_ambiguous=False)
+                                   deadline_s=self.try_s, retry_ambiguous=False,
+                                   max_attempts=attempts)
 
     def _apply_upload(self, p: Pending) -> None:
         """Put the upload's state into the report's package block and the journal."""

@@ -72,6 +72,7 @@ def test_a_report_for_a_job_canceled_during_the_outage_is_never_sent(
         coord.faults.set(status=503, count=10_000, paths=(f"/v1/miners/{job_id}/result",))
         agent.wait_log(f"job {job_id}: report not delivered yet", timeout=30)
         client.cancel(job_id)
+        time.sleep(0.3)  # a try that looked before the cancel has sent (and met a 503) by now
         coord.faults.clear()
         # Then the next try finds the job gone from the running list and sends nothing
         wait_until(lambda: journal_row(state, job_id)["phase"] == "dropped", 30, agent.log)
