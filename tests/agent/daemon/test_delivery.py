@@ -7,6 +7,7 @@ refused connections, resets and HTTP answers.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -190,5 +191,33 @@ def test_sigkill_while_the_job_ran_then_restart_uploads_the_leftovers(
         assert job["status"] == "failed"
         # The leftovers' package is on the coordinator, not only on the node
         assert coord.store.package_data(job_id) is not None
+    finally:
+        coord.stop()
+
+
+def test_sigterm_is_honoured_within_the_drain_budget_while_an_upload_hangs(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    coord = start_coordinator(tmp_path / "coord")
+    try:
+        client = Client(coord)
+        job_id = client.submit(SHORT)
+        state = tmp_path / "state"
+        # The coordinator takes the upload's request and answers nothing for a minute
+        coord.faults.set(status=None, delay_s=60, count=1,
+                         paths=(f"/v1/miners/{job_id}/package",))
+        agent = AgentProcess(coord.base_url, state, read_timeout_s=120, drain_timeout_s=2)
+        agents.append(agent)
+        wait_until(lambda: coord.faults.arrived(f"/v1/miners/{job_id}/package") == 1, 30,
+                   agent.log)
+        # When SIGTERM comes with the upload in flight
+        started = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        # Then the agent exits 0 within the drain budget plus the outbox's last try (5 s)
+        assert agent.wait(30) == 0, agent.log()
+        assert time.monotonic() - started < 15, agent.log()
+        # and the report stays journaled for the next start, nothing lost
+        row = journal_row(state, job_id)
+        assert row["phase"] == "finished"
+        assert "1 report(s) not delivered within the drain budget" in agent.log()
     finally:
         coord.stop()
