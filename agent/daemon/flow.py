@@ -211,9 +211,11 @@ class JobFlow:
                      upload: dict[str, Any] | None = None) -> Report:
         """Build the report once, journal it with its uploads to do, and ship the logs'
         last bytes. The outbox sends it (:meth:`submit`)."""
-        rep = build_report(report, gpu_count=gpu_count, location=None, lease_id=lease_id,
-                           max_text_bytes=self.cfg.max_result_text_bytes,
-                           log_tail_bytes=self.cfg.log_tail_bytes)
+        # build_report reads the result text and both log tails: one thread hop, not the loop
+        rep = await asyncio.to_thread(
+            build_report, report, gpu_count=gpu_count, location=None, lease_id=lease_id,
+            max_text_bytes=self.cfg.max_result_text_bytes,
+            log_tail_bytes=self.cfg.log_tail_bytes)
         if extra_metrics:
             rep.body["metrics"].update(extra_metrics)
         self.journal.set_phase(report.job_id, Phase.FINISHED, outcome=report.outcome.value,

@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiofiles
+
 from agent.clock import wait_event, within
 from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient
@@ -263,7 +265,7 @@ class Agent:
     async def register(self) -> None:
         async with self._register_lock:
             caps = capabilities(self.telemetry.inventory(), self.telemetry.reason,
-                                models=sorted(self.cfg.models), bench=self._bench_summary())
+                                models=sorted(self.cfg.models), bench=await self._bench_summary())
             # Only what this node would run: a type it has but does not allow is not offered.
             caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes}
                                       & set(self.cfg.allowed_job_types))
@@ -393,12 +395,13 @@ class Agent:
             env["MINER_DEFAULT_MODEL"] = self.cfg.default_model
         return env
 
-    def _bench_summary(self) -> dict[str, Any] | None:
+    async def _bench_summary(self) -> dict[str, Any] | None:
         path: Path = self.cfg.bench_file or self.cfg.state_dir / "bench-summary.json"
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
+            async with aiofiles.open(path) as fh:
+                data = json.loads(await fh.read())
         except (OSError, ValueError):
             log.warning("bench file %s is unreadable; not attached to capabilities", path)
             return None

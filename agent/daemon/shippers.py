@@ -15,6 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiofiles
+import aiofiles.os
+
 from agent.coordinator.client import CoordinatorClient, LogOffsetConflict
 from agent.daemon.journal import Journal
 from agent.errors import CoordinatorError
@@ -63,14 +66,15 @@ class LogShipper:
         if key not in self._offsets:
             self._offsets[key] = self.journal.shipped(job_id, stream)
         try:
-            size = path.stat().st_size
+            size = (await aiofiles.os.stat(path)).st_size
         except FileNotFoundError:
             return True
         while self._offsets[key] < size:
             offset = self._offsets[key]
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read(min(self.max_chunk, size - offset))
+            # Off the loop: a chunk is up to max_log_chunk_bytes, every tick, per job
+            async with aiofiles.open(path, "rb") as fh:
+                await fh.seek(offset)
+                data = await fh.read(min(self.max_chunk, size - offset))
             try:
                 answer = await self.client.ship_logs(job_id, stream, offset, data)  # type: ignore[arg-type]
                 new = answer.of(stream)

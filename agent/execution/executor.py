@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import psutil
 
 from agent.clock import iso, within
@@ -214,7 +215,8 @@ class JobRun:
         spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
                 "work_dir": str(self.work_dir), "runtime": runtime, "parent_pid": os.getpid(),
                 "t_request": self.times["requested"]}
-        spec_path.write_text(json.dumps(spec))
+        async with aiofiles.open(spec_path, "w") as fh:
+            await fh.write(json.dumps(spec))
         env = job_environ(self.environ, self._contract_env(), self.gpu_ids,
                           self.job.payload.get("env"))
         fds = self._open_channels()

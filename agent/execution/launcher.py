@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiofiles
+
 from agent.clock import within
 from agent.config import LauncherKind
 from agent.errors import LaunchError
@@ -112,7 +114,8 @@ class SpawnLauncher:
         order = {"spec": str(request.spec_path), "jail": request.jail,
                  "events_fd": request.events_fd, "cgroup_fd": request.cgroup_fd}
         order_path = request.spec_path.with_name(".miner-jail.json")
-        order_path.write_text(json.dumps(order))
+        async with aiofiles.open(order_path, "w") as fh:
+            await fh.write(json.dumps(order))
         info_read, info_write = os.pipe()
         pass_fds = [request.events_fd, info_write]
         if request.cgroup_fd is not None:

@@ -1,9 +1,12 @@
-"""Prometheus metrics: a small registry, the agent's named metrics, a loopback endpoint.
+"""Prometheus metrics: the agent's named metrics on ``prometheus_client``, a loopback endpoint.
 
-The text exposition format (version 0.0.4) is a few lines per series, so the
-agent writes it itself rather than pull in ``prometheus_client`` and its
-process-global default registry: tests build as many registries as they like,
-and nothing is exported that this module does not name.
+Every :class:`AgentMetrics` owns its own ``CollectorRegistry``, never the library's
+process-global default one: tests build as many as they like, and nothing is exported
+that this module does not name (no process or platform collectors).
+
+``prometheus_client`` adds a ``*_created`` series to every counter and histogram; the
+endpoint leaves them out (:class:`_WithoutCreated`) so that the exposition keeps the
+names it always had, without flipping the library's process-wide switch.
 
 ``MetricsServer`` serves ``GET /metrics`` from a daemon thread on 127.0.0.1 by
 default: the figures are not secret, but nothing on the network needs them
@@ -13,250 +16,98 @@ elsewhere on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from agent import __version__
 
 log = logging.getLogger(__name__)
 
+# generate_latest writes the 0.0.4 text format; the library's CONTENT_TYPE_LATEST names 1.0.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 MIB = 1024 * 1024
 
-LabelKey = tuple[str, ...]
+GpuKey = tuple[str, str]  # (gpu index, uuid): the GPU gauges' label values
 
 
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+class _WithoutCreated(Collector):
+    """A registry as the endpoint shows it: every family, less its ``*_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            # collect() builds fresh families on each call, so trimming them is safe
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    pairs = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-class Metric:
-    """One metric family: a name, help text, label names and a value per label set."""
-
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        for n in (name, *labelnames):
-            if not _NAME.match(n):
-                raise ValueError(f"invalid metric or label name: {n!r}")
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-        self._values: dict[LabelKey, Any] = {}
-
-    def _key(self, labels: dict[str, Any]) -> LabelKey:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def remove(self, **labels: Any) -> None:
-        """Drop one series (a GPU that is gone, a figure no longer reported)."""
-        with self._lock:
-            self._values.pop(self._key(labels), None)
-
-    def series(self) -> list[LabelKey]:
-        """The label values of every series present."""
-        with self._lock:
-            return list(self._values)
-
-    def render(self) -> list[str]:
-        """The family's exposition lines, HELP and TYPE first."""
-        lines = [f"# HELP {self.name} {_escape(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        for key, value in items:
-            lines.extend(self._lines(key, value))
-        return lines
-
-    def _lines(self, key: LabelKey, value: Any) -> list[str]:
-        return [f"{self.name}{_labels(self.labelnames, key)} {_fmt(value)}"]
-
-
-class Counter(Metric):
-    """A value that only goes up (name it ``*_total``)."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        """Add ``amount`` (never negative) to the series named by ``labels``."""
-        if amount < 0:
-            raise ValueError("a counter cannot go down")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: Any) -> float:
-        """The current value (0 for a series never incremented)."""
-        with self._lock:
-            return float(self._values.get(self._key(labels), 0.0))
-
-
-class Gauge(Metric):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
-    def set(self, value: float, **labels: Any) -> None:
-        """Set the series named by ``labels`` to ``value``."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def value(self, **labels: Any) -> float | None:
-        """The current value, or None when the series is absent."""
-        with self._lock:
-            return self._values.get(self._key(labels))
-
-
-class Histogram(Metric):
-    """Observations counted into cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (),
-                 buckets: Iterable[float] = (0.01, 0.1, 1, 10)) -> None:
-        if "le" in labelnames:
-            raise ValueError("'le' is reserved for histogram buckets")
-        super().__init__(name, help_text, labelnames)
-        self.buckets = tuple(sorted(float(b) for b in buckets if not math.isinf(b)))
-
-    def observe(self, value: float, **labels: Any) -> None:
-        """Count ``value`` into the series named by ``labels``."""
-        key = self._key(labels)
-        with self._lock:
-            # [per-bucket counts (not yet cumulative), sum, count]; count is the +Inf bucket
-            entry = self._values.setdefault(key, [[0] * len(self.buckets), 0.0, 0])
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    entry[0][i] += 1
-                    break
-            entry[1] += value
-            entry[2] += 1
-
-    def _lines(self, key: LabelKey, value: Any) -> list[str]:
-        counts, total, count = value
-        lines, cumulative = [], 0
-        for bound, n in zip(self.buckets, counts, strict=True):
-            cumulative += n
-            le = f'le="{bound!r}"'
-            lines.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {cumulative}")
-        inf = _labels(self.labelnames, key, 'le="+Inf"')
-        lines.append(f"{self.name}_bucket{inf} {count}")
-        lines.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_fmt(total)}")
-        lines.append(f"{self.name}_count{_labels(self.labelnames, key)} {count}")
-        return lines
-
-
-class Registry:
-    """The metric families one endpoint exposes, in registration order."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
-        self._lock = threading.Lock()
-
-    def register(self, metric: Metric) -> Metric:
-        """Add ``metric``; a second family with the same name is a programming error."""
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} registered twice")
-            self._metrics[metric.name] = metric
-        return metric
-
-    def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
-        """Create and register a :class:`Counter`."""
-        metric = Counter(name, help_text, labelnames)
-        self.register(metric)
-        return metric
-
-    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
-        """Create and register a :class:`Gauge`."""
-        metric = Gauge(name, help_text, labelnames)
-        self.register(metric)
-        return metric
-
-    def histogram(self, name: str, help_text: str, labelnames: Sequence[str] = (),
-                  buckets: Iterable[float] = (0.01, 0.1, 1, 10)) -> Histogram:
-        """Create and register a :class:`Histogram`."""
-        metric = Histogram(name, help_text, labelnames, buckets)
-        self.register(metric)
-        return metric
-
-    def render(self) -> str:
-        """The whole registry in the Prometheus text format."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        return "".join(line + "\n" for m in metrics for line in m.render())
-
-
-# (telemetry key, gauge attribute, factor to the metric's base unit)
-_GPU_FIGURES = (
-    ("util_gpu_pct", "gpu_utilization", 1.0),
-    ("mem_used_mb", "gpu_memory_used", float(MIB)),
-    ("mem_total_mb", "gpu_memory_total", float(MIB)),
-    ("temp_c", "gpu_temperature", 1.0),
-    ("power_w", "gpu_power", 1.0),
-)
+def render(registry: CollectorRegistry) -> bytes:
+    """``registry`` in the Prometheus text format, as ``/metrics`` serves it."""
+    return generate_latest(_WithoutCreated(registry))
 
 
 class AgentMetrics:
     """The agent's metrics, named once; the daemon calls the methods, never the registry."""
 
-    def __init__(self, registry: Registry | None = None) -> None:
-        r = self.registry = registry or Registry()
-        r.gauge("miner_agent_info", "Agent version", ["version"]).set(1, version=__version__)
-        self.jobs = r.counter("miner_agent_jobs_total", "Jobs finished, by outcome", ["outcome"])
-        self.jobs_running = r.gauge("miner_agent_jobs_running", "Jobs running now")
-        self.job_duration = r.histogram(
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        Gauge("miner_agent_info", "Agent version", ["version"], registry=r).labels(
+            __version__).set(1)
+        # prometheus_client keeps a counter's visible name: "x_total" is exposed as x_total
+        self.jobs = Counter("miner_agent_jobs_total", "Jobs finished, by outcome", ["outcome"],
+                            registry=r)
+        self.jobs_running = Gauge("miner_agent_jobs_running", "Jobs running now", registry=r)
+        self.job_duration = Histogram(
             "miner_agent_job_duration_seconds", "Job run time, start to outcome", ["outcome"],
-            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600))
-        self.cancel_latency = r.histogram(
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600), registry=r)
+        self.cancel_latency = Histogram(
             "miner_agent_cancel_latency_seconds", "From cancel seen to the job's process gone",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.log_bytes = r.counter("miner_agent_log_bytes_shipped_total",
-                                   "Job log bytes shipped to the coordinator")
-        self.coordinator_latency = r.histogram(
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.log_bytes = Counter("miner_agent_log_bytes_shipped_total",
+                                 "Job log bytes shipped to the coordinator", registry=r)
+        self.coordinator_latency = Histogram(
             "miner_agent_coordinator_request_duration_seconds",
             "Coordinator call latency, by endpoint", ["endpoint"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.coordinator_errors = r.counter(
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.coordinator_errors = Counter(
             "miner_agent_coordinator_errors_total", "Failed coordinator calls, by endpoint",
-            ["endpoint"])
+            ["endpoint"], registry=r)
         gpu = ["gpu", "uuid"]
-        self.gpu_utilization = r.gauge("miner_agent_gpu_utilization_percent", "GPU busy", gpu)
-        self.gpu_memory_used = r.gauge("miner_agent_gpu_memory_used_bytes", "GPU memory used", gpu)
-        self.gpu_memory_total = r.gauge("miner_agent_gpu_memory_total_bytes", "GPU memory", gpu)
-        self.gpu_temperature = r.gauge("miner_agent_gpu_temperature_celsius", "GPU core temp", gpu)
-        self.gpu_power = r.gauge("miner_agent_gpu_power_watts", "GPU board power draw", gpu)
+        self.gpu_utilization = Gauge("miner_agent_gpu_utilization_percent", "GPU busy", gpu,
+                                     registry=r)
+        self.gpu_memory_used = Gauge("miner_agent_gpu_memory_used_bytes", "GPU memory used", gpu,
+                                     registry=r)
+        self.gpu_memory_total = Gauge("miner_agent_gpu_memory_total_bytes", "GPU memory", gpu,
+                                      registry=r)
+        self.gpu_temperature = Gauge("miner_agent_gpu_temperature_celsius", "GPU core temp", gpu,
+                                     registry=r)
+        self.gpu_power = Gauge("miner_agent_gpu_power_watts", "GPU board power draw", gpu,
+                               registry=r)
+        # (telemetry key, gauge, factor to the metric's base unit)
+        self._gpu_figures = (
+            ("util_gpu_pct", self.gpu_utilization, 1.0),
+            ("mem_used_mb", self.gpu_memory_used, float(MIB)),
+            ("mem_total_mb", self.gpu_memory_total, float(MIB)),
+            ("temp_c", self.gpu_temperature, 1.0),
+            ("power_w", self.gpu_power, 1.0),
+        )
+        self._gpus: set[GpuKey] = set()
 
     def job_finished(self, outcome: str, duration_s: float) -> None:
         """Count one job's outcome (an :class:`agent.errors.Outcome` value) and run time."""
         outcome = getattr(outcome, "value", outcome)
-        self.jobs.inc(outcome=outcome)
-        self.job_duration.observe(duration_s, outcome=outcome)
+        self.jobs.labels(outcome).inc()
+        self.job_duration.labels(outcome).observe(duration_s)
 
     def set_running(self, n: int) -> None:
         """The number of jobs running now."""
@@ -273,28 +124,33 @@ class AgentMetrics:
     def coordinator_call(self, endpoint: str, seconds: float, ok: bool) -> None:
         """One coordinator call; ``endpoint`` is a template ("heartbeat", "result"), never a URL
         with a job id in it, so that the series stay few."""
-        self.coordinator_latency.observe(seconds, endpoint=endpoint)
+        self.coordinator_latency.labels(endpoint).observe(seconds)
         if not ok:
-            self.coordinator_errors.inc(endpoint=endpoint)
+            self.coordinator_errors.labels(endpoint).inc()
 
     def update_gpus(self, sample: dict[str, Any]) -> None:
         """Set the GPU gauges from a :meth:`agent.node.telemetry.Telemetry.sample`; figures a GPU
         does not report (None) and GPUs no longer present drop out."""
-        seen: set[LabelKey] = set()
+        seen: set[GpuKey] = set()
         for gpu in sample.get("gpus", []):
-            labels = {"gpu": str(gpu["index"]), "uuid": str(gpu.get("uuid", ""))}
-            seen.add((labels["gpu"], labels["uuid"]))
-            for key, attr, factor in _GPU_FIGURES:
-                gauge: Gauge = getattr(self, attr)
-                value = gpu.get(key)
+            key = (str(gpu["index"]), str(gpu.get("uuid", "")))
+            seen.add(key)
+            for figure, gauge, factor in self._gpu_figures:
+                value = gpu.get(figure)
                 if value is None:
-                    gauge.remove(**labels)
+                    _remove(gauge, key)
                 else:
-                    gauge.set(value * factor, **labels)
-        for _key, attr, _factor in _GPU_FIGURES:
-            gauge = getattr(self, attr)
-            for gone in set(gauge.series()) - seen:
-                gauge.remove(gpu=gone[0], uuid=gone[1])
+                    gauge.labels(*key).set(value * factor)
+        for gone in self._gpus - seen:
+            for _figure, gauge, _factor in self._gpu_figures:
+                _remove(gauge, gone)
+        self._gpus = seen
+
+
+def _remove(gauge: Gauge, key: GpuKey) -> None:
+    # older prometheus_client releases raise KeyError for a series that is not there
+    with contextlib.suppress(KeyError):
+        gauge.remove(*key)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -306,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, self.server.registry.render().encode(), CONTENT_TYPE)
+            self._send(200, render(self.server.registry), CONTENT_TYPE)
         elif path == "/":
             self._send(200, b"miner-agent metrics: /metrics\n", "text/plain; charset=utf-8")
         else:
@@ -325,16 +181,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    registry: Registry
+    registry: CollectorRegistry
 
 
 class MetricsServer:
-    """Serves a :class:`Registry` at ``http://host:port/metrics`` from a daemon thread.
+    """Serves a ``CollectorRegistry`` at ``http://host:port/metrics`` from a daemon thread.
 
+    Not ``prometheus_client.start_http_server``: its wsgiref server answers every path
+    with the metrics and lacks this handler's per-request timeout and TCP_NODELAY.
     ``port=0`` picks a free port (tests); :attr:`port` says which.
     """
 
-    def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self._server = _HTTPServer((host, port), _Handler)
         self._server.registry = registry
         self.host = host

@@ -111,7 +111,7 @@ def test_prometheus_endpoint_counts_jobs_and_calls(tmp_path: Path) -> None:
         job_id = client.submit({"type": "sleep", "steps": 3, "step_s": 0})
         client.wait_status(job_id, "completed")
         agent.wait_log(f"job {job_id}: reported")
-        wait_until(lambda: 'miner_agent_jobs_total{outcome="completed"} 1' in
+        wait_until(lambda: 'miner_agent_jobs_total{outcome="completed"} 1.0' in
                    httpx.get(f"http://127.0.0.1:{port}/metrics").text, 10)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'miner_agent_coordinator_request_duration_seconds_count{endpoint="poll"}' in text

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import http.client
-import re
 import socket
 import threading
 
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.errors import Outcome
-from agent.node.metrics import AgentMetrics, MetricsServer, Registry
+from agent.node.metrics import AgentMetrics, MetricsServer, render
 
 
 def _scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
@@ -23,10 +24,18 @@ def _scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
         conn.close()
 
 
-def _value(text: str, series: str) -> float:
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
-    assert match, f"{series} not in exposition:\n{text}"
-    return float(match.group(1))
+def _value(text: str, name: str, **labels: str) -> float:
+    # Parsed, not matched as text: label order inside {} carries no meaning
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise AssertionError(f"{name}{labels} not in exposition:\n{text}")
+
+
+def _series(m: AgentMetrics, name: str) -> list[tuple[str, ...]]:
+    return [tuple(s.labels.values()) for fam in m.registry.collect() for s in fam.samples
+            if s.name == name]
 
 
 def test_agent_metrics_scraped_over_http() -> None:
@@ -49,23 +58,25 @@ def test_agent_metrics_scraped_over_http() -> None:
         assert _scrape(server.port, "/nope")[0] == 404
     # Then every figure is there in the text format
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
-    assert _value(text, 'miner_agent_jobs_total{outcome="completed"}') == 2
-    assert _value(text, 'miner_agent_jobs_total{outcome="canceled"}') == 1
-    bucket = 'miner_agent_job_duration_seconds_bucket{outcome="completed",le="%s"}'
-    assert _value(text, bucket % "1.0") == 1 and _value(text, bucket % "15.0") == 2
-    assert _value(text, 'miner_agent_job_duration_seconds_count{outcome="completed"}') == 2
-    assert _value(text, 'miner_agent_job_duration_seconds_sum{outcome="completed"}') == 12.5
-    assert _value(text, 'miner_agent_cancel_latency_seconds_bucket{le="0.25"}') == 0
-    assert _value(text, 'miner_agent_cancel_latency_seconds_bucket{le="0.5"}') == 1
+    assert _value(text, "miner_agent_jobs_total", outcome="completed") == 2
+    assert _value(text, "miner_agent_jobs_total", outcome="canceled") == 1
+    bucket = "miner_agent_job_duration_seconds_bucket"
+    assert _value(text, bucket, outcome="completed", le="1.0") == 1
+    assert _value(text, bucket, outcome="completed", le="15.0") == 2
+    assert _value(text, "miner_agent_job_duration_seconds_count", outcome="completed") == 2
+    assert _value(text, "miner_agent_job_duration_seconds_sum", outcome="completed") == 12.5
+    assert _value(text, "miner_agent_cancel_latency_seconds_bucket", le="0.25") == 0
+    assert _value(text, "miner_agent_cancel_latency_seconds_bucket", le="0.5") == 1
     assert _value(text, "miner_agent_log_bytes_shipped_total") == 1024
-    assert _value(text, 'miner_agent_coordinator_errors_total{endpoint="heartbeat"}') == 1
+    assert _value(text, "miner_agent_coordinator_errors_total", endpoint="heartbeat") == 1
     latency = "miner_agent_coordinator_request_duration_seconds_count"
-    assert _value(text, latency + '{endpoint="heartbeat"}') == 2
+    assert _value(text, latency, endpoint="heartbeat") == 2
     assert _value(text, "miner_agent_jobs_running") == 2
-    assert _value(text, 'miner_agent_gpu_power_watts{gpu="0",uuid="GPU-a"}') == 612.3
-    assert _value(text, 'miner_agent_gpu_memory_used_bytes{gpu="0",uuid="GPU-a"}') == 2 * 2**20
+    assert _value(text, "miner_agent_gpu_power_watts", gpu="0", uuid="GPU-a") == 612.3
+    assert _value(text, "miner_agent_gpu_memory_used_bytes", gpu="0", uuid="GPU-a") == 2 * 2**20
     assert "# TYPE miner_agent_job_duration_seconds histogram" in text
     assert "# TYPE miner_agent_jobs_total counter" in text
+    assert "_created" not in text
 
 
 def test_gpu_gauges_drop_unsupported_figures_and_vanished_gpus() -> None:
@@ -73,27 +84,27 @@ def test_gpu_gauges_drop_unsupported_figures_and_vanished_gpus() -> None:
     gpu0 = {"index": 0, "uuid": "a", "util_gpu_pct": 5, "temp_c": 40, "power_w": 100.0}
     gpu1 = {"index": 1, "uuid": "b", "util_gpu_pct": 9, "temp_c": 50, "power_w": None}
     m.update_gpus({"gpus": [gpu0, gpu1]})
-    assert m.gpu_power.value(gpu="1", uuid="b") is None
-    assert m.gpu_temperature.value(gpu="1", uuid="b") == 50
+    gpu1_labels = {"gpu": "1", "uuid": "b"}
+    assert m.registry.get_sample_value("miner_agent_gpu_power_watts", gpu1_labels) is None
+    assert m.registry.get_sample_value("miner_agent_gpu_temperature_celsius", gpu1_labels) == 50
     m.update_gpus({"gpus": [gpu0]})
-    assert m.gpu_temperature.series() == [("0", "a")]
+    assert _series(m, "miner_agent_gpu_temperature_celsius") == [("0", "a")]
     m.update_gpus({"gpus": []})
-    assert m.gpu_utilization.series() == []
+    assert _series(m, "miner_agent_gpu_utilization_percent") == []
 
 
-def test_label_values_are_escaped_and_labels_checked() -> None:
-    r = Registry()
-    c = r.counter("x_total", "help with \\ backslash", ["path"])
-    c.inc(path='a"b\\c\nd')
-    assert 'x_total{path="a\\"b\\\\c\\nd"} 1' in r.render()
+def test_each_agent_has_its_own_registry_and_escaped_labels() -> None:
+    # Given two agents in one process, one of which saw an awkward endpoint label
+    a, b = AgentMetrics(), AgentMetrics()
+    a.coordinator_call('a"b\\c\nd', 0.1, ok=False)
+    # Then the other and the library's global registry saw nothing
+    text = render(a.registry).decode()
+    assert _value(text, "miner_agent_coordinator_errors_total", endpoint='a"b\\c\nd') == 1
+    assert 'endpoint="a\\"b\\\\c\\nd"' in text
+    assert "miner_agent_coordinator_errors_total{" not in render(b.registry).decode()
+    assert REGISTRY.get_sample_value("miner_agent_jobs_running") is None
     with pytest.raises(ValueError):
-        c.inc(wrong="1")
-    with pytest.raises(ValueError):
-        c.inc(-1, path="a")
-    with pytest.raises(ValueError):
-        r.counter("x_total", "again")
-    with pytest.raises(ValueError):
-        r.gauge("bad-name", "no dashes")
+        AgentMetrics(a.registry)  # the same names twice in one registry
 
 
 def test_concurrent_scrapes_and_updates() -> None:
@@ -115,11 +126,11 @@ def test_concurrent_scrapes_and_updates() -> None:
         t.join()
         text = _scrape(server.port)[2]
     assert not errors
-    assert _value(text, 'miner_agent_jobs_total{outcome="failed"}') == 2000
+    assert _value(text, "miner_agent_jobs_total", outcome="failed") == 2000
 
 
 def test_raw_http_request_and_clean_stop() -> None:
-    server = MetricsServer(Registry(), port=0).start()
+    server = MetricsServer(CollectorRegistry(), port=0).start()
     port = server.port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
