@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 
 import agent
 from agent.commands import jobs, local, node, run, service
-from agent.errors import AgentError, ExitCode
+from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
+from agent.errors import AgentError, ConfigError, ExitCode, InvalidJob
+
+# stdout closed early (`| head`): what `yes | head -1` reports for `yes` (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # Each entry adds one subcommand; its module stays importable without torch.
 PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignore[type-arg]
@@ -37,20 +43,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def exit_code(exc: AgentError) -> ExitCode:
+    """The one mapping from an error to the command's exit code (README's table)."""
+    if isinstance(exc, CoordinatorUnavailable):
+        return ExitCode.UNAVAILABLE  # nothing answered: the coordinator or agent is down
+    if isinstance(exc, CoordinatorHTTPError):
+        if exc.status == 404:
+            return ExitCode.NOT_FOUND
+        return ExitCode.UNAVAILABLE if exc.status >= 500 else ExitCode.REFUSED
+    if isinstance(exc, AuthError):
+        return ExitCode.REFUSED
+    if isinstance(exc, InvalidJob):
+        return ExitCode.INVALID_JOB
+    if isinstance(exc, ConfigError):
+        return ExitCode.CONFIG
+    return ExitCode.FAILED
+
+
+def run_command(argv: list[str] | None = None) -> int | str | None:
+    """Parse, run one command and return its exit code; errors become their codes."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        sys.exit(ExitCode.USAGE)
+        return ExitCode.USAGE
     if not logging.getLogger().handlers:
         level = logging.WARNING - 10 * min(args.verbose, 2)
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        code = args.func(args)
+        return int(args.func(args))
     except AgentError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        code = ExitCode.CONFIG if exc.code == "config_error" else ExitCode.FAILED
+        return exit_code(exc)
     except KeyboardInterrupt:
-        code = ExitCode.CANCELED
-    sys.exit(int(code))
+        return ExitCode.CANCELED
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        try:
+            code = run_command(argv)
+        except SystemExit as exc:  # argparse's --help, --version and usage errors
+            code = exc.code
+        sys.stdout.flush()  # a reader that left shows here, not at interpreter exit
+    except BrokenPipeError:
+        # `miner-agent status X --wait | head -1`: the reader has gone. Python's documented
+        # recipe: point stdout at devnull so the exit's own flush cannot fail again, and
+        # end quietly with the status a shell tool killed by SIGPIPE has.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

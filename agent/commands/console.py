@@ -23,6 +23,7 @@ class JobConsole:
         self._bar_shown = False
         self._last_draw = 0.0
         self._last_plain = 0.0
+        self._plain_full = False  # the last plain progress line said 100 %
         self.t0 = time.monotonic()
 
     def line(self, stream: str, data: bytes) -> None:
@@ -46,6 +47,21 @@ class JobConsole:
         self._clear_bar()
         self.out.write(f"[{self.job_id}] {text}\n")
         self.out.flush()
+
+    def complete(self) -> None:
+        """The run completed: the bar ends at 100 %, whatever the job last reported
+        (a runtime reports every few steps, so its last word is often short of the end)."""
+        if self.quiet:
+            return
+        if self.progress.get("fraction") == 1.0 and self._plain_full:
+            return  # a plain stream already has its 100 % line
+        self.progress = {k: v for k, v in self.progress.items() if k != "eta_s"}
+        self.progress["fraction"] = 1.0
+        self._draw(force=True)
+        if self._bar_shown:  # keep the full bar on screen above the outcome line
+            self.out.write("\n")
+            self._bar_shown = False
+            self.out.flush()
 
     def _render(self) -> str:
         p = self.progress
@@ -79,6 +95,7 @@ class JobConsole:
         elif now - self._last_plain >= 5 or self.progress.get("fraction") == 1.0:
             self.out.write(f"[{self.job_id}] {self._render()}\n")
             self._last_plain = now
+            self._plain_full = self.progress.get("fraction") == 1.0
         self.out.flush()
 
     def _clear_bar(self) -> None:

@@ -11,14 +11,16 @@ import tomllib
 from pathlib import Path
 
 from agent.commands.console import JobConsole
+from agent.commands.options import config_args, load
 from agent.config import LAUNCHER_KINDS, default_state_dir
-from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob
+from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob, Outcome
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.isolation import build_isolation, secret_paths, set_non_dumpable
 from agent.execution.launcher import make_launcher
 from agent.execution.sandbox import SandboxUnavailable
 from agent.execution.verify import verify
 from agent.jobs import Job
+from agent.layout import FOLDER_PREFIX, ZIP_SUFFIX, job_folder, package_paths
 from agent.signals import capture_signals
 
 
@@ -54,24 +56,58 @@ def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "verify", help="check a result package (folder or zip)",
+        "verify", help="check a result package (folder, zip or job id)",
         description="Check every file of a result package against output.sha256 and "
         "output.json's manifest (and a zip against its .sha256). Says which file is wrong; "
-        "exit code 0 when the package is intact, 8 when it is not.")
-    p.add_argument("path", metavar="PATH", help="a job_<ID>/ folder or job_<ID>.zip")
+        "exit code 0 when the package is intact, 8 when it is not, 11 when there is none. "
+        "Given a job id, checks the package the agent keeps for it in its state dir "
+        "(jobs/job_<ID>/ and job_<ID>.zip).")
+    config_args(p)
+    p.add_argument("path", metavar="PATH|JOB_ID",
+                   help="a job_<ID>/ folder, a job_<ID>.zip, or a job id")
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(Path(args.path))
-    for problem in report.problems:
-        print(f"FAIL {problem}")
-    if report.ok:
-        print(f"OK {args.path}: {report.checked} files match their checksums")
-        return ExitCode.OK
-    print(f"{args.path}: {len(report.problems)} problem(s); the package was changed or is "
-          "incomplete: fetch it again from its source", file=sys.stderr)
-    return ExitCode.VERIFY_FAILED
+    paths = _packages(args)
+    if not paths:
+        return ExitCode.NOT_FOUND
+    code = ExitCode.OK
+    for path in paths:
+        report = verify(path)
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        if report.ok:
+            print(f"OK {path}: {report.checked} files match their checksums")
+            continue
+        print(f"{path}: {len(report.problems)} problem(s); the package was changed or is "
+              "incomplete: fetch it again from its source", file=sys.stderr)
+        code = ExitCode.VERIFY_FAILED
+    return code
+
+
+def _packages(args: argparse.Namespace) -> list[Path]:
+    """What ``verify`` checks: the path given, else the agent's package(s) for a job id."""
+    given = Path(args.path)
+    if given.exists():
+        return [given]
+    looks_like_path = "/" in args.path or args.path.endswith(ZIP_SUFFIX)
+    if looks_like_path or not args.path:
+        print(f"error: {args.path}: no such file or folder", file=sys.stderr)
+        return []
+    jobs_dir = load(args).jobs_dir
+    job_id = args.path.removeprefix(FOLDER_PREFIX)
+    folder, zip_path, _ = package_paths(job_folder(jobs_dir, job_id))
+    found = [p for p in (folder, zip_path) if p.exists()]
+    if found:
+        return found
+    unreadable = jobs_dir.parent.is_dir() and not os.access(jobs_dir.parent, os.R_OK | os.X_OK)
+    why = (f"; {jobs_dir.parent} is not readable by uid {os.getuid()}: run as the agent's "
+           "user (or root)") if unreadable else (
+        "; it is kept on the machine whose agent ran the job, until keep_packages_days")
+    print(f"error: no package for job {job_id} in {jobs_dir} (looked for {folder.name}/ and "
+          f"{zip_path.name}){why}", file=sys.stderr)
+    return []
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -136,6 +172,8 @@ async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
     try:
         with capture_signals(interrupt):
             report = await run.run()
+        if report.outcome is Outcome.COMPLETED:
+            console.complete()
     finally:
         await launcher.close()
         console.close()

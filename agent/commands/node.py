@@ -8,14 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.commands.options import config_args
 from agent.errors import ExitCode
 from agent.node import bench, doctor
 
 
 def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``miner-agent doctor``."""
-    p = subparsers.add_parser("doctor", help="check this node is ready to run jobs")
-    p.add_argument("--config", default="/etc/miner-agent/agent.toml", help="config file")
+    p = subparsers.add_parser(
+        "doctor", help="check this node is ready to run jobs",
+        description="Check the driver, torch, the config, the directories, the key and the "
+        "coordinator, one line each with what to do. With no coordinator_url configured "
+        "the agent serves the embedded coordinator: doctor checks that one.")
+    config_args(p)
     p.add_argument("--timeout-s", type=float, default=5.0, help="per network call")
     p.set_defaults(func=run_doctor)
     return p
@@ -27,7 +32,8 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     ``args.agent_config`` (the loaded config object), when the CLI sets it, wins over
     reading ``args.config`` here.
     """
-    cfg = getattr(args, "agent_config", None) or doctor.load_for_doctor(args.config)
+    cfg = getattr(args, "agent_config", None) or doctor.load_for_doctor(
+        args.config, getattr(args, "state_dir", None))
     checks = doctor.run_checks(cfg, timeout_s=args.timeout_s)
     checks += sandbox_checks(getattr(cfg, "sandbox", "on"))
     out(doctor.format_checks(checks))

@@ -35,6 +35,7 @@ DEFAULT_EXEC = "/usr/local/bin/miner-agent"
 CONFIG_PATH = "etc/miner-agent/agent.toml"
 HASH_PATH = "etc/miner-agent/.agent.toml.template-sha256"
 UNIT_DIR = "etc/systemd/system"
+KEPT = "kept as it is (--keep-config)"
 # (path under the root, mode, owned by the service user)
 DIRECTORIES = (
     ("etc/miner-agent", 0o755, False),
@@ -216,7 +217,7 @@ def config_actions(opts: Options) -> list[Action]:
     if written == sha256(current):
         return write  # still the template we wrote: safe to replace with the new one
     if opts.keep_config:
-        return [Action("note", f"{path} was edited: kept as it is (--keep-config)")]
+        return [Action("note", f"{path} was edited: {KEPT}")]
     if opts.force:
         backup = f"{path}.bak-{time.strftime('%Y%m%d%H%M%S')}"
         return [Action("backup", str(path), backup), *write]
@@ -270,14 +271,24 @@ def _write_file(path: Path, content: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-NEXT_STEPS = """\
-next:
-  1. put the miner key in /etc/miner-agent/api-key:
-       install -m 0600 -o root -g root /dev/stdin /etc/miner-agent/api-key
-  2. set coordinator_url and miner_id in /etc/miner-agent/agent.toml
-  3. miner-agent doctor
-  4. systemctl enable --now miner-agent
-  5. journalctl -u miner-agent -f"""
+def next_steps(opts: Options, url_given: bool, config_written: bool = True) -> str:
+    """What is left to do after an install: only what install-service was not told (or
+    all of it, where an edited config was kept)."""
+    config = "/" + CONFIG_PATH
+    url_given = url_given and config_written
+    unset = [name for name, given in (("coordinator_url", url_given),
+                                      ("miner_id", bool(opts.miner_id) and config_written))
+             if not given]
+    steps = ["put the miner key in /etc/miner-agent/api-key:\n"
+             "       install -m 0600 -o root -g root /dev/stdin /etc/miner-agent/api-key"]
+    if unset:
+        steps.append(f"set {' and '.join(unset)} in {config}")
+    steps += ["miner-agent doctor", "systemctl enable --now miner-agent",
+              "journalctl -u miner-agent -f"]
+    lines = ["next:"] + [f"  {n}. {step}" for n, step in enumerate(steps, 1)]
+    if url_given:
+        lines.insert(0, f"{config} names the coordinator {opts.coordinator_url}")
+    return "\n".join(lines)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -289,8 +300,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--exec-start", default=DEFAULT_EXEC, metavar="PATH",
                    help=f"the miner-agent executable the units run (default {DEFAULT_EXEC})")
     p.add_argument("--units-from", metavar="DIR", help="where the .service files are")
-    p.add_argument("--coordinator-url", default="https://coordinator.example.com")
-    p.add_argument("--miner-id", default="")
+    p.add_argument("--coordinator-url", default=None, metavar="URL",
+                   help="the coordinator the installed config names (default: a placeholder "
+                   "to edit)")
+    p.add_argument("--miner-id", default="", help="the miner id the installed config names")
     conflict = p.add_mutually_exclusive_group()
     conflict.add_argument("--force", action="store_true",
                           help="replace an edited config (a .bak copy is kept)")
@@ -304,12 +317,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     """Run ``miner-agent install-service``; the exit code."""
+    url = args.coordinator_url or Options.coordinator_url
     try:
         if args.print_config:
-            out(render_config(args.coordinator_url, args.miner_id).rstrip("\n"))
+            out(render_config(url, args.miner_id).rstrip("\n"))
             return int(ExitCode.OK)
         opts = Options(Path(args.prefix), args.exec_start, args.units_from,
-                       args.coordinator_url, args.miner_id, args.force, args.keep_config)
+                       url, args.miner_id, args.force, args.keep_config)
         actions = plan(opts)
     except ConfigError as exc:
         print(f"install-service: {exc}", file=sys.stderr)
@@ -322,5 +336,6 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         if not args.dry_run:
             apply(action)
     if opts.system:
-        out(NEXT_STEPS)
+        kept = any(a.kind == "note" and a.target.endswith(KEPT) for a in actions)
+        out(next_steps(opts, bool(args.coordinator_url), config_written=not kept))
     return int(ExitCode.OK)

@@ -66,8 +66,18 @@ class JobsClient:
             raise CoordinatorUnavailable(f"cannot reach the coordinator at {self.base_url}: "
                                          f"{exc}", last_error=str(exc)) from None
         if resp.status_code >= 400:
-            raise CoordinatorHTTPError(f"the coordinator answered {resp.status_code}: "
-                                       f"{resp.text[:300]}", resp.status_code,
-                                       response_json(resp))
+            body = response_json(resp)
+            raise CoordinatorHTTPError(_problem(resp.status_code, path, body, resp.text),
+                                       resp.status_code, body)
         data = response_json(resp)
         return data if isinstance(data, dict) else {}
+
+
+def _problem(status: int, path: str, body: Any, text: str) -> str:
+    """What an error answer says, in words a client user can act on."""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    said = str(detail)[:300] if detail is not None else text[:300].strip() or f"HTTP {status}"
+    if status in (401, 403):
+        return (f"the coordinator refused the client key ({status} {said}): pass the "
+                "coordinator's client key with --client-key")
+    return f"the coordinator answered {status} to {path}: {said}"

@@ -7,7 +7,10 @@ agent's own process never imports torch. The key check uses a read-only call
 coordinator's in-flight count of a daemon that is running right now.
 
 The config is any object with the attributes ``state_dir``, ``cache_dir``,
-``coordinator_url``, ``api_key_file``, ``api_key`` and ``miner_id``.
+``coordinator_url``, ``api_key_file``, ``api_key`` and ``miner_id`` (and, read when
+present, ``embedded_host``/``embedded_port``). With no ``coordinator_url`` the agent
+serves the embedded coordinator itself: doctor then checks that one (its keys in the
+state dir, its port) instead of a key file and a remote URL.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from agent.node.telemetry import Telemetry
 
 Status = Literal["OK", "WARN", "FAIL"]
 GIB = 1024**3
+EMBEDDED_KEYS = "embedded.json"
 DISK_FAIL_GB = 1.0
 DISK_WARN_GB = 10.0  # the cache holds model weights: a few GiB each
 GPU_BUSY_FRACTION = 0.10  # memory held by someone else beyond this leaves jobs short
@@ -155,7 +159,7 @@ def config_problems(cfg: Any) -> list[str]:
     problems = []
     url = getattr(cfg, "coordinator_url", None) or ""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if url and (parts.scheme not in ("http", "https") or not parts.netloc):
         problems.append(f"coordinator_url {url!r} is not an http(s) URL")
     if not getattr(cfg, "miner_id", None):
         problems.append("miner_id is empty")
@@ -178,6 +182,9 @@ def check_config(cfg: Any) -> Check:
     problems = config_problems(cfg)
     if problems:
         return Check("config", "FAIL", "; ".join(problems), "fix the config file")
+    if not cfg.coordinator_url:
+        return Check("config", "OK", f"miner {cfg.miner_id} -> the embedded coordinator on "
+                     f"{embedded_url(cfg)} (no coordinator_url set)")
     return Check("config", "OK", f"miner {cfg.miner_id} -> {cfg.coordinator_url}")
 
 
@@ -210,6 +217,66 @@ def read_api_key(cfg: Any) -> tuple[Check, str | None]:
         return Check("credential", "WARN", f"{path} is readable by group or others",
                      f"chmod 0600 {path}"), key
     return Check("credential", "OK", f"key read from {path}"), key
+
+
+def embedded_url(cfg: Any) -> str:
+    """Where ``miner-agent run`` serves the embedded coordinator with this config."""
+    host = getattr(cfg, "embedded_host", "127.0.0.1")
+    port = getattr(cfg, "embedded_port", 8731)
+    if not port:  # an ephemeral port: the running agent wrote the one it got
+        url = _embedded_keys(cfg)[1].get("url")
+        return str(url) if url else f"http://{host}:0"
+    return f"http://{host}:{port}"
+
+
+def _embedded_keys(cfg: Any) -> tuple[Path, dict[str, Any]]:
+    # The agent keeps them in STATE_DIR/embedded.json (agent/reference/embedded.py; node
+    # code does not import the reference coordinator, so the name is spelled here too).
+    path = Path(getattr(cfg, "state_dir", "") or ".") / EMBEDDED_KEYS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path, {}
+    return path, data if isinstance(data, dict) else {}
+
+
+def read_embedded_key(cfg: Any) -> tuple[Check, str | None]:
+    """The embedded coordinator's miner key: no key file to set, the agent makes one."""
+    path = Path(getattr(cfg, "state_dir", "") or ".") / EMBEDDED_KEYS
+    if not path.exists():
+        return Check("credential", "OK", "embedded coordinator: no key to set; the first "
+                     f"`miner-agent run` makes its keys in {path}"), None
+    if not os.access(path, os.R_OK):
+        return Check("credential", "WARN", f"{path} is not readable by uid {os.getuid()}",
+                     "run doctor as the agent's user (or root) to check the key"), None
+    key = _embedded_keys(cfg)[1].get("miner_key")
+    if not isinstance(key, str) or not key:
+        return Check("credential", "FAIL", f"{path} holds no miner_key",
+                     "stop the agent, remove the file; the next start makes new keys"), None
+    if path.stat().st_mode & 0o077:
+        return Check("credential", "WARN", f"{path} is readable by group or others",
+                     f"chmod 0600 {path}"), key
+    return Check("credential", "OK", f"embedded coordinator's keys in {path}"), key
+
+
+def check_embedded(client: httpx.Client, cfg: Any) -> tuple[Check, bool]:
+    """The embedded coordinator answers where the agent serves it, or its port is free;
+    and whether it is running now."""
+    url = embedded_url(cfg)
+    try:
+        resp = client.get(f"{url}/health")
+    except httpx.ConnectError:
+        return Check("coordinator", "OK", f"embedded: `miner-agent run` serves it on {url} "
+                     "(not running now)"), False
+    except httpx.HTTPError as exc:
+        return Check("coordinator", "WARN", f"{url}: {type(exc).__name__}: {exc}",
+                     "something else holds that port: stop it or set embedded_port"), False
+    if resp.status_code != 200:
+        return Check("coordinator", "WARN", f"{url}/health answered {resp.status_code}: not "
+                     "the embedded coordinator", "stop what holds the port, or set "
+                     "embedded_port (or coordinator_url for a remote one)"), False
+    return Check("coordinator", "OK", f"embedded coordinator on {url} answers (the agent "
+                 "is running)"), True
 
 
 def check_coordinator(client: httpx.Client, url: str) -> Check:
@@ -260,14 +327,20 @@ def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
     checks.append(check_config(cfg))
     checks += [check_dir("state", getattr(cfg, "state_dir", None)),
                check_dir("cache", getattr(cfg, "cache_dir", None))]
-    cred, key = read_api_key(cfg)
-    checks.append(cred)
     url = getattr(cfg, "coordinator_url", None)
-    if url and not config_problems(cfg):
-        with httpx.Client(timeout=timeout_s) as client:
+    cred, key = read_api_key(cfg) if url else read_embedded_key(cfg)
+    checks.append(cred)
+    if config_problems(cfg) or (not url and getattr(cfg, "load_error", None)):
+        return checks
+    with httpx.Client(timeout=timeout_s) as client:
+        if url:
             checks.append(check_coordinator(client, url))
-            if key and checks[-1].status == "OK":
-                checks.append(check_key(client, url, cfg.miner_id, key))
+        else:
+            verdict, running = check_embedded(client, cfg)
+            checks.append(verdict)
+            url = embedded_url(cfg) if running else None  # not running: no key to check
+        if url and key and checks[-1].status == "OK":
+            checks.append(check_key(client, url, cfg.miner_id, key))
     return checks
 
 
@@ -299,15 +372,17 @@ def load_plain_config(path: str | os.PathLike[str]) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **data}, load_error=None)
 
 
-def load_for_doctor(path: str) -> Any:
-    """The agent's own loader where it exists; a failure becomes the config check's FAIL."""
+def load_for_doctor(path: str | os.PathLike[str] | None,
+                    state_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The agent's own loader (``path`` None: $MINER_AGENT_CONFIG, else the default file
+    where it exists, as ``miner-agent run`` reads it); a failure becomes the config
+    check's FAIL."""
+    from agent.config import config_file, load_config
+
+    overrides = {"state_dir": state_dir} if state_dir else None
     try:
-        from agent.config import load_config
-    except ImportError:
-        return load_plain_config(path)
-    try:
-        return load_config(Path(path))
+        return load_config(Path(path) if path else None, overrides=overrides)
     except ConfigError as exc:
-        plain = load_plain_config(path)
+        plain = load_plain_config(config_file(Path(path) if path else None))
         plain.load_error = exc.message
         return plain
