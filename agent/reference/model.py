@@ -114,6 +114,8 @@ def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -
             percent = round(100.0 * float(progress["fraction"]), 1)
         if isinstance(progress.get("eta_s"), int | float):
             eta = iso(float(progress.get("updated_at", 0)) + float(progress["eta_s"]))
+    if job["state"] == COMPLETED:  # whatever the last progress post said, it is done
+        percent, eta = 100.0, None
     error = None
     if job["state"] == EXPIRED:
         error = {"code": "expired", "message": "the job ran past its TTL"}

@@ -105,6 +105,25 @@ def test_progress_shows_to_the_client_and_answers_cancel(
     assert view["status"] == "canceled" and view["partial"] is True
 
 
+def test_a_completed_job_shows_100_percent_whatever_its_last_progress_said(
+        coordinator: ReferenceCoordinator) -> None:
+    job_id = submit(coordinator)
+
+    async def flow() -> None:
+        async with miner(coordinator) as client:
+            await client.register(GPU_CAPS, 1)
+            polled = await client.poll()
+            assert polled is not None
+            await client.progress(job_id, lease_id=polled.lease_id, fraction=0.82, eta_s=5)
+            assert status(coordinator, job_id)["progress"] == 82.0
+            await client.result(job_id, {"status": "completed"}, lease_id=polled.lease_id)
+
+    asyncio.run(flow())
+    view = status(coordinator, job_id)
+    assert view["status"] == "completed"
+    assert view["progress"] == 100.0 and view["estimated_completion"] is None
+
+
 def test_unconfirmed_cancel_falls_back_to_the_core(
         make_coordinator: Callable[..., ReferenceCoordinator]) -> None:
     coord = make_coordinator(cancel_grace_s=0.2)
