@@ -237,6 +237,12 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     file_path = config_file(path, environ)
     if path is not None or file_path.exists():
         values.update(_read_toml(file_path))
+        models = values.get("models")
+        if isinstance(models, dict):  # relative folders are relative to the config file
+            base = file_path.resolve().parent
+            values["models"] = {name: str(base / os.path.expanduser(folder))
+                                if isinstance(folder, str) else folder
+                                for name, folder in models.items()}
     for name in _HINTS:
         key = ENV_PREFIX + name.upper()
         if key in environ:

@@ -149,9 +149,13 @@ def _model_paths(models_file: Path) -> list[Path]:
         data = tomllib.loads(text) if models_file.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError):
         return []  # the job reports the unreadable file itself
+    if isinstance(data, dict) and isinstance(data.get("models"), dict):
+        data = data["models"]  # a [models] table, as the runtime reads it too
     if not isinstance(data, dict):
         return []
-    return [Path(v) for v in data.values() if isinstance(v, str) and os.path.isabs(v)]
+    # Relative folders are relative to the file, as the runtime resolves them.
+    return [(models_file.parent / os.path.expanduser(v)).resolve() for v in data.values()
+            if isinstance(v, str)]
 
 
 async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,

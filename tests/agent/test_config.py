@@ -64,3 +64,21 @@ def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
                           str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert out.returncode == 9
     assert "does not exist" in out.stderr and "install-service" in out.stderr
+
+
+def test_relative_model_folders_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    conf = tmp_path / "etc" / "agent.toml"
+    conf.parent.mkdir()
+    conf.write_text('[models]\ntiny = "models/tiny"\nabs = "/srv/models/llama"\n')
+    cfg = load_config(conf, environ={})
+    assert dict(cfg.models) == {"tiny": str(tmp_path / "etc" / "models" / "tiny"),
+                                "abs": "/srv/models/llama"}
+
+
+def test_exec_binds_the_folders_a_models_file_names_as_the_runtime_reads_them(
+        tmp_path: Path) -> None:
+    from agent.commands.local import _model_paths
+
+    models = tmp_path / "models.toml"
+    models.write_text('[models]\ntiny = "models/tiny"\nabs = "/srv/llama"\n')
+    assert _model_paths(models) == [tmp_path / "models" / "tiny", Path("/srv/llama")]
