@@ -5,6 +5,8 @@ One loop (:meth:`Transport.request`) decides, per answer, between "return it",
 
 - 429 waits what Retry-After says (seconds or HTTP date), else backs off;
 - 5xx, 408, refused/reset connections and timeouts back off with full jitter, capped;
+- a 3xx is never followed (the key would go where ``Location`` says) nor taken as
+  success: it is logged and retried like a 5xx;
 - retries stop at the call's deadline (:class:`CoordinatorUnavailable`) or when the
   client is told to stop (:class:`RetriesStopped`), which aborts a wait at once;
 - 401/403 raise :class:`AuthError`, 409 :class:`LeaseLost`, other 4xx
@@ -254,6 +256,12 @@ def _encode_json(endpoint: str, body: Any) -> bytes:
 _NEVER_SENT = frozenset({"connect"})  # errors that say the request never went out
 
 
+def _redact(url: str) -> str:
+    """A URL for the log: no query string (it may be a presigned credential)."""
+    parts = urllib.parse.urlsplit(url[:500])
+    return urllib.parse.urlunsplit((*parts[:3], "", ""))
+
+
 def _transport_error_name(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.PoolTimeout):
         return "connect"
@@ -341,8 +349,8 @@ class Transport:
                                     "have reached the coordinator", error)
             if resp is not None:
                 self._raise_if_final_error(resp, endpoint, attempt, not_registered, accept)
-                if resp.status_code < 400 or resp.status_code in accept:
-                    self.stats.call_finished(endpoint, resp.status_code < 400, attempt)
+                if resp.status_code < 300 or resp.status_code in accept:
+                    self.stats.call_finished(endpoint, resp.status_code < 300, attempt)
                     return resp
                 if resp.status_code == 429:
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
@@ -379,7 +387,14 @@ class Transport:
         except BadAnswer as exc:
             self.stats.attempt(endpoint, time.monotonic() - started, exc.problem.value)
             raise
-        error = f"http_{resp.status_code}" if resp.status_code >= 400 else None
+        error = f"http_{resp.status_code}" if resp.status_code >= 300 else None
+        if 300 <= resp.status_code < 400:
+            # Never followed: the key would go wherever the Location says. Retried like a
+            # 5xx (a coordinator moving to https is a config fix away), never a success.
+            logger.warning("coordinator %s answered %d, a redirect to %r: not followed; "
+                           "set coordinator_url to where the coordinator really is",
+                           endpoint, resp.status_code,
+                           _redact(resp.headers.get("Location", "")))
         self.stats.attempt(endpoint, time.monotonic() - started, error)
         return resp, error
 
@@ -390,7 +405,7 @@ class Transport:
         answer's body only feeds the error's detail, so it is cut at the cap instead.
         """
         cap = self.limits.max_bytes
-        strict = streamed.status_code < 400
+        strict = streamed.status_code < 300
         declared = streamed.headers.get("Content-Length", "")
         early = strict and declared.isdigit() and int(declared) > cap
         # Over a declared size past the cap, only the head a caller may need is read.
@@ -416,7 +431,7 @@ class Transport:
                               not_registered: frozenset[int], accept: frozenset[int]) -> None:
         status = resp.status_code
         if status < 400 or status in accept:
-            return
+            return  # a 3xx is retried (see _attempt)
         if status in _RETRY_STATUSES and status not in not_registered:
             return
         self.stats.call_finished(endpoint, False, attempt)
