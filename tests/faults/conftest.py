@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.agent.daemon.helpers import tmpfs
 from tests.faults.rig import Rig
 from tests.faults.rows import Row
 
@@ -39,17 +39,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A state dir on its own 8 MiB tmpfs (root only: skipped where mount fails)."""
-    mount = tmp_path / "state"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs",
-                           str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a small state dir (needs root): "
-                    f"{done.stderr.strip() or done.returncode}")
-    try:
+    with tmpfs(tmp_path / "state", TMPFS_MB) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
 
 
 def _row_of(item: pytest.Item) -> Row | None:

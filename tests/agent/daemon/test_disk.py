@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.reference.coordinator import ReferenceCoordinator
-from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
+from tests.agent.daemon.helpers import (
+    AgentProcess,
+    Client,
+    start_coordinator,
+    tmpfs,
+    wait_until,
+)
 
 SLEEP = {"type": "sleep", "steps": 3, "step_s": 0.02, "print_every": 1}
 TMPFS_MB = 16
@@ -19,16 +24,8 @@ TMPFS_MB = 16
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A state dir on its own 16 MiB tmpfs (root only: skipped where mount fails)."""
-    mount = tmp_path / "state"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs",
-                           str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a small disk: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "state", TMPFS_MB) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture
