@@ -105,29 +105,25 @@ def _package_errors(client: Client, job_id: str) -> list[dict[str, Any]]:
 def test_a_package_over_the_upload_limit_ends_once_as_package_too_large(
         tmp_path: Path, agents: list[AgentProcess],
         coordinators: Callable[..., ReferenceCoordinator], announce: bool) -> None:
-    coord = start_coordinator(tmp_path / "coord", max_package_bytes=512,
-                              announce_limits=announce)
-    try:
-        client = Client(coord)
-        job_id = client.submit(SHORT)
-        agent = AgentProcess(coord.base_url, tmp_path / "state", burst=True)
-        agents.append(agent)
-        assert agent.wait(60) == 0, agent.log()
-        # The job completed once, and its report went out with the manifest and hash
-        assert client.job(job_id)["status"] == "completed"
-        assert len(client.receipts(job_id)) == 1
-        assert agent.log().count(f"job {job_id}: started") == 1
-        package = client.job(job_id)["result"]["package"]
-        assert package["result_hash"] and package["manifest"]
-        assert package["location"].startswith("file://")
-        [error] = _package_errors(client, job_id)
-        assert error["error_code"] == "package_too_large"
-        assert error["limit_bytes"] == 512 and error["size_bytes"] > 512
-        # Announced: not even tried; a 413: tried once
-        uploads = coord.faults.arrived(f"/v1/miners/{job_id}/package")
-        assert uploads == (0 if announce else 1)
-    finally:
-        coord.stop()
+    coord = coordinators(max_package_bytes=512, announce_limits=announce)
+    client = Client(coord)
+    job_id = client.submit(SHORT)
+    agent = AgentProcess(coord.base_url, tmp_path / "state", burst=True)
+    agents.append(agent)
+    assert agent.wait(60) == 0, agent.log()
+    # The job completed once, and its report went out with the manifest and hash
+    assert client.job(job_id)["status"] == "completed"
+    assert len(client.receipts(job_id)) == 1
+    assert agent.log().count(f"job {job_id}: started") == 1
+    package = client.job(job_id)["result"]["package"]
+    assert package["result_hash"] and package["manifest"]
+    assert package["location"].startswith("file://")
+    [error] = _package_errors(client, job_id)
+    assert error["error_code"] == "package_too_large"
+    assert error["limit_bytes"] == 512 and error["size_bytes"] > 512
+    # Announced: not even tried; a 413: tried once
+    uploads = coord.faults.arrived(f"/v1/miners/{job_id}/package")
+    assert uploads == (0 if announce else 1)
 
 
 def test_resets_on_every_upload_end_as_package_too_large(
