@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent.commands import jobs, local, node, run, service
+from agent.commands import download, follow, history, jobs, local, node, run, service
 from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
 from agent.errors import AgentError, ConfigError, ExitCode, InvalidJob
 
@@ -23,6 +23,9 @@ PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignor
     local.add_verify_parser,
     run.add_parsers,
     jobs.add_parsers,
+    history.add_parsers,
+    follow.add_parsers,
+    download.add_parsers,
     service.add_parser,
     node.add_doctor_parser,
     node.add_bench_parser,

@@ -1,4 +1,4 @@
-"""The client side of the coordinator's job API: what `submit`, `status` and `cancel` call.
+"""The client side of the coordinator's job API: what the client verbs call.
 
 A small synchronous client over httpx (one short-lived command, one connection),
 authenticated with a client key in ``X-Api-Key``. Errors are the typed ones of
@@ -7,6 +7,8 @@ authenticated with a client key in ``X-Api-Key``. Errors are the typed ones of
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -20,6 +22,7 @@ from agent.coordinator.transport import (
 )
 
 DEFAULT_TIMEOUT_S = 10.0
+DOWNLOAD_CHUNK = 1024 * 1024
 
 
 class JobsClient:
@@ -28,6 +31,7 @@ class JobsClient:
     def __init__(self, base_url: str, client_key: str,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.base_url = base_url
+        self._timeout_s = timeout_s
         self._http = httpx.Client(base_url=base_url, headers={"X-Api-Key": client_key},
                                   timeout=timeout_s)
 
@@ -55,22 +59,79 @@ class JobsClient:
         """The coordinator's view of one job."""
         return self._call("GET", f"/v1/jobs/{path_segment(job_id)}")
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str, force: bool = False) -> dict[str, Any]:
         """Ask for a cancel; returns the job as it stands after the request."""
-        return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/cancel", json={})
+        body = {"force": True} if force else {}
+        return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/cancel", json=body)
+
+    def jobs(self, **query: Any) -> dict[str, Any]:
+        """One page of ``GET /v1/jobs`` (newest first): ``{"jobs", "total", ...}``."""
+        params = {k: v for k, v in query.items() if v is not None}
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Delete a finished (or pending) job and everything kept for it."""
+        return self._call("DELETE", f"/v1/jobs/{path_segment(job_id)}")
+
+    def retry(self, job_id: str, resume: bool = False) -> dict[str, Any]:
+        """Submit the job again (from its last checkpoint with ``resume``); the new view."""
+        return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/retry",
+                          json={"resume": resume, "base_url": self.base_url})
+
+    def events(self, job_id: str, after: int, wait_s: float = 0.0) -> dict[str, Any]:
+        """The job's events after ``after``, waiting up to ``wait_s`` for one."""
+        return self._call("GET", f"/v1/jobs/{path_segment(job_id)}/events",
+                          params={"after": after, "wait_s": wait_s},
+                          timeout=self._timeout_s + wait_s)
+
+    def log(self, job_id: str, stream: str, offset: int = 0) -> bytes:
+        """One stream's log bytes from ``offset``."""
+        resp = self._request("GET", f"/v1/jobs/{path_segment(job_id)}/logs",
+                             params={"stream": stream, "offset": offset})
+        return resp.content
+
+    def download(self, job_id: str, dest: Path) -> tuple[str, str | None, int]:
+        """Stream the job's package zip into ``dest``: (its sha256 as written, the
+        coordinator's ``X-Content-SHA256``, its size)."""
+        path = f"/v1/jobs/{path_segment(job_id)}/download"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self._http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise(resp, path)
+                with open(dest, "wb") as fh:
+                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                expected = resp.headers.get("X-Content-SHA256")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        return digest.hexdigest(), expected.strip().lower() if expected else None, size
 
     def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        data = response_json(self._request(method, path, **kw))
+        return data if isinstance(data, dict) else {}
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
-            raise CoordinatorUnavailable(f"cannot reach the coordinator at {self.base_url}: "
-                                         f"{exc}", last_error=str(exc)) from None
+            raise self._unreachable(exc) from None
         if resp.status_code >= 400:
-            body = response_json(resp)
-            raise CoordinatorHTTPError(_problem(resp.status_code, path, body, resp.text),
-                                       resp.status_code, body)
-        data = response_json(resp)
-        return data if isinstance(data, dict) else {}
+            self._raise(resp, path)
+        return resp
+
+    def _unreachable(self, exc: httpx.TransportError) -> CoordinatorUnavailable:
+        return CoordinatorUnavailable(f"cannot reach the coordinator at {self.base_url}: "
+                                      f"{exc}", last_error=str(exc))
+
+    @staticmethod
+    def _raise(resp: httpx.Response, path: str) -> None:
+        body = response_json(resp)
+        raise CoordinatorHTTPError(_problem(resp.status_code, path, body, resp.text),
+                                   resp.status_code, body)
 
 
 def _problem(status: int, path: str, body: Any, text: str) -> str:

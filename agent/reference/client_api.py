@@ -1,9 +1,13 @@
 """Client endpoints of the reference coordinator (what the CLI's client commands call).
 
-``POST /v1/jobs`` submits, ``GET /v1/jobs[/{id}]`` lists and shows in the client
-guide's vocabulary, ``POST /v1/jobs/{id}/cancel`` cancels, and ``.../result``,
-``.../logs`` and ``.../package`` fetch outputs. Also ``GET /health`` and the stand-in
-object store behind presigned upload URLs (``PUT /presigned/{token}``).
+``POST /v1/jobs`` submits; ``GET /v1/jobs`` lists newest first with filters, paging
+and the true total; ``GET /v1/jobs/{id}`` shows a job in the client guide's
+vocabulary; ``POST .../cancel`` cancels; ``DELETE /v1/jobs/{id}`` deletes a job that is
+not running; ``.../result``, ``.../logs`` and ``.../package`` (alias ``.../download``)
+fetch outputs; ``.../events`` (:mod:`agent.reference.events_api`) long-polls a job's
+changes and ``.../retry`` (:mod:`agent.reference.retry_api`) submits it again. Also
+``GET /health`` and the stand-in object store behind presigned upload URLs
+(``PUT /presigned/{token}``).
 """
 
 from __future__ import annotations
@@ -13,17 +17,22 @@ import time
 from typing import Any
 
 from agent.layout import STREAMS
+from agent.reference.events_api import EventsAPI
 from agent.reference.model import (
     CANCELED,
+    CLIENT_STATUSES,
     QUEUED,
     RUNNING,
     Problem,
     Settings,
-    coordinator_states,
     job_view,
+    parse_iso,
 )
+from agent.reference.retry_api import RetryAPI
 from agent.reference.server import Request, Response, Route, route
 from agent.reference.store import Store
+
+MAX_PAGE = 1000
 
 
 class ClientAPI:
@@ -32,6 +41,8 @@ class ClientAPI:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.events = EventsAPI(store)
+        self.retries = RetryAPI(store)
 
     def routes(self) -> list[Route]:
         return [
@@ -39,10 +50,14 @@ class ClientAPI:
             route("POST", "/v1/jobs", self.submit, "client", "submit"),
             route("GET", "/v1/jobs", self.list, "client"),
             route("GET", "/v1/jobs/{job_id}", self.show, "client"),
+            route("DELETE", "/v1/jobs/{job_id}", self.delete, "client"),
             route("POST", "/v1/jobs/{job_id}/cancel", self.cancel, "client"),
             route("GET", "/v1/jobs/{job_id}/result", self.result, "client"),
             route("GET", "/v1/jobs/{job_id}/logs", self.logs, "client"),
             route("GET", "/v1/jobs/{job_id}/package", self.package, "client"),
+            route("GET", "/v1/jobs/{job_id}/download", self.package, "client"),
+            *self.events.routes(),
+            *self.retries.routes(),
             route("PUT", "/presigned/{token}", self.put_presigned,
                   max_body_bytes=self.settings.max_package_bytes),
         ]
@@ -67,32 +82,56 @@ class ClientAPI:
         return Response(201, self._view(self.store.job_or_404(job_id)))
 
     def list(self, req: Request) -> Response:
-        status = req.query.get("status")
-        states = coordinator_states(status) if status else ()
-        limit = min(1000, max(1, int(req.query.get("limit", "100"))))
-        views = [self._view(j) for j in self.store.jobs(states, limit=limit)]
-        if status:  # assigned/running/canceling share RUNNING: filter on the client name
-            views = [v for v in views if v["status"] == status.lower()]
-        return Response(200, {"jobs": views, "total": len(views)})
+        """Newest first; ``status`` (client names, comma-separated), ``type``, ``since`` and
+        ``until`` (ISO 8601, on created_at, until exclusive), ``limit`` and ``offset``."""
+        q = req.query
+        statuses = tuple(s.strip().lower() for s in q.get("status", "").split(",") if s.strip())
+        unknown = [s for s in statuses if s not in CLIENT_STATUSES]
+        if unknown:
+            raise Problem(422, f"unknown status {unknown[0]!r}; one of "
+                          f"{', '.join(CLIENT_STATUSES)}")
+        limit = min(MAX_PAGE, max(1, _int(q.get("limit", "100"), "limit")))
+        offset = max(0, _int(q.get("offset", "0"), "offset"))
+        rows, total = self.store.client_jobs(
+            statuses, q.get("type") or None,
+            parse_iso(q["since"], "since") if q.get("since") else None,
+            parse_iso(q["until"], "until") if q.get("until") else None, limit, offset)
+        return Response(200, {"jobs": [self._view(j) for j in rows], "total": total,
+                              "limit": limit, "offset": offset})
 
     def show(self, req: Request) -> Response:
         return Response(200, self._view(self.store.job_or_404(req.params["job_id"])))
 
+    def delete(self, req: Request) -> Response:
+        """Remove a job with its logs, package and receipts; 409 while a miner has it."""
+        with self.store.tx():
+            job = self.store.job_or_404(req.params["job_id"])
+            if job["state"] == RUNNING:
+                status = job_view(job)["status"]
+                raise Problem(409, f"job is {status}: cancel it first, then delete it",
+                              error="job_active", status=status)
+            self.store.delete_job(job["job_id"])
+        return Response(200, {"job_id": job["job_id"], "deleted": True})
+
     def cancel(self, req: Request) -> Response:
         """QUEUED: canceled at once. RUNNING: canceled at once in the core (the miner
         learns it from its running list); with the cancel extension, canceling until
-        the miner confirms or ``cancel_grace_s`` passes."""
+        the miner confirms or ``cancel_grace_s`` passes. ``{"force": true}``: canceled
+        at once, canceling or not, without waiting for the miner's confirmation (the
+        miner learns it from its running list; a package it uploads later is kept)."""
+        body = req.json_object() if req.body else {}
+        force = body.get("force", False) is True
         with self.store.tx():
             job = self.store.job_or_404(req.params["job_id"])
             now = time.time()
-            if job["state"] == CANCELED or job.get("cancel_requested_at"):
+            if job["state"] == CANCELED or (job.get("cancel_requested_at") and not force):
                 return Response(200, self._view(job))
             if job["state"] == QUEUED:
                 self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
                                       finished_by="client")
             elif job["state"] == RUNNING:
                 miner = self.store.miner(job["miner_id"]) if job.get("miner_id") else None
-                if miner is not None and "cancel" in miner["extensions"]:
+                if not force and miner is not None and "cancel" in miner["extensions"]:
                     self.store.update_job(job["job_id"], cancel_requested_at=now)
                 else:
                     self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
@@ -128,7 +167,9 @@ class ClientAPI:
         data = self.store.package_data(job["job_id"])
         if info is None or data is None:
             raise Problem(404, "no package uploaded for this job")
-        return Response(200, data, {"X-Content-SHA256": info["sha256"]},
+        name = f"job_{job['job_id']}.zip"
+        return Response(200, data, {"X-Content-SHA256": info["sha256"],
+                                    "Content-Disposition": f'attachment; filename="{name}"'},
                         content_type="application/zip")
 
     def put_presigned(self, req: Request) -> Response:
@@ -144,3 +185,10 @@ class ClientAPI:
                           expected=expected, actual=actual)
         self.store.put_presigned(token, actual, req.body)
         return Response(200, {"status": "ok", "sha256": actual, "size": len(req.body)})
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise Problem(422, f"{name} must be an integer") from None

@@ -6,6 +6,7 @@ and the HTTP layer; nothing here touches SQLite or sockets.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,18 @@ def iso(ts: float | None) -> str | None:
     return clock.iso(ts, timespec="auto", zulu=True)
 
 
+def parse_iso(text: str, name: str) -> float:
+    """An ISO-8601 time from a query (``2026-02-13``, ``2026-02-13T10:00:00Z``, with an
+    offset or without: UTC) as seconds since the epoch; 422 if it is not one."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise Problem(422, f"{name} must be an ISO-8601 time, not {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
 def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A job as clients see it (``GET /v1/jobs/{id}``), in the client guide's vocabulary."""
     progress = job.get("progress") or None
@@ -115,7 +128,9 @@ def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -
         if isinstance(progress.get("eta_s"), int | float):
             eta = iso(float(progress.get("updated_at", 0)) + float(progress["eta_s"]))
     if job["state"] == COMPLETED:  # whatever the last progress post said, it is done
-        percent, eta = 100.0, None
+        percent = 100.0
+    if job["state"] in TERMINAL:  # an ended job has nothing left to estimate
+        eta = None
     error = None
     if job["state"] == EXPIRED:
         error = {"code": "expired", "message": "the job ran past its TTL"}
@@ -130,7 +145,7 @@ def job_view(job: Mapping[str, Any], package: Mapping[str, Any] | None = None) -
         "created_at": iso(job.get("created_at")), "started_at": iso(job.get("assigned_at")),
         "finished_at": iso(job.get("finished_at")), "expires_at": iso(job.get("expires_at")),
         "progress": percent, "progress_detail": progress, "estimated_completion": eta,
-        "result": job.get("result"), "error": error,
+        "result": job.get("result"), "metrics": job.get("metrics"), "error": error,
         "partial": None if job.get("partial") is None else bool(job["partial"]),
         "attempts": job.get("attempts", 0),
         "package": dict(package) if package else None,

@@ -5,6 +5,11 @@ One connection in WAL mode shared by the server's threads behind a re-entrant lo
 logic (claim a job, check a lease) cannot interleave with another request.
 Time-driven transitions (TTL expiry, lease expiry, cancel grace) happen in
 :meth:`Store.sweep`, run at the start of every transaction that reads jobs.
+
+Every job carries a sequence number for its event stream (``GET /v1/jobs/{id}/events``):
+``seq`` is bumped by each change a client can see (``state_seq`` records the last such
+change of the job row) and by each stored log chunk (tagged with its own ``seq``). A
+committed bump wakes :meth:`Store.wait_changed`, which long-polls wait on.
 """
 
 from __future__ import annotations
@@ -43,12 +48,38 @@ CREATE TABLE IF NOT EXISTS packages (
     created_at REAL);
 CREATE TABLE IF NOT EXISTS presigned (
     token TEXT PRIMARY KEY, data BLOB, sha256 TEXT, created_at REAL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    token TEXT PRIMARY KEY, job_id TEXT NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,
+    created_at REAL);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 """
+# Columns added after the first release: a database from before gets them on open. Rows
+# from before start at seq 1, so a client reading events from 0 sees them.
+_ADDED_COLUMNS = (("jobs", "seq", "INTEGER NOT NULL DEFAULT 1"),
+                  ("jobs", "state_seq", "INTEGER NOT NULL DEFAULT 1"),
+                  ("logs", "seq", "INTEGER NOT NULL DEFAULT 1"))
+# Job columns whose change a client sees in the job view: a change bumps the job's seq.
+_VISIBLE = frozenset({"state", "miner_id", "assigned_at", "started_at", "finished_at",
+                      "result", "error_code", "error_message", "partial", "progress",
+                      "cancel_requested_at", "attempts"})
+_BUMP_STATE = "seq=seq+1, state_seq=seq+1"
+_HALF_US = 5e-7
+# The client guide's statuses as SQL over the coordinator's columns: the same mapping as
+# agent.reference.model.client_status (tests check that the two agree).
+STATUS_WHERE = {
+    "pending": "state='QUEUED'",
+    "assigned": "state='RUNNING' AND cancel_requested_at IS NULL AND started_at IS NULL",
+    "running": "state='RUNNING' AND cancel_requested_at IS NULL AND started_at IS NOT NULL",
+    "canceling": "state='RUNNING' AND cancel_requested_at IS NOT NULL",
+    "completed": "state='COMPLETED'",
+    "failed": "state IN ('FAILED', 'EXPIRED')",
+    "canceled": "state='CANCELED'",
+}
 _JSON_COLUMNS = ("payload", "constraints", "result", "metrics", "progress", "capabilities",
                  "metadata", "extensions")
 
 
-def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+def decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
     out = dict(row)
@@ -76,10 +107,41 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_columns()
+        self._changed = threading.Condition()
+        self._generation = 0  # bumped (and waiters woken) by each commit that bumped a seq
+        self._dirty = False
+        self._closed = False
+
+    def _add_columns(self) -> None:
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def generation(self) -> int:
+        """A counter that moves whenever a job's seq moved; read it before looking."""
+        return self._generation
+
+    def wait_changed(self, generation: int, timeout_s: float) -> bool:
+        """Wait until some job changed after ``generation`` was read (True), the timeout
+        passes or the store closes (False)."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._generation != generation or self._closed,
+                timeout=max(0.0, timeout_s)) and not self._closed
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -95,10 +157,21 @@ class Store:
                 self._depth -= 1
                 if outer:
                     self._db.execute("ROLLBACK")
+                    self._dirty = False
                 raise
             self._depth -= 1
             if outer:
                 self._db.execute("COMMIT")
+                self._notify()
+
+    def _notify(self) -> None:
+        """After a commit: wake long-polls if the transaction bumped a job's seq."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     # -- time-driven transitions ----------------------------------------------------------
 
@@ -106,12 +179,15 @@ class Store:
         """Expire jobs past their TTL, requeue jobs whose lease ran out, end stale cancels."""
         now = time.time() if now is None else now
         with self.tx() as db:
-            db.execute("UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
-                       "lease_expires_at=NULL WHERE state IN (?, ?) AND expires_at <= ?",
-                       (EXPIRED, now, QUEUED, RUNNING, now))
-            db.execute("UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
-                       "lease_expires_at=NULL WHERE state=? AND cancel_requested_at <= ?",
-                       (CANCELED, now, RUNNING, now - self.cancel_grace_s))
+            ended = db.execute(f"UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
+                               f"lease_expires_at=NULL, {_BUMP_STATE} WHERE state IN (?, ?) "
+                               "AND expires_at <= ?", (EXPIRED, now, QUEUED, RUNNING, now))
+            self._dirty |= ended.rowcount > 0
+            ended = db.execute(f"UPDATE jobs SET state=?, finished_at=?, finished_by='server', "
+                               f"lease_expires_at=NULL, {_BUMP_STATE} WHERE state=? AND "
+                               "cancel_requested_at <= ?",
+                               (CANCELED, now, RUNNING, now - self.cancel_grace_s))
+            self._dirty |= ended.rowcount > 0
             lapsed = [r["job_id"] for r in db.execute(
                 "SELECT job_id FROM jobs WHERE state=? AND lease_expires_at <= ?",
                 (RUNNING, now))]
@@ -123,7 +199,8 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE jobs SET state=?, miner_id=NULL, lease_id=NULL, "
                        "lease_expires_at=NULL, assigned_at=NULL, started_at=NULL, "
-                       "progress=NULL WHERE job_id=?", (QUEUED, job_id))
+                       f"progress=NULL, {_BUMP_STATE} WHERE job_id=?", (QUEUED, job_id))
+            self._dirty = True
             db.execute("DELETE FROM logs WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM packages WHERE job_id=?", (job_id,))
 
@@ -145,7 +222,7 @@ class Store:
 
     def miner(self, miner_id: str) -> dict[str, Any] | None:
         with self.tx() as db:
-            return _decode(db.execute("SELECT * FROM miners WHERE miner_id=?",
+            return decode(db.execute("SELECT * FROM miners WHERE miner_id=?",
                                       (miner_id,)).fetchone())
 
     def update_miner_seen(self, miner_id: str, status: Any, metadata: Any) -> None:
@@ -180,7 +257,7 @@ class Store:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.tx() as db:
             self.sweep()
-            return _decode(db.execute("SELECT * FROM jobs WHERE job_id=?",
+            return decode(db.execute("SELECT * FROM jobs WHERE job_id=?",
                                       (job_id,)).fetchone())
 
     def job_or_404(self, job_id: str) -> dict[str, Any]:
@@ -202,14 +279,64 @@ class Store:
         with self.tx() as db:
             self.sweep()
             rows = db.execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit)).fetchall()
-        return [j for j in map(_decode, rows) if j is not None]
+        return [j for j in map(decode, rows) if j is not None]
+
+    def client_jobs(self, statuses: tuple[str, ...] = (), job_type: str | None = None,
+                    since: float | None = None, until: float | None = None,
+                    limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """A page of jobs newest first (``created_at`` desc) and how many match in all.
+
+        ``statuses`` are client names (keys of :data:`STATUS_WHERE`); ``since`` and
+        ``until`` bound ``created_at`` (seconds since the epoch, until exclusive).
+        """
+        where, args = ["1=1"], list[Any]()
+        if statuses:
+            where.append("(" + " OR ".join(f"({STATUS_WHERE[s]})" for s in statuses) + ")")
+        if job_type is not None:
+            where.append("json_extract(payload, '$.type') = ?")
+            args.append(job_type)
+        # Half a microsecond of slack: a time read back from the wire's ISO form (to the
+        # microsecond, rounded) still selects the job it was copied from.
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since - _HALF_US)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until - _HALF_US)
+        sql = " AND ".join(where)
+        with self.tx() as db:
+            self.sweep()
+            total = int(db.execute(f"SELECT COUNT(*) FROM jobs WHERE {sql}", args).fetchone()[0])
+            rows = db.execute(f"SELECT * FROM jobs WHERE {sql} ORDER BY created_at DESC, "
+                              "rowid DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        return [j for j in map(decode, rows) if j is not None], total
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job and everything kept for it: logs, package, receipts, checkpoints."""
+        with self.tx() as db:
+            for table in ("logs", "packages", "receipts", "checkpoints", "jobs"):
+                db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
+            self._dirty = True  # a long-poll on it wakes and answers 404
 
     def update_job(self, job_id: str, **columns: Any) -> None:
-        """Set columns of one job; dicts and lists are stored as JSON."""
-        names = ", ".join(f"{k}=?" for k in columns)
-        values = [dumps(v) if isinstance(v, dict | list) else v for v in columns.values()]
+        """Set columns of one job; dicts and lists are stored as JSON. A change a client
+        can see (not a lease renewal) bumps the job's seq."""
+        stored = {k: dumps(v) if isinstance(v, dict | list) else v for k, v in columns.items()}
+        names = ", ".join(f"{k}=?" for k in stored)
         with self.tx() as db:
-            db.execute(f"UPDATE jobs SET {names} WHERE job_id=?", (*values, job_id))
+            if self._visible_change(db, job_id, stored):
+                names += f", {_BUMP_STATE}"
+                self._dirty = True
+            db.execute(f"UPDATE jobs SET {names} WHERE job_id=?", (*stored.values(), job_id))
+
+    @staticmethod
+    def _visible_change(db: sqlite3.Connection, job_id: str, stored: dict[str, Any]) -> bool:
+        visible = sorted(_VISIBLE & stored.keys())
+        if not visible:
+            return False
+        row = db.execute(f"SELECT {', '.join(visible)} FROM jobs WHERE job_id=?",
+                         (job_id,)).fetchone()
+        return row is not None and any(row[k] != stored[k] for k in visible)
 
     def add_receipt(self, job_id: str, body: Mapping[str, Any]) -> None:
         with self.tx() as db:
@@ -235,7 +362,11 @@ class Store:
     def append_log(self, job_id: str, stream: str, start: int, data: bytes) -> None:
         """Store a chunk that begins exactly at the stream's current end."""
         with self.tx() as db:
-            db.execute("INSERT INTO logs VALUES (?, ?, ?, ?)", (job_id, stream, start, data))
+            db.execute("UPDATE jobs SET seq=seq+1 WHERE job_id=?", (job_id,))
+            db.execute("INSERT INTO logs (job_id, stream, start, data, seq) VALUES "
+                       "(?, ?, ?, ?, (SELECT seq FROM jobs WHERE job_id=?))",
+                       (job_id, stream, start, data, job_id))
+            self._dirty = True
 
     def read_log(self, job_id: str, stream: str, offset: int = 0) -> bytes:
         """The stream's bytes from ``offset`` to its end."""
@@ -246,6 +377,35 @@ class Store:
         if not rows:
             return b""
         return b"".join(bytes(r["data"]) for r in rows)[max(0, offset - rows[0]["start"]):]
+
+    def log_chunks(self, job_id: str, after: int, max_bytes: int) -> tuple[list[dict[str, Any]],
+                                                                            bool]:
+        """Log chunks stored after event ``after``, in seq order, about ``max_bytes`` at most
+        (one chunk at least); True with them when more are left."""
+        chunks: list[dict[str, Any]] = []
+        size = 0
+        with self.tx() as db:  # rows are read one at a time: a long log is not loaded whole
+            for row in db.execute("SELECT seq, stream, start, data FROM logs WHERE job_id=? "
+                                  "AND seq > ? ORDER BY seq", (job_id, after)):
+                if chunks and size + len(row["data"]) > max_bytes:
+                    return chunks, True
+                chunks.append({"seq": int(row["seq"]), "stream": row["stream"],
+                               "offset": int(row["start"]), "data": bytes(row["data"])})
+                size += len(row["data"])
+        return chunks, False
+
+    def put_checkpoint(self, token: str, job_id: str, sha256: str, data: bytes) -> None:
+        """Keep a checkpoint archive that ``job_id``'s payload fetches by ``token``."""
+        with self.tx() as db:
+            db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                       (token, job_id, sha256, data, time.time()))
+
+    def checkpoint(self, token: str) -> tuple[str, bytes] | None:
+        """A kept checkpoint archive: (sha256, bytes), or None."""
+        with self.tx() as db:
+            row = db.execute("SELECT sha256, data FROM checkpoints WHERE token=?",
+                             (token,)).fetchone()
+        return (row["sha256"], bytes(row["data"])) if row is not None else None
 
     def put_package(self, job_id: str, sha256: str, data: bytes) -> None:
         with self.tx() as db:
