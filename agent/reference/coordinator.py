@@ -1,7 +1,8 @@
 """A reference coordinator: the core protocol exactly as real servers behave, plus extensions.
 
-For tests and local runs. It serves real HTTP on loopback from a background thread,
-keeps its state in SQLite (WAL), and takes injected faults::
+For tests and local runs. It serves real HTTP (Starlette on uvicorn) on loopback from
+a background thread with its own event loop, keeps its state in SQLite (WAL), and
+takes injected faults::
 
     with ReferenceCoordinator(api_keys={"miner": "mk", "client": "ck"}) as coord:
         url = coord.base_url
@@ -23,10 +24,12 @@ from types import TracebackType
 
 from agent.reference.client_api import ClientAPI
 from agent.reference.faults import Faults, RateLimiter
+from agent.reference.listener import Listener
 from agent.reference.miner_api import MinerAPI
 from agent.reference.model import EXTENSIONS, Settings
-from agent.reference.server import CoordinatorHTTPServer
+from agent.reference.server import HTTPApp
 from agent.reference.store import Store
+from agent.reference.stream_api import StreamAPI
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +73,12 @@ class ReferenceCoordinator:
         self.faults.bind(self._go_down, self._go_up)
         self._limiter = RateLimiter(rate_limits)
         self._host, self._port = host, port
-        self._server: CoordinatorHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        miners, clients = MinerAPI(self.store, self.settings), ClientAPI(self.store,
+                                                                         self.settings)
+        self._app = HTTPApp(miners.routes() + clients.routes(), self.api_keys, self.faults,
+                            self._limiter, self.settings.max_body_bytes,
+                            websockets=StreamAPI(self.store).routes())
+        self._listener = Listener(self._app, host, port)
 
     def __repr__(self) -> str:
         return f"ReferenceCoordinator({self._host}:{self._port}, api_keys='***')"
@@ -88,8 +94,9 @@ class ReferenceCoordinator:
 
     def stop(self) -> None:
         """Stop serving, close the store and remove a temporary database."""
-        self._go_down()
-        self.store.close()
+        self._listener.close()
+        self.store.close()  # wakes long-polls still waiting in worker threads
+        self._app.close()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -103,34 +110,14 @@ class ReferenceCoordinator:
         self.stop()
 
     def _go_up(self) -> None:
-        with self._lock:
-            if self._server is not None:
-                return
-            miners, clients = MinerAPI(self.store, self.settings), ClientAPI(self.store,
-                                                                             self.settings)
-            server = CoordinatorHTTPServer((self._host, self._port),
-                                           miners.routes() + clients.routes(), self.api_keys,
-                                           self.faults, self._limiter,
-                                           self.settings.max_body_bytes)
-            self._port = server.server_address[1]
-            self._server = server
-            self._thread = threading.Thread(target=server.serve_forever,
-                                            kwargs={"poll_interval": 0.05},
-                                            name="reference-coordinator", daemon=True)
-            self._thread.start()
-            logger.info("reference coordinator listening on %s", self.base_url)
+        if self._listener.serving:
+            return
+        self._listener.up()
+        self._port = self._listener.port
+        logger.info("reference coordinator listening on %s", self.base_url)
 
     def _go_down(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        server.drop_connections()
-        if thread is not None:
-            thread.join(timeout=5)
+        self._listener.down()
 
     def presign(self) -> str:
         """A fresh presigned upload URL (a bearer URL: ``PUT`` it, no API key)."""

@@ -1,34 +1,54 @@
-"""The reference coordinator's HTTP layer: a threading HTTP/1.1 server on loopback.
+"""The reference coordinator's HTTP layer: framework-free routes behind a Starlette app.
 
-Each request passes, in order: injected faults (they stand for the network and the
-infrastructure in front of a coordinator), the 10 MiB body limit, per-IP rate limits,
-auth by role, then the route. Answers are FastAPI-shaped: ``{"detail": ...}`` on error.
-TCP_NODELAY is set on every accepted socket: without it, a small answer written in two
-segments waits for the peer's delayed ACK, about 40 ms a request.
+Routes are plain ``Request -> Response`` functions registered with :func:`route`; they
+run in worker threads (the store is synchronous SQLite), never on the event loop. Each
+HTTP request passes, in order: injected faults (they stand for the network and the
+infrastructure in front of a coordinator), Starlette's router, the body limit, per-IP
+rate limits, auth by role, then the route. Answers are FastAPI-shaped JSON,
+``{"detail": ...}``, on every error: unknown paths (404) and wrong methods (405) too.
+
+A body over its limit is drained, up to 64 MiB, and answered 413 with ``max_bytes``
+and ``Connection: close``; past that the connection is cut unread (a TCP RST), as the
+real server's proxy does. WebSocket routes (:func:`ws_route`) check the API key before
+the handshake and answer a refusal as JSON too. :mod:`agent.reference.listener` serves
+the app with uvicorn.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import re
-import socket
-import struct
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
-from agent.reference.faults import Faults, RateLimiter
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse
+from starlette.responses import Response as StarletteResponse
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.routing import Route as StarletteRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketState
+
+from agent.reference.faults import RESET, Faults, RateLimiter
+from agent.reference.listener import RESET_EXTENSION
 from agent.reference.model import Problem
 
 logger = logging.getLogger(__name__)
 
 _DRAIN_MAX_BYTES = 64 * 1024 * 1024
-_QUERY_RE = re.compile(r"\?[^\s\"]*")
+# Long-polls hold a worker for up to 30 s each; http.server had a thread per request.
+MAX_WORKERS = 256
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,7 +58,7 @@ class Request:
     method: str
     path: str
     query: dict[str, str]
-    headers: Message
+    headers: Mapping[str, str]  # case-insensitive
     body: bytes
     client_ip: str
     params: dict[str, str] = field(default_factory=dict)
@@ -84,54 +104,58 @@ class Route:
     role: str | None = None
     group: str | None = None
     max_body_bytes: int | None = None
+    path: str = ""
 
 
 def route(method: str, path: str, handler: Handler, role: str | None = None,
           group: str | None = None, max_body_bytes: int | None = None) -> Route:
     """A route whose ``{name}`` path segments become ``request.params``."""
     regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-    return Route(method, re.compile(f"^{regex}$"), handler, role, group, max_body_bytes)
+    return Route(method, re.compile(f"^{regex}$"), handler, role, group, max_body_bytes, path)
 
 
-class CoordinatorHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with TCP_NODELAY, tracked connections and a route table."""
+WSHandler = Callable[[WebSocket, "HTTPApp"], Awaitable[None]]
 
-    daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], routes: list[Route],
-                 api_keys: Mapping[str, frozenset[str]], faults: Faults,
-                 limiter: RateLimiter, max_body_bytes: int) -> None:
-        self.routes = routes
+@dataclass(frozen=True)
+class WSRoute:
+    """A WebSocket path, its handler and the role its API key needs."""
+
+    path: str
+    handler: WSHandler
+    role: str | None = None
+
+
+def ws_route(path: str, handler: WSHandler, role: str | None = None) -> WSRoute:
+    """A WebSocket route; the handler gets the socket (not yet accepted) and the app."""
+    return WSRoute(path, handler, role)
+
+
+class HTTPApp:
+    """The ASGI application: the fault layer in front of Starlette's router."""
+
+    def __init__(self, routes: Sequence[Route], api_keys: Mapping[str, frozenset[str]],
+                 faults: Faults, limiter: RateLimiter, max_body_bytes: int,
+                 websockets: Sequence[WSRoute] = ()) -> None:
         self.api_keys = api_keys
         self.faults = faults
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
-        self.connections: set[socket.socket] = set()
-        self.conn_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="refcoord")
+        table: list[BaseRoute] = [
+            StarletteRoute(r.path, _Endpoint(self, r), methods=[r.method]) for r in routes]
+        table += [WebSocketRoute(w.path, functools.partial(self._websocket, w))
+                  for w in websockets]
+        self.router = Starlette(routes=table, exception_handlers={
+            HTTPException: self._no_route, Exception: self._crashed})
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.conn_lock:
-            self.connections.add(sock)
-        return sock, addr
+    def close(self) -> None:
+        """Let idle workers go; one still in a handler finishes on its own."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def shutdown_request(self, request: Any) -> None:
-        with self.conn_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        """Cut every open connection (keep-alive ones included), as a crash would."""
-        with self.conn_lock:
-            socks = list(self.connections)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def role_of(self, key: str | None) -> str | None:
         for role, keys in self.api_keys.items():
@@ -139,132 +163,225 @@ class CoordinatorHTTPServer(ThreadingHTTPServer):
                 return role
         return None
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: CoordinatorHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Query strings can hold presigned signatures: keep them out of the log.
-        logger.debug("%s %s", self.address_string(), _QUERY_RE.sub("?<redacted>", format % args))
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.router(scope, receive, send)
+            return
+        if logger.isEnabledFor(logging.DEBUG):
+            send = _logged(scope, send)
         try:
-            resp = self._dispatch()
+            injected = await self.run_sync(self.faults.take, scope["path"])
+        except Exception:
+            logger.exception("reference coordinator: faults for %s failed", scope["path"])
+            await self._send(scope, send, Response(500, {"detail": "Internal Server Error"}))
+            return
+        if injected is None:
+            await self.router(scope, receive, send)
+            return
+        length = _content_length(scope) or 0
+        if 0 < length <= self.max_body_bytes:
+            await _drain(receive, 0, length)
+        headers = dict(injected.headers)
+        if length > self.max_body_bytes:
+            headers["Connection"] = "close"  # its body stays unread
+        await self._send(scope, send, Response(injected.status, injected.body, headers))
+
+    async def serve(self, r: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """One matched request: body, rate limit, auth, then the route in a thread."""
+        limit = self.max_body_bytes if r.max_body_bytes is None else r.max_body_bytes
+        try:
+            body = await self._read_body(scope, receive, limit)
+            if body is None:
+                return
+            client = scope.get("client")
+            req = Request(scope["method"], scope["path"], _query(scope), Headers(scope=scope),
+                          body, client[0] if client else "", dict(scope["path_params"]))
+            if r.group is not None:
+                self.limiter.check(r.group, req.client_ip)
+            self._authorize(r, req)
+            resp = await self.run_sync(r.handler, req)
         except Problem as exc:
             resp = Response(exc.status, exc.body, exc.headers)
         except Exception:
-            logger.exception("reference coordinator: %s %s failed", self.command, self.path)
+            logger.exception("reference coordinator: %s %s failed", scope["method"],
+                             scope["path"])
             resp = Response(500, {"detail": "Internal Server Error"})
-        if resp.status < 0:  # a fault asked for a reset: no answer at all
-            self._reset()
-            return
-        self._write(resp)
-
-    def _dispatch(self) -> Response:
-        split = urlsplit(self.path)
-        path, query = split.path, dict(parse_qsl(split.query))
-        injected = self.server.faults.take(path)
-        if injected is not None:
-            self._discard_body()
-            return Response(injected.status, injected.body, injected.headers)
-        matched, params, wrong_method = self._match(path)
-        limit = self.server.max_body_bytes
-        if matched is not None and matched.max_body_bytes is not None:
-            limit = matched.max_body_bytes
-        body = self._read_body(limit)
-        if matched is None:
-            raise Problem(405, "Method Not Allowed") if wrong_method else Problem(404, "Not Found")
-        if matched.group is not None:
-            self.server.limiter.check(matched.group, self.client_address[0])
-        req = Request(self.command, path, query, self.headers, body, self.client_address[0],
-                      params)
-        self._authorize(matched, req)
-        return matched.handler(req)
-
-    def _match(self, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        wrong_method = False
-        for r in self.server.routes:
-            m = r.pattern.match(path)
-            if m is None:
-                continue
-            if r.method == self.command:
-                return r, m.groupdict(), False
-            wrong_method = True
-        return None, {}, wrong_method
-
-    def _read_body(self, limit: int) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            # Drain a moderately large body so the client reads the 413 instead of a
-            # reset mid-upload; past that, close and let it see the reset.
-            if length <= _DRAIN_MAX_BYTES:
-                self._skip(length)
-            self.close_connection = True
-            raise Problem(413, "Request body too large", max_bytes=limit)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _skip(self, length: int) -> None:
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1024 * 1024))
-            if not chunk:
-                return
-            length -= len(chunk)
-
-    def _discard_body(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= self.server.max_body_bytes:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
+        await self._send(scope, send, resp)
 
     def _authorize(self, r: Route, req: Request) -> None:
         if r.role is None:
             return
-        role = self.server.role_of(self.headers.get("X-Api-Key"))
+        role = self.role_of(req.headers.get("X-Api-Key"))
         if role is None:
             raise Problem(401, "Invalid API key")
         if role != r.role:
             raise Problem(403, f"API key does not have the {r.role} role")
         if r.role == "miner":
-            miner_id = self.headers.get("X-Miner-ID") or ""
+            miner_id = req.headers.get("X-Miner-ID") or ""
             if not miner_id:
                 raise Problem(422, [{"type": "missing", "loc": ["header", "x-miner-id"],
                                      "msg": "Field required"}])
             req.miner_id = miner_id
 
-    def _write(self, resp: Response) -> None:
-        if isinstance(resp.body, bytes | bytearray):
-            data = bytes(resp.body)
-        elif resp.body is None:
-            data = b""
-        else:
-            data = json.dumps(resp.body, separators=(",", ":")).encode()
-        self.send_response(resp.status)
-        if data or resp.status != 204:
-            self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in resp.headers.items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if data and self.command != "HEAD":
-            self.wfile.write(data)
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """The whole body; a 413 Problem past ``limit``; None when the connection is gone
+        (the client left, or a body past the drain limit was cut)."""
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, limit, declared, 0)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # a body without a length (chunked) that ran past it
+                await self._refuse(scope, receive, limit, None, size)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-    def _reset(self) -> None:
-        # SO_LINGER 0 makes close() send RST: the client sees "connection reset by peer".
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
+    async def _refuse(self, scope: Scope, receive: Receive, limit: int,
+                      declared: int | None, seen: int) -> None:
+        # Drain a moderately large body so the client reads the 413 instead of a reset
+        # mid-upload; past that, cut the connection and let it see the reset.
+        if declared is None or declared <= _DRAIN_MAX_BYTES:
+            seen = await _drain(receive, seen, _DRAIN_MAX_BYTES)
+            if seen <= _DRAIN_MAX_BYTES:
+                problem = Problem(413, "Request body too large", max_bytes=limit)
+                problem.headers["Connection"] = "close"
+                raise problem
+        await _reset(scope)
+
+    async def _send(self, scope: Scope, send: Send, resp: Response) -> None:
+        if resp.status == RESET:  # a fault asked for a reset: no answer at all
+            await _reset(scope)
+            return
+        status, headers, data = _encode(resp)
+        prefix = "websocket." if scope["type"] == "websocket" else ""
+        await send({"type": f"{prefix}http.response.start", "status": status,
+                    "headers": headers})
+        await send({"type": f"{prefix}http.response.body", "body": data})
+
+    async def _no_route(self, request: StarletteRequest, exc: Exception) -> StarletteResponse:
+        """404 and 405, after the body (limited as any route's) is read or refused."""
+        assert isinstance(exc, HTTPException)
+        scope = request.scope
+        resp: Response | None = None  # None: the connection is gone, nothing to answer
+        try:
+            if await self._read_body(scope, request.receive, self.max_body_bytes) is None:
+                return _Answer(self, None)
+            resp = Response(exc.status_code, {"detail": exc.detail}, dict(exc.headers or {}))
+        except Problem as problem:
+            resp = Response(problem.status, problem.body, problem.headers)
+        return _Answer(self, resp)
+
+    async def _crashed(self, request: StarletteRequest, exc: Exception) -> StarletteResponse:
+        return JSONResponse({"detail": "Internal Server Error"}, 500)
+
+    async def _websocket(self, r: WSRoute, websocket: WebSocket) -> None:
+        """Auth before the handshake (a refusal is a JSON answer), then the handler."""
+        try:
+            if r.role is not None:
+                role = self.role_of(websocket.headers.get("X-Api-Key"))
+                if role is None:
+                    raise Problem(401, "Invalid API key")
+                if role != r.role:
+                    raise Problem(403, f"API key does not have the {r.role} role")
+            await r.handler(websocket, self)
+        except Problem as exc:
+            if websocket.application_state == WebSocketState.CONNECTING:
+                await websocket.send_denial_response(
+                    JSONResponse(exc.body, exc.status, headers=exc.headers))
+            elif websocket.application_state == WebSocketState.CONNECTED:
+                await websocket.close(1011, str(exc)[:120])
+
+
+class _Endpoint:
+    """The ASGI endpoint Starlette calls for one of our routes."""
+
+    def __init__(self, app: HTTPApp, r: Route) -> None:
+        self.app, self.route = app, r
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app.serve(self.route, scope, receive, send)
+
+
+class _Answer(StarletteResponse):
+    """One of our responses where Starlette wants one of its own (an exception handler)."""
+
+    def __init__(self, app: HTTPApp, resp: Response | None) -> None:
+        super().__init__(status_code=resp.status if resp else 500)
+        self._app, self._resp = app, resp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._resp is not None:
+            await self._app._send(scope, send, self._resp)
+
+
+def _encode(resp: Response) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    if isinstance(resp.body, bytes | bytearray):
+        data = bytes(resp.body)
+    elif resp.body is None:
+        data = b""
+    else:
+        data = json.dumps(resp.body, separators=(",", ":")).encode()
+    headers = [(b"content-length", str(len(data)).encode())]
+    if data or resp.status != 204:
+        headers.append((b"content-type", resp.content_type.encode("latin-1")))
+    headers += [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+                for k, v in resp.headers.items()]
+    return resp.status, headers, data
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    return dict(parse_qsl(scope["query_string"].decode("latin-1")))
+
+
+async def _drain(receive: Receive, seen: int, most: int) -> int:
+    """Read and drop the rest of a body, stopping once past ``most`` bytes in all."""
+    while seen <= most:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return seen
+
+
+async def _reset(scope: Scope) -> None:
+    """Cut this request's connection with a TCP RST (the listener knows the socket)."""
+    abort = scope.get("extensions", {}).get(RESET_EXTENSION)
+    if abort is None or not abort():
+        raise RuntimeError("cannot reset this connection: not served by the Listener")
+    # Let connection_lost run first: uvicorn then sees a client gone, not a missing answer.
+    await asyncio.sleep(0)
+
+
+def _logged(scope: Scope, send: Send) -> Send:
+    """``send``, logging the status line (query strings can hold presigned signatures:
+    they stay out of the log)."""
+    async def logging_send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            client = scope.get("client")
+            query = "?<redacted>" if scope.get("query_string") else ""
+            logger.debug('%s "%s %s%s HTTP/%s" %s', client[0] if client else "-",
+                         scope["method"], scope["path"], query,
+                         scope.get("http_version", "1.1"), message["status"])
+        await send(message)
+    return logging_send
