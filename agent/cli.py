@@ -10,7 +10,17 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent.commands import download, follow, history, jobs, local, node, run, service
+from agent.commands import (
+    coordinator,
+    download,
+    follow,
+    history,
+    jobs,
+    local,
+    node,
+    run,
+    service,
+)
 from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
 from agent.errors import AgentError, ConfigError, ExitCode, InvalidJob
 
@@ -27,6 +37,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignor
     follow.add_parsers,
     download.add_parsers,
     service.add_parser,
+    coordinator.add_parser,
     node.add_doctor_parser,
     node.add_bench_parser,
 ]

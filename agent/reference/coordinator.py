@@ -8,7 +8,8 @@ takes injected faults::
         url = coord.base_url
         coord.faults.set(status=503, count=3)
 
-``extensions=()`` gives the core only. Standalone: ``python -m agent.reference.coordinator``.
+``extensions=()`` gives the core only. Standalone: ``miner-agent coordinator`` (or
+``python -m agent.reference.coordinator``).
 """
 
 from __future__ import annotations
@@ -16,25 +17,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
+import sys
 import tempfile
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
+from agent.errors import ConfigError, ExitCode
 from agent.reference.client_api import ClientAPI
 from agent.reference.faults import Faults, RateLimiter
 from agent.reference.listener import Listener
 from agent.reference.miner_api import MinerAPI
 from agent.reference.model import EXTENSIONS, Settings
 from agent.reference.server import HTTPApp
+from agent.reference.standalone import (
+    DESCRIPTION,
+    KEYS_EPILOG,
+    add_arguments,
+    serve,
+)
 from agent.reference.store import Store
 from agent.reference.stream_api import StreamAPI
 
 logger = logging.getLogger(__name__)
 
-# The real server's per-IP limits (requests a minute); off unless asked for.
-REAL_RATE_LIMITS = {"poll": 100, "heartbeat": 100, "result": 50, "fail": 50}
 
 
 class ReferenceCoordinator:
@@ -131,45 +136,22 @@ class ReferenceCoordinator:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m agent.coordinator.reference",
-        description="Run the reference coordinator: the AITBC core miner protocol (quirks "
-                    "included) plus this project's extensions, with client endpoints.",
-        epilog="Keys come from the environment when not given: REFCOORD_MINER_KEY, "
-               "REFCOORD_CLIENT_KEY. See docs/protocol-extensions.md.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0: any)")
-    p.add_argument("--db", default=None, help="SQLite file (default: a temporary one)")
-    p.add_argument("--extensions", default=",".join(EXTENSIONS),
-                   help="comma-separated extensions to offer; '' for the core only "
-                        f"(default: {','.join(EXTENSIONS)})")
-    p.add_argument("--job-ttl", type=float, default=900.0, help="job TTL seconds (900)")
-    p.add_argument("--lease-ttl", type=float, default=60.0, help="lease TTL seconds (60)")
-    p.add_argument("--cancel-grace", type=float, default=60.0,
-                   help="seconds a cancel waits for the miner's confirmation (60)")
-    p.add_argument("--no-rate-limits", action="store_true",
-                   help="turn off the real server's per-IP rate limits")
+    p = argparse.ArgumentParser(prog="python -m agent.coordinator.reference",
+                                description=DESCRIPTION, epilog=KEYS_EPILOG)
+    add_arguments(p, port=8000, db_help="SQLite file (default: a temporary one)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry: serve until SIGINT or SIGTERM."""
+    """The module's entry, kept for scripts: the same server as `miner-agent coordinator`
+    (the documented way), with this entry's old defaults (port 8000, a temporary db)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    keys = {"miner": os.environ.get("REFCOORD_MINER_KEY", "miner-key"),
-            "client": os.environ.get("REFCOORD_CLIENT_KEY", "client-key")}
-    coord = ReferenceCoordinator(
-        args.db, api_keys=keys, host=args.host, port=args.port,
-        extensions=[e for e in args.extensions.split(",") if e], job_ttl_s=args.job_ttl,
-        lease_ttl_s=args.lease_ttl, cancel_grace_s=args.cancel_grace,
-        rate_limits=None if args.no_rate_limits else REAL_RATE_LIMITS)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    print(f"reference coordinator on {coord.start()}", flush=True)
-    done.wait()
-    coord.stop()
-    return 0
+    try:
+        return serve(args, args.db, ReferenceCoordinator)
+    except ConfigError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return int(ExitCode.CONFIG)
 
 
 if __name__ == "__main__":
