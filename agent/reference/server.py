@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as StarletteResponse
-from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.routing import BaseRoute, Match, WebSocketRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
@@ -228,7 +228,7 @@ class HTTPApp:
         (the client left, or a body past the drain limit was cut)."""
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await self._refuse(scope, receive, limit, declared, 0)
+            await self._refuse(scope, receive, limit, declared, 0, more=True)
             return None
         chunks: list[bytes] = []
         size = 0
@@ -236,21 +236,22 @@ class HTTPApp:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
-            chunk = message.get("body", b"")
+            chunk, more = message.get("body", b""), message.get("more_body", False)
             size += len(chunk)
             if size > limit:  # a body without a length (chunked) that ran past it
-                await self._refuse(scope, receive, limit, None, size)
+                await self._refuse(scope, receive, limit, None, size, more=more)
                 return None
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 return b"".join(chunks)
 
     async def _refuse(self, scope: Scope, receive: Receive, limit: int,
-                      declared: int | None, seen: int) -> None:
+                      declared: int | None, seen: int, *, more: bool) -> None:
         # Drain a moderately large body so the client reads the 413 instead of a reset
         # mid-upload; past that, cut the connection and let it see the reset.
         if declared is None or declared <= _DRAIN_MAX_BYTES:
-            seen = await _drain(receive, seen, _DRAIN_MAX_BYTES)
+            if more:
+                seen = await _drain(receive, seen, _DRAIN_MAX_BYTES)
             if seen <= _DRAIN_MAX_BYTES:
                 problem = Problem(413, "Request body too large", max_bytes=limit)
                 problem.headers["Connection"] = "close"
@@ -275,10 +276,21 @@ class HTTPApp:
         try:
             if await self._read_body(scope, request.receive, self.max_body_bytes) is None:
                 return _Answer(self, None)
-            resp = Response(exc.status_code, {"detail": exc.detail}, dict(exc.headers or {}))
+            headers = dict(exc.headers or {})
+            if exc.status_code == 405:
+                headers["Allow"] = ", ".join(self._allowed(scope))
+            resp = Response(exc.status_code, {"detail": exc.detail}, headers)
         except Problem as problem:
             resp = Response(problem.status, problem.body, problem.headers)
         return _Answer(self, resp)
+
+    def _allowed(self, scope: Scope) -> list[str]:
+        """Every method some route takes on this path (Starlette names the first's only)."""
+        methods: set[str] = set()
+        for r in self.router.routes:
+            if isinstance(r, StarletteRoute) and r.matches(scope)[0] != Match.NONE:
+                methods |= r.methods or set()
+        return sorted(methods)
 
     async def _crashed(self, request: StarletteRequest, exc: Exception) -> StarletteResponse:
         return JSONResponse({"detail": "Internal Server Error"}, 500)
