@@ -16,6 +16,7 @@ import hashlib
 import time
 from typing import Any
 
+from agent.jobs import valid_job_id
 from agent.layout import STREAMS
 from agent.reference.events_api import EventsAPI
 from agent.reference.model import (
@@ -78,7 +79,11 @@ class ClientAPI:
             raise Problem(422, "constraints must be a JSON object")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise Problem(422, "ttl_s must be a number of seconds > 0")
-        job_id = self.store.submit(payload, constraints, float(ttl))
+        wanted = body.get("job_id")
+        if wanted is not None and not valid_job_id(wanted):
+            raise Problem(422, "job_id must be 1-128 letters, digits, '.', '_', ':' or '-' "
+                          "(no '..'), or absent for a generated one")
+        job_id = self.store.submit(payload, constraints, float(ttl), job_id=wanted)
         return Response(201, self._view(self.store.job_or_404(job_id)))
 
     def list(self, req: Request) -> Response:

@@ -244,10 +244,14 @@ class Store:
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(self, payload: Mapping[str, Any], constraints: Mapping[str, Any],
-               ttl_s: float) -> str:
-        job_id = uuid.uuid4().hex
+               ttl_s: float, job_id: str | None = None) -> str:
+        """Queue a job under ``job_id`` (a fresh one when None); 409 when it is taken."""
+        job_id = job_id or uuid.uuid4().hex
         now = time.time()
         with self.tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone():
+                raise Problem(409, f"job id {job_id!r} is taken; submit without a job_id "
+                              "for a fresh one")
             db.execute("INSERT INTO jobs (job_id, payload, constraints, state, created_at, "
                        "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (job_id, dumps(dict(payload)), dumps(dict(constraints)), QUEUED, now,
