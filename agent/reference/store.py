@@ -57,7 +57,8 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 # from before start at seq 1, so a client reading events from 0 sees them.
 _ADDED_COLUMNS = (("jobs", "seq", "INTEGER NOT NULL DEFAULT 1"),
                   ("jobs", "state_seq", "INTEGER NOT NULL DEFAULT 1"),
-                  ("logs", "seq", "INTEGER NOT NULL DEFAULT 1"))
+                  ("logs", "seq", "INTEGER NOT NULL DEFAULT 1"),
+                  ("jobs", "cancel_force", "INTEGER NOT NULL DEFAULT 0"))
 # Job columns whose change a client sees in the job view: a change bumps the job's seq.
 _VISIBLE = frozenset({"state", "miner_id", "assigned_at", "started_at", "finished_at",
                       "result", "error_code", "error_message", "partial", "progress",
