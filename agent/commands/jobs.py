@@ -94,13 +94,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return ExitCode.INVALID_JOB
     where = target(args)
     with JobsClient(where.url, where.key) as client:
+        wanted = raw.get("job_id") if isinstance(raw.get("job_id"), str) else None
         job = call(where, client.submit, raw["payload"], raw.get("constraints"),
-                   raw.get("ttl_s"))
+                   raw.get("ttl_s"), wanted)
         print(job["job_id"])
-        wanted = raw.get("job_id")
         if wanted and wanted != job["job_id"]:
-            # The job API takes no id from the submitter (the reference's POST /v1/jobs
-            # makes its own): say so rather than drop the file's id silently.
+            # A coordinator that makes its own ids ignores the file's: say so, never drop
+            # it silently.
             print(f"note: the coordinator assigned the id {job['job_id']}; {args.job_file}'s "
                   f"job_id {wanted!r} is not used (use the printed id with status/cancel)",
                   file=sys.stderr)

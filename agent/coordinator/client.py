@@ -111,11 +111,13 @@ class RegisterAnswer:
 
 @dataclass(frozen=True)
 class HeartbeatAnswer:
-    """Jobs to cancel, leases renewed (job_id -> new ttl_s) and leases lost."""
+    """Jobs to cancel, leases renewed (job_id -> new ttl_s) and leases lost; ``kill``:
+    cancels forced by the client, with no grace period."""
 
     cancel: frozenset[str] = frozenset()
     renewed: Mapping[str, float] = field(default_factory=dict)
     lost: frozenset[str] = frozenset()
+    kill: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -479,7 +481,8 @@ def _heartbeat_answer(data: dict[str, Any]) -> HeartbeatAnswer:
         else:
             lost.add(str(job_id))
     cancel = frozenset(str(j) for j in _list(data, "cancel", "heartbeat") if j is not None)
-    return HeartbeatAnswer(cancel, renewed, frozenset(lost))
+    kill = frozenset(str(j) for j in _list(data, "kill", "heartbeat") if j is not None)
+    return HeartbeatAnswer(cancel | kill, renewed, frozenset(lost), kill)
 
 
 def _upload_headers(zip_path: str | os.PathLike[str], sha256: str) -> dict[str, str]:

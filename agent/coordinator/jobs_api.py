@@ -48,11 +48,18 @@ class JobsClient:
     def close(self) -> None:
         self._http.close()
 
-    def submit(self, payload: Any, constraints: Any, ttl_s: Any = None) -> dict[str, Any]:
-        """Create a job; returns the coordinator's view of it (``job_id`` included)."""
+    def submit(self, payload: Any, constraints: Any, ttl_s: Any = None,
+               job_id: str | None = None) -> dict[str, Any]:
+        """Create a job; returns the coordinator's view of it (``job_id`` included).
+
+        ``job_id`` asks for that id; a coordinator that makes its own ignores it (compare
+        the answer's), the reference takes it or answers 409 when it is taken.
+        """
         body: dict[str, Any] = {"payload": payload, "constraints": constraints or {}}
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
+        if job_id:
+            body["job_id"] = job_id
         return self._call("POST", "/v1/jobs", json=body)
 
     def job(self, job_id: str) -> dict[str, Any]:

@@ -43,11 +43,20 @@ class CancelInbox:
     def __init__(self, held: HeldJobs) -> None:
         self.held = held
 
-    def cancel(self, job_id: str, reason: CancelReason) -> bool:
-        """Stop ``job_id`` for ``reason``; False when this node does not hold it."""
+    def cancel(self, job_id: str, reason: CancelReason, force: bool = False) -> bool:
+        """Stop ``job_id`` for ``reason``; False when this node does not hold it.
+
+        ``force`` (a client's `cancel --force`): no grace period, SIGKILL at once; the
+        partial results are packaged all the same.
+        """
         active = self.held.get(job_id)
         if active is None:
             return False
+        if force and active.run is not None:
+            log.warning("job %s: cancel forced by the client: killing it now", job_id)
+            active.cancel(reason, dropped=reason in DROPS_REPORT)
+            active.run.kill_now()
+            return True
         level = logging.WARNING if reason is CancelReason.LEASE_LOST else logging.INFO
         log.log(level, "job %s: %s", job_id, _SAID.get(reason, f"canceling it ({reason})"))
         active.cancel(reason, dropped=reason in DROPS_REPORT)

@@ -68,7 +68,7 @@ class HeartbeatLoop:
         if len(self.held) < self.capacity:
             self.on_free_slot()
         for job_id in answer.cancel:
-            self.inbox.cancel(job_id, CancelReason.HEARTBEAT)
+            self.inbox.cancel(job_id, CancelReason.HEARTBEAT, force=job_id in answer.kill)
         for job_id in answer.lost:
             self.inbox.cancel(job_id, CancelReason.LEASE_LOST)
 

@@ -16,6 +16,7 @@ import hashlib
 import time
 from typing import Any
 
+from agent.jobs import valid_job_id
 from agent.layout import STREAMS
 from agent.reference.events_api import EventsAPI
 from agent.reference.model import (
@@ -78,7 +79,11 @@ class ClientAPI:
             raise Problem(422, "constraints must be a JSON object")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise Problem(422, "ttl_s must be a number of seconds > 0")
-        job_id = self.store.submit(payload, constraints, float(ttl))
+        wanted = body.get("job_id")
+        if wanted is not None and not valid_job_id(wanted):
+            raise Problem(422, "job_id must be 1-128 letters, digits, '.', '_', ':' or '-' "
+                          "(no '..'), or absent for a generated one")
+        job_id = self.store.submit(payload, constraints, float(ttl), job_id=wanted)
         return Response(201, self._view(self.store.job_or_404(job_id)))
 
     def list(self, req: Request) -> Response:
@@ -117,8 +122,9 @@ class ClientAPI:
         """QUEUED: canceled at once. RUNNING: canceled at once in the core (the miner
         learns it from its running list); with the cancel extension, canceling until
         the miner confirms or ``cancel_grace_s`` passes. ``{"force": true}``: canceled
-        at once, canceling or not, without waiting for the miner's confirmation (the
-        miner learns it from its running list; a package it uploads later is kept)."""
+        at once: a core miner learns it from its running list; a miner with the cancel
+        extension gets it in the heartbeat answer's ``kill`` list too (no grace period)
+        and still confirms with its partial result."""
         body = req.json_object() if req.body else {}
         force = body.get("force", False) is True
         with self.store.tx():
@@ -131,8 +137,10 @@ class ClientAPI:
                                       finished_by="client")
             elif job["state"] == RUNNING:
                 miner = self.store.miner(job["miner_id"]) if job.get("miner_id") else None
-                if not force and miner is not None and "cancel" in miner["extensions"]:
-                    self.store.update_job(job["job_id"], cancel_requested_at=now)
+                if miner is not None and "cancel" in miner["extensions"]:
+                    self.store.update_job(job["job_id"], cancel_force=int(force),
+                                          cancel_requested_at=job.get("cancel_requested_at")
+                                          or now)
                 else:
                     self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
                                           finished_by="client", lease_expires_at=None)

@@ -57,7 +57,8 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 # from before start at seq 1, so a client reading events from 0 sees them.
 _ADDED_COLUMNS = (("jobs", "seq", "INTEGER NOT NULL DEFAULT 1"),
                   ("jobs", "state_seq", "INTEGER NOT NULL DEFAULT 1"),
-                  ("logs", "seq", "INTEGER NOT NULL DEFAULT 1"))
+                  ("logs", "seq", "INTEGER NOT NULL DEFAULT 1"),
+                  ("jobs", "cancel_force", "INTEGER NOT NULL DEFAULT 0"))
 # Job columns whose change a client sees in the job view: a change bumps the job's seq.
 _VISIBLE = frozenset({"state", "miner_id", "assigned_at", "started_at", "finished_at",
                       "result", "error_code", "error_message", "partial", "progress",
@@ -244,10 +245,14 @@ class Store:
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(self, payload: Mapping[str, Any], constraints: Mapping[str, Any],
-               ttl_s: float) -> str:
-        job_id = uuid.uuid4().hex
+               ttl_s: float, job_id: str | None = None) -> str:
+        """Queue a job under ``job_id`` (a fresh one when None); 409 when it is taken."""
+        job_id = job_id or uuid.uuid4().hex
         now = time.time()
         with self.tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone():
+                raise Problem(409, f"job id {job_id!r} is taken; submit without a job_id "
+                              "for a fresh one")
             db.execute("INSERT INTO jobs (job_id, payload, constraints, state, created_at, "
                        "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (job_id, dumps(dict(payload)), dumps(dict(constraints)), QUEUED, now,

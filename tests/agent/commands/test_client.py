@@ -169,18 +169,23 @@ def test_client_errors_have_their_own_exit_codes(node: Node, tmp_path: Path) -> 
         assert "Traceback" not in proc.stderr
 
 
-def test_submit_says_when_the_coordinator_does_not_keep_the_files_job_id(
+def test_submit_keeps_the_files_job_id_and_refuses_a_taken_one(
         node: Node, tmp_path: Path) -> None:
     path = tmp_path / "job.json"
-    path.write_text(json.dumps({"job_id": "mine", "payload": {"type": "sleep", "steps": 1}}))
+    path.write_text(json.dumps({"job_id": "mine-1", "payload": {"type": "sleep", "steps": 1}}))
     proc = node.cli("submit", str(path), "--wait")
     assert proc.returncode == 0, proc.stderr
-    assigned = proc.stdout.splitlines()[0]
-    # The reference coordinator chooses ids (POST /v1/jobs takes none): the user is told
-    assert assigned != "mine" and node.coord.store.job(assigned) is not None
-    assert f"assigned the id {assigned}" in proc.stderr and "'mine' is not used" in proc.stderr
-    path.write_text(json.dumps({"payload": {"type": "sleep", "steps": 1}}))
-    assert "note:" not in node.cli("submit", str(path)).stderr
+    # The coordinator took the file's id: status and cancel work with it
+    assert proc.stdout.splitlines()[0] == "mine-1" and "note:" not in proc.stderr
+    assert node.coord.store.job("mine-1") is not None
+    # The same file again: the id is taken, refused (12) with what to do
+    again = node.cli("submit", str(path))
+    assert again.returncode == ExitCode.REFUSED, again.stderr
+    assert "taken" in again.stderr and "Traceback" not in again.stderr
+    # An id that cannot be one is refused before anything runs
+    path.write_text(json.dumps({"job_id": "../x", "payload": {"type": "sleep"}}))
+    assert node.cli("submit", str(path)).returncode in (ExitCode.INVALID_JOB,
+                                                        ExitCode.REFUSED)
 
 
 def test_verify_job_id_checks_the_agents_package(node: Node, tmp_path: Path) -> None:

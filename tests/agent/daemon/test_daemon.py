@@ -122,6 +122,31 @@ def test_extension_cancel_reports_partial(ext: ReferenceCoordinator, tmp_path: P
     assert job["partial"] is True or (job.get("result") or {}).get("partial") is True
 
 
+def test_a_forced_cancel_kills_at_once_without_the_grace_period(
+        ext: ReferenceCoordinator, tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # A job that ignores SIGTERM, on an agent that would give it 60 s to stop
+    client = Client(ext)
+    job_id = client.submit({"type": "command",
+                            "argv": ["sh", "-c", "trap '' TERM; echo up; sleep 120"]})
+    agent = AgentProcess(ext.base_url, tmp_path / "state", cancel_grace_s=60,
+                         allowed_job_types="command")
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: started")
+    time.sleep(0.3)
+    # When the client forces the cancel
+    started = time.monotonic()
+    resp = client.http.post(f"/v1/jobs/{job_id}/cancel", json={"force": True})
+    assert resp.status_code == 200, resp.text
+    # Then the job is killed at once, and its partial results are still packaged
+    job = client.wait_status(job_id, "canceled", timeout=30)
+    assert time.monotonic() - started < 15
+    assert "cancel forced by the client" in agent.log()
+    folder = tmp_path / "state/jobs" / f"job_{job_id}"
+    assert b"up" in (folder / "logs/stdout.log").read_bytes()
+    assert job["result"]["status"] == "canceled"
+    assert job["result"]["package"]["manifest"]
+
+
 def test_failure_is_reported_and_the_slot_released(core: ReferenceCoordinator,
                                                    tmp_path: Path,
                                                    agents: list[AgentProcess]) -> None:
