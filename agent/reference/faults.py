@@ -32,7 +32,9 @@ RESET = -1  # a Problem with this status means: cut the connection, answer nothi
 
 
 @dataclass
-class _Rule:
+class Rule:
+    """One queued fault: what to answer, how many times, for which paths, how late."""
+
     status: int | None
     count: int
     paths: tuple[str, ...] | None
@@ -50,7 +52,7 @@ class Faults:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rules: list[_Rule] = []
+        self._rules: list[Rule] = []
         self.injected = 0
         self._arrived: Counter[str] = Counter()
         self._answered: Counter[str] = Counter()
@@ -71,7 +73,7 @@ class Faults:
         if body is None and status is not None:
             body = {"detail": f"injected fault {status}"}
         with self._lock:
-            self._rules.append(_Rule(status, count, tuple(paths) if paths else None, body,
+            self._rules.append(Rule(status, count, tuple(paths) if paths else None, body,
                                      dict(headers or {}), delay_s))
 
     def rate_limit(self, retry_after_s: float = 1.0, count: int = 1,
@@ -116,6 +118,14 @@ class Faults:
 
     def take(self, path: str) -> Problem | None:
         """The fault for this request, if any (sleeping its delay first)."""
+        rule = self.claim(path)
+        if rule is not None and rule.delay_s:
+            time.sleep(rule.delay_s)
+        return self.resolve(path, rule)
+
+    def claim(self, path: str) -> Rule | None:
+        """:meth:`take` without the sleep, for an event loop: count the arrival and
+        consume the first matching rule; sleep its ``delay_s``, then :meth:`resolve`."""
         with self._lock:
             self._arrived[path] += 1
             rule = next((r for r in self._rules if r.applies(path)), None)
@@ -125,8 +135,12 @@ class Faults:
             rule.count -= 1
             self.injected += 1
             self._rules = [r for r in self._rules if r.count > 0]
-        if rule.delay_s:
-            time.sleep(rule.delay_s)
+        return rule
+
+    def resolve(self, path: str, rule: Rule | None) -> Problem | None:
+        """The injected answer for a claimed rule (None: serve the request normally)."""
+        if rule is None:
+            return None
         if rule.status is None:
             with self._lock:
                 self._answered[path] += 1

@@ -169,12 +169,11 @@ class HTTPApp:
             return
         if logger.isEnabledFor(logging.DEBUG):
             send = _logged(scope, send)
-        try:
-            injected = await self.run_sync(self.faults.take, scope["path"])
-        except Exception:
-            logger.exception("reference coordinator: faults for %s failed", scope["path"])
-            await self._send(scope, send, Response(500, {"detail": "Internal Server Error"}))
-            return
+        # The fault's delay sleeps on the loop, not in a worker: other requests go on.
+        rule = self.faults.claim(scope["path"])
+        if rule is not None and rule.delay_s:
+            await asyncio.sleep(rule.delay_s)
+        injected = self.faults.resolve(scope["path"], rule)
         if injected is None:
             await self.router(scope, receive, send)
             return
