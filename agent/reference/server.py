@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 _DRAIN_MAX_BYTES = 64 * 1024 * 1024
 # Long-polls hold a worker for up to 30 s each; http.server had a thread per request.
 MAX_WORKERS = 256
+_APPS = itertools.count(1)
 
 T = TypeVar("T")
 
@@ -141,7 +145,8 @@ class HTTPApp:
         self.faults = faults
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
-        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="refcoord")
+        self._workers = f"refcoord-{next(_APPS)}"
+        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix=self._workers)
         table: list[BaseRoute] = [
             StarletteRoute(r.path, _Endpoint(self, r), methods=[r.method]) for r in routes]
         table += [WebSocketRoute(w.path, functools.partial(self._websocket, w))
@@ -149,9 +154,15 @@ class HTTPApp:
         self.router = Starlette(routes=table, exception_handlers={
             HTTPException: self._no_route, Exception: self._crashed})
 
-    def close(self) -> None:
-        """Let idle workers go; one still in a handler finishes on its own."""
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Let the workers go, waiting up to ``timeout_s`` for them: the embedded agent
+        exits past non-daemon threads still alive (and says so). One stuck in a
+        handler past that finishes on its own."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout_s
+        for thread in threading.enumerate():
+            if thread.name.startswith(f"{self._workers}_"):
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread."""
