@@ -51,7 +51,8 @@ class ReferenceCoordinator:
                  rate_limits: Mapping[str, int] | None = None,
                  max_body_bytes: int = 10 * 1024 * 1024,
                  max_package_bytes: int = 256 * 1024 * 1024,
-                 announce_limits: bool = True) -> None:
+                 announce_limits: bool = True, retain_days: float | None = None,
+                 retain_bytes: int | None = None) -> None:
         unknown = set(extensions) - set(EXTENSIONS)
         if unknown:
             raise ValueError(f"unknown extensions {sorted(unknown)}; known: {EXTENSIONS}")
@@ -65,7 +66,10 @@ class ReferenceCoordinator:
         self.settings = Settings(tuple(e for e in EXTENSIONS if e in extensions), job_ttl_s,
                                  lease_ttl_s, cancel_grace_s, max_body_bytes, max_package_bytes,
                                  os.urandom(32), announce_limits)
-        self.store = Store(db_path, cancel_grace_s=cancel_grace_s)
+        # Retention keeps the store's disk use bounded: packages past retain_days, then
+        # the oldest until retain_bytes (None: keep); job records and receipts stay.
+        self.store = Store(db_path, cancel_grace_s=cancel_grace_s, retain_days=retain_days,
+                           retain_bytes=retain_bytes)
         self.faults = Faults()
         self.faults.bind(self._go_down, self._go_up)
         self._limiter = RateLimiter(rate_limits)
@@ -162,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a cancel waits for the miner's confirmation (60)")
     p.add_argument("--no-rate-limits", action="store_true",
                    help="turn off the real server's per-IP rate limits")
+    p.add_argument("--retain-days", type=float, default=None, metavar="DAYS",
+                   help="drop finished jobs' packages older than this (default: keep)")
+    p.add_argument("--retain-bytes", type=int, default=None, metavar="BYTES",
+                   help="drop the oldest finished jobs' packages past this total "
+                        "(default: no cap); job records and receipts stay")
     return p
 
 
@@ -175,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.db, api_keys=keys, host=args.host, port=args.port,
         extensions=[e for e in args.extensions.split(",") if e], job_ttl_s=args.job_ttl,
         lease_ttl_s=args.lease_ttl, cancel_grace_s=args.cancel_grace,
-        rate_limits=None if args.no_rate_limits else REAL_RATE_LIMITS)
+        rate_limits=None if args.no_rate_limits else REAL_RATE_LIMITS,
+        retain_days=args.retain_days, retain_bytes=args.retain_bytes)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
