@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import agent
 from agent.commands import (
+    control,
     coordinator,
     download,
     follow,
@@ -20,8 +21,10 @@ from agent.commands import (
     node,
     run,
     service,
+    uninstall,
 )
 from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
+from agent.daemon.control import AgentNotRunning, ControlDenied
 from agent.errors import AgentError, ConfigError, ExitCode, InvalidJob
 
 # stdout closed early (`| head`): what `yes | head -1` reports for `yes` (128 + SIGPIPE).
@@ -32,11 +35,13 @@ PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignor
     local.add_exec_parser,
     local.add_verify_parser,
     run.add_parsers,
+    control.add_parsers,
     jobs.add_parsers,
     history.add_parsers,
     follow.add_parsers,
     download.add_parsers,
     service.add_parser,
+    uninstall.add_parser,
     coordinator.add_parser,
     node.add_doctor_parser,
     node.add_bench_parser,
@@ -59,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_code(exc: AgentError) -> ExitCode:
     """The one mapping from an error to the command's exit code (README's table)."""
-    if isinstance(exc, CoordinatorUnavailable):
+    if isinstance(exc, CoordinatorUnavailable | AgentNotRunning):
         return ExitCode.UNAVAILABLE  # nothing answered: the coordinator or agent is down
     if isinstance(exc, CoordinatorHTTPError):
         if exc.status == 404:
             return ExitCode.NOT_FOUND
         return ExitCode.UNAVAILABLE if exc.status >= 500 else ExitCode.REFUSED
-    if isinstance(exc, AuthError):
+    if isinstance(exc, AuthError | ControlDenied):
         return ExitCode.REFUSED
     if isinstance(exc, InvalidJob):
         return ExitCode.INVALID_JOB

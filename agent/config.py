@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from agent.errors import ConfigError
+from agent.jobs import read_tags
 
 DEFAULT_CONFIG = Path("/etc/miner-agent/agent.toml")
 ENV_PREFIX = "MINER_AGENT_"
@@ -118,6 +119,13 @@ class AgentConfig:
     # Below this much free space on the state dir's filesystem no job is taken (polling
     # pauses, the heartbeat says why) until space returns; 0: no check.
     min_free_disk_mb: int = 1024
+    # Node labels, advertised as capabilities.tags: a job whose constraints.tags ask for
+    # a label goes only to nodes where it has that value (env: name=value,name=value).
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # Executables `pre-job` and `post-job` in this folder run around each job, as the
+    # agent's user, outside the sandbox (docs/operations.md); None: no hooks.
+    hooks_dir: Path | None = None
+    hook_timeout_s: float = 60.0
 
     @property
     def jobs_dir(self) -> Path:
@@ -183,6 +191,8 @@ def _convert(base: Any, value: Any) -> Any:
         if value not in get_args(base):
             raise ValueError(f"must be one of {', '.join(map(str, get_args(base)))}")
         return value
+    if base is str and isinstance(value, bool):  # a TOML true in a table of strings
+        return "true" if value else "false"
     if base is bool:
         if isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
@@ -302,3 +312,9 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
     if cfg.price is not None and not 0 <= cfg.price < float("inf"):  # NaN fails too
         raise ConfigError("price must be a number >= 0 (or unset: no price advertised)")
+    try:
+        read_tags(dict(cfg.tags), "config field tags")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0 < cfg.hook_timeout_s < float("inf"):
+        raise ConfigError("config field hook_timeout_s must be greater than 0")

@@ -38,6 +38,12 @@ class LaunchError(AgentError):
     code = "launch_failed"
 
 
+class UnsupportedConstraint(AgentError):
+    """Raised when a job asks for something of the node that config says it is not (tags)."""
+
+    code = "unsupported_constraint"
+
+
 class PackageError(AgentError):
     """Raised when a result package cannot be written or does not verify."""
 

@@ -24,6 +24,39 @@ _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_TYPE_CHARS = 64
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_TIMEOUT_S = 3600.0
+# Node labels (config ``tags``, ``constraints.tags``): a short name, a short value.
+_TAG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
+MAX_TAG_VALUE_CHARS = 256
+MAX_TAGS = 64
+
+
+def tag_text(value: object) -> str | None:
+    """A tag value as the text tags are compared by: a string as it is, a number or a
+    boolean as JSON spells it (``7``, ``0.5``, ``true``); None for anything else."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) and _finite(value):
+        return json.dumps(value)
+    return value if isinstance(value, str) else None
+
+
+def read_tags(raw: object, what: str) -> dict[str, str]:
+    """``raw`` as tags (a table of name = value), or ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a table of name = value")
+    if len(raw) > MAX_TAGS:
+        raise ValueError(f"{what} has {len(raw)} tags; at most {MAX_TAGS}")
+    out = {}
+    for name, value in raw.items():
+        text = tag_text(value)
+        if not isinstance(name, str) or not _TAG_NAME_RE.match(name):
+            raise ValueError(f"{what}: tag name {name!r} must be 1-64 letters, digits, "
+                             "'_', '.', ':', '/' or '-', starting with a letter or digit")
+        if text is None or len(text) > MAX_TAG_VALUE_CHARS or not text.isprintable():
+            raise ValueError(f"{what}.{name} must be a string of at most "
+                             f"{MAX_TAG_VALUE_CHARS} printable characters, or a number")
+        out[name] = text
+    return out
 
 
 def valid_job_id(job_id: object) -> bool:
@@ -49,6 +82,7 @@ class Constraints:
     ``gpu`` (a GPU name, matched as a substring of the node's GPU names, or a count),
     ``min_vram_gb`` and ``cuda`` (a substring of the node's CUDA version). A job that
     names no GPU count leaves it to its payload type (``agent.daemon.scheduler``).
+    ``tags``: node labels the job needs, each equal to the node's (config ``tags``).
     """
 
     gpu_count: int | None = None  # None: not asked
@@ -56,11 +90,17 @@ class Constraints:
     timeout_s: float = DEFAULT_TIMEOUT_S
     gpu_name: str | None = None
     cuda: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def asks_for_gpu(self) -> bool:
         """Does the job ask for a GPU at all (any dialect), count aside?"""
         return bool(self.gpu_count or self.gpu_name or self.min_vram_mb or self.cuda)
+
+    def tags_missing(self, node_tags: dict[str, str]) -> dict[str, str]:
+        """The asked tags this node lacks or has with another value (empty: all match)."""
+        return {name: value for name, value in self.tags.items()
+                if node_tags.get(name) != value}
 
     @classmethod
     def from_dict(cls, raw: Any) -> Constraints:
@@ -70,7 +110,8 @@ class Constraints:
             raise InvalidJob("constraints must be a JSON object")
         gpu_count, gpu_name = _gpu_fields(raw)
         return cls(gpu_count=gpu_count, min_vram_mb=_vram_field(raw),
-                   timeout_s=_timeout_field(raw), gpu_name=gpu_name, cuda=_cuda_field(raw))
+                   timeout_s=_timeout_field(raw), gpu_name=gpu_name, cuda=_cuda_field(raw),
+                   tags=_tags_field(raw))
 
 
 def _gpu_fields(raw: dict[str, Any]) -> tuple[int | None, str | None]:
@@ -107,6 +148,15 @@ def _cuda_field(raw: dict[str, Any]) -> str | None:
     if isinstance(cuda, bool) or not isinstance(cuda, (str, int, float)) or len(str(cuda)) > 32:
         raise InvalidJob("constraints.cuda must be a CUDA version such as '12.4'")
     return str(cuda).strip() or None
+
+
+def _tags_field(raw: dict[str, Any]) -> dict[str, str]:
+    if raw.get("tags") is None:
+        return {}
+    try:
+        return read_tags(raw["tags"], "constraints.tags")
+    except ValueError as exc:
+        raise InvalidJob(str(exc)) from None
 
 
 def _timeout_field(raw: dict[str, Any]) -> float:

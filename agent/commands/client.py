@@ -94,6 +94,22 @@ def json_flag(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
     p.add_argument("--json", action="store_true", help=what)
 
 
+def span_arg(text: str) -> float:
+    """A duration: ``90s``, ``30m``, ``6h``, ``7d``, ``2w`` (or plain seconds)."""
+    text = text.strip().lower()
+    span = _SPAN_RE.match(text)
+    if span:
+        return float(span[1]) * _UNIT_S[span[2]]
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use 90s, 30m, 6h, 7d or 2w") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("a duration must be more than 0")
+    return seconds
+
+
 def since_arg(text: str) -> float:
     """``--since``: ISO 8601 or a span back from now, as seconds since the epoch."""
     return _parse_time(text, end_of_day=False)

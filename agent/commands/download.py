@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from agent.commands.client import call, job_id, json_flag, target, verb
+from agent.commands.client import call, job_id, json_flag, span_arg, target, verb
 from agent.commands.options import Sub
 from agent.coordinator.jobs_api import JobsClient
 from agent.coordinator.transport import CoordinatorHTTPError
@@ -41,6 +41,29 @@ def add_parsers(sub: Sub) -> None:
                    "sidecar is always written")
     json_flag(p, "print the outcome as JSON: path, sha256, size, ok, problems")
     p.set_defaults(func=cmd_download)
+
+    p = verb(sub, "share", "print a signed, time-limited download URL for a job's package",
+             "Ask the coordinator for a download URL of the job's package that works without "
+             "an API key until it expires (the reference coordinator signs it; a restarted "
+             "coordinator no longer honours older links). Anyone holding the URL can fetch "
+             "the package: share it like a password. 11 when the job has no package.")
+    p.add_argument("--expires", type=span_arg, default=3600.0, metavar="SPAN",
+                   help="how long the URL works: 90s, 30m, 6h, 7d (1h; at most 30d)")
+    json_flag(p, "print the URL and its expiry as JSON")
+    p.set_defaults(func=cmd_share)
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    jid = job_id(args)
+    where = target(args)
+    with JobsClient(where.url, where.key) as client:
+        answer = call(where, client.share, jid, args.expires)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(answer["url"])
+        print(f"expires {answer['expires_at']}", file=sys.stderr)
+    return ExitCode.OK
 
 
 def cmd_download(args: argparse.Namespace) -> int:

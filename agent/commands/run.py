@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.clock import within
 from agent.commands.options import Sub, config_args, load
-from agent.config import config_file
+from agent.config import AgentConfig, config_file
 from agent.errors import ConfigError, ExitCode
 from agent.execution.isolation import for_agent, set_non_dumpable
 from agent.execution.sandbox import SandboxUnavailable
@@ -57,9 +57,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here: `miner-agent status` and friends need neither the daemon nor the server.
     from agent.daemon.lifecycle import Agent
+    from agent.daemon.reload import ConfigSource
     from agent.reference.embedded import start_embedded
 
-    cfg = load(args, coordinator_url=args.coordinator, miner_id=args.miner_id)
+    def read_config() -> AgentConfig:  # at start, and again at each SIGHUP
+        return load(args, coordinator_url=args.coordinator, miner_id=args.miner_id)
+
+    cfg = loaded = read_config()
     setup_logging(cfg.log_format, cfg.log_level)
     set_non_dumpable()
     # `kill -QUIT <pid>` writes every thread's stack to stderr (the journal) and goes on:
@@ -84,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not api_key:
             raise ConfigError("no API key: set api_key_file in the config (or the systemd "
                               "credential api-key)")
-        code = run_bounded(Agent(cfg, api_key, burst=args.burst, isolation=isolation).serve())
+        # Embedded: the key is the embedded coordinator's own, never re-read from config.
+        source = ConfigSource(read_config, loaded=loaded, key_from_config=coordinator is None)
+        code = run_bounded(Agent(cfg, api_key, burst=args.burst, isolation=isolation,
+                                 source=source).serve())
     finally:
         isolation.close()
         if coordinator is not None:

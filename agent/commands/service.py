@@ -89,6 +89,10 @@ max_job_output_mb = 20480
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0
 job_pids_max = 16384
+# Your own executables `pre-job` and `post-job` in this folder run around each job, as
+# this user, for at most hook_timeout_s; a failing pre-job refuses the job.
+# hooks_dir = "/etc/miner-agent/hooks"
+# hook_timeout_s = 60
 
 # Network inside the sandbox, per payload type (on unless set false; command is off).
 [sandbox_network]
@@ -98,6 +102,11 @@ command = false
 # Paths outside /var/cache/miner-agent need ReadOnlyPaths= in a unit drop-in.
 [models]
 # "llama3.2:3b" = "/var/cache/miner-agent/models/llama3.2-3b"
+
+# Labels for this node, sent with its capabilities; a job whose constraints.tags ask
+# for one goes only to nodes that have it with that value.
+# [tags]
+# pool = "eu-research"
 """
 
 
@@ -182,7 +191,7 @@ class Options:
         return self.prefix.resolve() == Path("/")
 
 
-def _user_exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -193,7 +202,7 @@ def _user_exists(name: str) -> bool:
 def _user_actions(opts: Options) -> list[Action]:
     if not opts.system:
         return [Action("note", f"prefix install: no system user '{USER}', no chown")]
-    if _user_exists(USER):
+    if user_exists(USER):
         return [Action("note", f"user {USER} exists")]
     return [Action("useradd", USER, command=(
         "useradd", "--system", "--user-group", "--home-dir", "/var/lib/miner-agent",

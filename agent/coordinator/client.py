@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +185,8 @@ class CoordinatorClient:
                  retry: RetryPolicy | None = None,
                  deadlines_s: Mapping[str, float | None] | None = None,
                  max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-                 max_answer_depth: int = DEFAULT_MAX_ANSWER_DEPTH) -> None:
+                 max_answer_depth: int = DEFAULT_MAX_ANSWER_DEPTH,
+                 key_source: Callable[[], str | None] | None = None) -> None:
         _install_url_redaction()
         self.miner_id = miner_id
         self.stats = CallStats()
@@ -193,7 +194,8 @@ class CoordinatorClient:
         self._t = Transport(base_url, api_key, miner_id, connect_timeout_s=connect_timeout_s,
                             read_timeout_s=read_timeout_s, policy=retry or RetryPolicy(),
                             stats=self.stats,
-                            limits=AnswerLimits(max_answer_bytes, max_answer_depth))
+                            limits=AnswerLimits(max_answer_bytes, max_answer_depth),
+                            key_source=key_source)
 
     def __repr__(self) -> str:
         return f"CoordinatorClient(miner_id={self.miner_id!r}, api_key='***')"
@@ -210,6 +212,10 @@ class CoordinatorClient:
     def stop_retrying(self) -> None:
         """Shutdown: abort retry waits now; later calls get one attempt each."""
         self._t.stop_retrying()
+
+    def set_api_key(self, api_key: str) -> bool:
+        """Send ``api_key`` from now on (a rotated key); True when it is a new one."""
+        return self._t.set_api_key(api_key)
 
     def _deadline(self, endpoint: str, given: Deadline) -> float | None:
         return self.deadlines_s.get(endpoint) if isinstance(given, _Default) else given

@@ -80,6 +80,11 @@ class JobsClient:
         """Delete a finished (or pending) job and everything kept for it."""
         return self._call("DELETE", f"/v1/jobs/{path_segment(job_id)}")
 
+    def share(self, job_id: str, expires_s: float) -> dict[str, Any]:
+        """A signed download URL for the job's package, valid ``expires_s`` seconds."""
+        return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/share",
+                          json={"expires_s": expires_s})
+
     def retry(self, job_id: str, resume: bool = False) -> dict[str, Any]:
         """Submit the job again (from its last checkpoint with ``resume``); the new view."""
         return self._call("POST", f"/v1/jobs/{path_segment(job_id)}/retry",

@@ -9,7 +9,8 @@ One loop (:meth:`Transport.request`) decides, per answer, between "return it",
   success: it is logged and retried like a 5xx;
 - retries stop at the call's deadline (:class:`CoordinatorUnavailable`) or when the
   client is told to stop (:class:`RetriesStopped`), which aborts a wait at once;
-- 401/403 raise :class:`AuthError`, 409 :class:`LeaseLost`, other 4xx
+- 401/403 raise :class:`AuthError` (a 401 first reads the key from ``key_source``
+  again, once per call, and sends again if it changed), 409 :class:`LeaseLost`, other 4xx
   :class:`CoordinatorHTTPError`; the caller names statuses that mean
   :class:`NotRegistered` (heartbeat 404, poll 500) so those are never retried.
 
@@ -37,7 +38,7 @@ import httpx
 
 from agent.clock import wait_event
 from agent.coordinator.retry import CallStats, Deadline, RetryPolicy, parse_retry_after
-from agent.errors import CoordinatorError
+from agent.errors import AgentError, CoordinatorError
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +279,11 @@ class Transport:
     def __init__(self, base_url: str, api_key: str, miner_id: str, *,
                  connect_timeout_s: float, read_timeout_s: float,
                  policy: RetryPolicy, stats: CallStats,
-                 limits: AnswerLimits | None = None) -> None:
+                 limits: AnswerLimits | None = None,
+                 key_source: Callable[[], str | None] | None = None) -> None:
         self._api_key = api_key
+        # On a 401, read the key again (once per call): a rotated key file needs no restart.
+        self.key_source = key_source
         self.limits = limits or AnswerLimits()
         self.miner_id = miner_id
         self.policy = policy
@@ -304,6 +308,27 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def set_api_key(self, api_key: str) -> bool:
+        """Send ``api_key`` from now on; True when it differs from the one in use."""
+        changed, self._api_key = api_key != self._api_key, api_key
+        return changed
+
+    async def _rekeyed(self, endpoint: str) -> bool:
+        """After a 401: a different key read from its source now is used; True if so."""
+        if self.key_source is None:
+            return False
+        try:
+            key = await asyncio.to_thread(self.key_source)
+        except AgentError as exc:  # the key file has become unreadable: the 401 stands
+            logger.error("coordinator %s: 401, and the API key could not be read again: %s",
+                         endpoint, exc.message)
+            return False
+        if not key or not self.set_api_key(key):
+            return False
+        logger.warning("coordinator %s: 401; the API key file holds a new key: trying it",
+                       endpoint)
+        return True
 
     def _auth_headers(self) -> dict[str, str]:
         return {"X-Api-Key": self._api_key, "X-Miner-ID": self.miner_id}
@@ -335,6 +360,7 @@ class Transport:
             headers = {"Content-Type": "application/json", **(headers or {})}
         self.stats.call_started(endpoint)
         attempt = 0
+        rekeyed = not auth
         while True:
             try:
                 resp, error = await self._attempt(endpoint, method, url, content,
@@ -342,6 +368,10 @@ class Transport:
             except BadAnswer:
                 self.stats.call_finished(endpoint, False, attempt)
                 raise
+            if resp is not None and resp.status_code == 401 and not rekeyed:
+                rekeyed = True
+                if await self._rekeyed(endpoint):
+                    continue
             wait: float | None = None
             if resp is None and not retry_ambiguous and error not in _NEVER_SENT:
                 self.stats.call_finished(endpoint, False, attempt)

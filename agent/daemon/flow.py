@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from agent.config import AgentConfig
 from agent.coordinator.client import CoordinatorClient, PolledJob
 from agent.daemon.cancels import Disposition, disposition
 from agent.daemon.held import Active, HeldJobs
+from agent.daemon.hooks import HookFailed, JobHooks
 from agent.daemon.journal import Journal, Phase
 from agent.daemon.outbox import Outbox
 from agent.daemon.release import Release, ReleaseGate
@@ -26,7 +27,7 @@ from agent.daemon.report import Report, build_report
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
-from agent.errors import InvalidJob, LaunchError
+from agent.errors import AgentError, InvalidJob, LaunchError, UnsupportedConstraint
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun, runtime_for
 from agent.execution.launcher import Launcher
 from agent.jobs import Job, valid_job_id
@@ -34,6 +35,12 @@ from agent.layout import job_folder, package_paths
 from agent.node.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+# What refuses a job before its process starts: reported as the job's failure, no package.
+REFUSALS = (InvalidJob, NoCapacity, LaunchError, UnsupportedConstraint, HookFailed)
+
+
+async def _no_drain(reason: str) -> None:
+    log.error("%s; nothing drains this node (no drain wired)", reason)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,12 @@ class JobFlow:
         self.wake_heartbeat = wake_heartbeat
         self.wake_poll = wake_poll
         self.tasks: set[asyncio.Task[Any]] = set()
+        # Awaited when pre-job has failed FAILURES_TO_DRAIN times in a row, before the
+        # job's slot is freed: the agent sets its drain here. Left as it is, the node goes
+        # on taking jobs.
+        self.on_hook_failures: Callable[[str], Awaitable[None]] = _no_drain
+        self.hooks = JobHooks(lambda: self.cfg, starter.environ,
+                              on_failures=lambda reason: self.on_hook_failures(reason))
 
     # -- from poll to package -----------------------------------------------------------
     def accept(self, polled: PolledJob) -> None:
@@ -105,8 +118,12 @@ class JobFlow:
                 raise InvalidJob(f"the coordinator's answer for this job was refused: {problem}")
             job = Job.from_dict(raw)
             self._check_type(job)  # before devices: a missing runtime is the answer
+            self._check_tags(job)
             assignment = await self._reserve(active, job)
-        except (InvalidJob, NoCapacity, LaunchError) as exc:
+            if assignment is not None:
+                await self._pre_job(active, job, assignment)
+        except REFUSALS as exc:
+            self.scheduler.release(job_id)  # devices pre-job held, if it got that far
             self.held.release(job_id)
             await asyncio.shield(self._refuse(job_id, lease_id, exc))
             return
@@ -121,8 +138,30 @@ class JobFlow:
         """Refuse a type this node lacks, or does not allow, before it waits for devices."""
         runtime_for(job.type, self.cfg.runtimes, self.cfg.allowed_job_types)
 
-    async def _refuse(self, job_id: str, lease_id: str | None,
-                      exc: InvalidJob | NoCapacity | LaunchError) -> None:
+    def _check_tags(self, job: Job) -> None:
+        """Refuse a job asking for tags this node lacks (a coordinator that ignores them)."""
+        missing = job.constraints.tags_missing(dict(self.cfg.tags))
+        if missing:
+            asked = ", ".join(f"{k}={v!r}" for k, v in sorted(missing.items()))
+            have = ", ".join(f"{k}={v!r}" for k, v in sorted(self.cfg.tags.items()))
+            raise UnsupportedConstraint(f"the job asks for tags {asked}; this node's tags "
+                                        f"are {have or 'none'}")
+
+    async def _pre_job(self, active: Active, job: Job, assignment: Assignment) -> None:
+        """The operator's pre-job hook, once devices are held, before the process starts."""
+        active.job, active.assignment = job, assignment
+        await self.hooks.pre_job(job, assignment.cuda_visible_devices,
+                                 job_folder(self.starter.exec_cfg.out_root, job.job_id))
+
+    async def _post_job(self, active: Active, report: JobReport) -> None:
+        """The operator's post-job hook: the package is sealed; the outcome is known."""
+        if active.job is None or active.assignment is None:
+            return
+        folder = report.folder or job_folder(self.starter.exec_cfg.out_root, report.job_id)
+        await self.hooks.post_job(active.job, active.assignment.cuda_visible_devices, folder,
+                                  report.outcome.value, report.error_code)
+
+    async def _refuse(self, job_id: str, lease_id: str | None, exc: AgentError) -> None:
         report = Report("fail", {"error_code": exc.code, "error_message": exc.message,
                                  "metrics": {"duration_ms": 0, "units": 0,
                                              "unit_type": "gpu_seconds"}})
@@ -186,6 +225,9 @@ class JobFlow:
         """The package is written: report it as :func:`disposition` says."""
         self._count(report)
         self.wake_heartbeat()  # the slot is free: say so now
+        # The slot is already free (the poll loop may lease the next job); the report
+        # waits for post-job, which hook_timeout_s bounds.
+        await self._post_job(active, report)
         session = self.session()
         if disposition(report.outcome, session.caps, active.dropped) is Disposition.DROP:
             log.info("job %s: canceled by the coordinator; package kept at %s, nothing "

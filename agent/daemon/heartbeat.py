@@ -31,7 +31,8 @@ class HeartbeatLoop:
                  interval_s: float, capacity: int, metadata: Callable[[], dict[str, Any]],
                  status: Callable[[], str],
                  reregister: Callable[[str], Awaitable[None]],
-                 on_free_slot: Callable[[], None]) -> None:
+                 on_free_slot: Callable[[], None],
+                 owed_leases: Callable[[], dict[str, str]] | None = None) -> None:
         self.client = client
         self.held = held
         self.inbox = inbox
@@ -41,6 +42,9 @@ class HeartbeatLoop:
         self.status = status
         self.reregister = reregister
         self.on_free_slot = on_free_slot
+        # Leases of finished jobs whose reports still wait: renewed too, so a report slowed
+        # by an outage does not let the lease lapse and the job run again.
+        self.owed_leases = owed_leases
         self._now = asyncio.Event()
 
     def wake(self) -> None:
@@ -56,7 +60,7 @@ class HeartbeatLoop:
     async def beat(self) -> None:
         try:
             answer = await self.client.heartbeat(len(self.held), self.metadata(),
-                                                 leases=self.held.leases() or None,
+                                                 leases=self._leases() or None,
                                                  status=self.status(),
                                                  deadline_s=self.interval_s)
         except NotRegistered:
@@ -71,6 +75,10 @@ class HeartbeatLoop:
             self.inbox.cancel(job_id, CancelReason.HEARTBEAT, force=job_id in answer.kill)
         for job_id in answer.lost:
             self.inbox.cancel(job_id, CancelReason.LEASE_LOST)
+
+    def _leases(self) -> dict[str, str]:
+        owed = self.owed_leases() if self.owed_leases is not None else {}
+        return {**owed, **self.held.leases()}
 
     def every_s(self) -> float:
         """The configured interval, or a third of the shortest lease held, if shorter."""

@@ -9,7 +9,10 @@ heartbeats (:mod:`~agent.daemon.heartbeat`), polling while a slot is free
 (:mod:`~agent.daemon.shipping`). Jobs go through :mod:`~agent.daemon.flow`; every
 cancel goes through one inbox (:mod:`~agent.daemon.cancels`). Signal handlers only
 set flags: the first SIGTERM drains, the second cancels running jobs at once, the
-third kills them.
+third kills them; SIGHUP reloads what may change (:mod:`~agent.daemon.reload`). The
+operator's `ps`, `drain` and `resume` come in over the control socket
+(:mod:`~agent.daemon.control`); every reason no work is taken is in
+:mod:`~agent.daemon.drains`.
 """
 
 from __future__ import annotations
@@ -34,17 +37,22 @@ from agent.coordinator.retry import RetryPolicy
 from agent.coordinator.transport import AuthError
 from agent.daemon.cancel_check import CancelCheckLoop
 from agent.daemon.cancels import CancelInbox
+from agent.daemon.control import ControlServer, socket_path
+from agent.daemon.drains import Drains, drain_path
 from agent.daemon.flow import JobFlow, JobStarter
 from agent.daemon.heartbeat import HeartbeatLoop
 from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal
+from agent.daemon.operator import OperatorControls
 from agent.daemon.outbox import Outbox
 from agent.daemon.poll import PollLoop
 from agent.daemon.recovery import Recovery
 from agent.daemon.release import ReleaseGate
+from agent.daemon.reload import ConfigSource, Reloader, key_now
 from agent.daemon.scheduler import Device, Scheduler
 from agent.daemon.session import Session
 from agent.daemon.shipping import ShipLoop
+from agent.daemon.view import NodeView
 from agent.errors import CancelReason, CoordinatorError, ExitCode
 from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
@@ -67,8 +75,9 @@ class Agent:
     """One node's agent. ``await serve()`` runs it until it is told to stop."""
 
     def __init__(self, cfg: AgentConfig, api_key: str, burst: bool = False,
-                 isolation: Isolation | None = None) -> None:
+                 isolation: Isolation | None = None, source: ConfigSource | None = None) -> None:
         self.cfg = cfg
+        self.source = source  # where SIGHUP reads the config again
         self.burst = burst  # stop once the coordinator has no work and nothing runs
         assert cfg.coordinator_url is not None
         self.client = CoordinatorClient(cfg.coordinator_url, api_key, cfg.miner_id,
@@ -76,7 +85,8 @@ class Agent:
                                         read_timeout_s=cfg.read_timeout_s,
                                         retry=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s),
                                         max_answer_bytes=cfg.max_answer_bytes,
-                                        max_answer_depth=cfg.max_answer_depth)
+                                        max_answer_depth=cfg.max_answer_depth,
+                                        key_source=lambda: key_now(self.cfg, self.source))
         self.journal = Journal(cfg.state_dir / "journal.db")
         self.telemetry = Telemetry(disk_paths=[cfg.state_dir, cfg.cache_dir])
         self.sampler = Sampler(self.telemetry, timeout_s=max(2.0, cfg.heartbeat_interval_s * 2))
@@ -114,26 +124,40 @@ class Agent:
                             outbox=self.outbox, gate=ReleaseGate(self.telemetry.compute_pids,
                                              timeout_s=cfg.gpu_release_timeout_s)
                             if self.telemetry.has_gpus else None)
+        self.flow.on_hook_failures = self._hooks_failing
         self.recovery = Recovery(flow=self.flow, journal=self.journal, held=self.held,
                                  out_root=exec_cfg.out_root, work_root=exec_cfg.work_root,
                                  keep_packages_days=cfg.keep_packages_days,
                                  keep_packages_max_mb=cfg.keep_packages_max_mb,
                                  session=self._session)
+        self.drains = Drains(drain_path(cfg.state_dir), stopping=self._stopping,
+                             low_disk=lambda: self.polls.pause_reason(),
+                             blocked=lambda: self.scheduler.blocked,
+                             gpu_count=len(self.scheduler.devices))
+        self.view = NodeView(cfg=lambda: self.cfg, held=self.held, scheduler=self.scheduler,
+                             sample=self._sample, drains=self.drains,
+                             reports_pending=lambda: len(self.outbox),
+                             registered=lambda: self.registered_at is not None)
         self.heartbeats = HeartbeatLoop(
             client=self.client, held=self.held, inbox=self.inbox,
             interval_s=cfg.heartbeat_interval_s, capacity=self.scheduler.capacity,
-            metadata=self._metadata, status=self._status, reregister=self._reregister,
-            on_free_slot=self.wake_poll)
+            metadata=self.view.metadata, status=self._status, reregister=self._reregister,
+            on_free_slot=self.wake_poll, owed_leases=self.outbox.leases)
         self.polls = PollLoop(cfg=cfg, client=self.client, held=self.held,
                               capacity=self.scheduler.capacity, accept=self.flow.accept,
                               reregister=self._reregister, draining=lambda: self.draining,
                               on_empty=self._burst_done, resync=self.heartbeats.beat,
-                              on_pause=self.wake_heartbeat, before_poll=self.outbox.catch_up)
+                              on_pause=self.wake_heartbeat, before_poll=self.outbox.catch_up,
+                              paused=self.drains.operator_paused)
         self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
                                              inbox=self.inbox,
                                              interval_s=cfg.cancel_check_interval_s)
         self.shipping = ShipLoop(held=self.held, inbox=self.inbox, session=self._session,
                                  interval_s=cfg.log_ship_interval_s)
+        self.reloader = Reloader(source, current=lambda: self.cfg, apply=self._use_config,
+                                 client=self.client, register=self._register_again)
+        self.control = ControlServer(socket_path(cfg.state_dir), OperatorControls(
+            self.view, self.drains, on_change=self._report_settled).handlers())
         self.stop_event = asyncio.Event()
         self.hard_stop = asyncio.Event()
         self._register_lock = asyncio.Lock()
@@ -151,7 +175,8 @@ class Agent:
             log.error("not starting: %s", self.telemetry.failure)
             await self.shutdown()
             return ExitCode.FAILED
-        with capture_signals(self._on_signal):
+        with capture_signals(self._on_signal), \
+                capture_signals(self.reloader.request, (signal.SIGHUP,)):
             if not await self.startup():
                 await self.shutdown()
                 return ExitCode.UNAVAILABLE
@@ -163,6 +188,8 @@ class Agent:
     async def startup(self) -> bool:
         self.cfg.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        await self.drains.load()  # an operator's drain holds across restarts
+        await self.control.start()
         self._metrics_server = self._start_metrics()
         warm = getattr(self.launcher, "warm_up", None)
         warm_task = asyncio.create_task(warm()) if warm else None
@@ -180,7 +207,7 @@ class Agent:
         await self.sampler.refresh()
         self.notifier.ready(status=self._status_line())
         for loop in (self.heartbeats, self.polls, self.cancel_checks, self.shipping,
-                     self.outbox):
+                     self.outbox, self.reloader):
             self._tasks.append(asyncio.create_task(self._forever(loop.run),
                                                    name=type(loop).__name__))
         self._tasks.append(asyncio.create_task(self._forever(self._sample_forever),
@@ -237,6 +264,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.control.close()
         if self.registered_at is not None:
             await self.leave()
         await self.launcher.close()
@@ -254,7 +282,7 @@ class Agent:
         """Tell the coordinator this node is gone: a last heartbeat saying OFFLINE (in-flight
         0), then a deregistration. Both best effort and short: exit never waits on them."""
         beat = await _best_effort("last heartbeat", self.client.heartbeat(
-            0, self._metadata(), status="OFFLINE", deadline_s=LEAVE_DEADLINE_S))
+            0, self.view.metadata(), status="OFFLINE", deadline_s=LEAVE_DEADLINE_S))
         # Deregister even if the beat failed: either one alone tells the truth.
         gone = await _best_effort("deregistration",
                                   self.client.deregister(deadline_s=LEAVE_DEADLINE_S))
@@ -272,6 +300,8 @@ class Agent:
             caps["sandbox"] = "bwrap" if self.isolation.sandbox is not None else "off"
             if self.cfg.price is not None:  # dispatch matches it against max_price
                 caps["price"] = self.cfg.price
+            if self.cfg.tags:  # dispatch matches them against constraints.tags
+                caps["tags"] = dict(self.cfg.tags)
             if self.cfg.extensions is not None:
                 caps["extensions"] = list(self.cfg.extensions)
             answer = await self.client.register(caps, self.scheduler.capacity, self.cfg.region)
@@ -319,6 +349,13 @@ class Agent:
         self.wake_heartbeat()
         self.wake_poll()
 
+    async def _hooks_failing(self, reason: str) -> None:
+        """pre-job failed FAILURES_TO_DRAIN times in a row: the operator's kind of drain
+        (kept across restarts, shown by ps and the heartbeat) until `miner-agent resume`."""
+        log.error("draining: %s", reason)
+        await self.drains.drain(reason, by="pre-job hook")
+        self.wake_heartbeat()
+
     def _burst_done(self) -> bool:
         """Burst mode: stop once the coordinator has no work, no job is held and every
         report is delivered (an outage keeps a burst run waiting, as it keeps a report)."""
@@ -329,27 +366,25 @@ class Agent:
         self.stop_event.set()
         return True
 
-    # -- helpers ------------------------------------------------------------------------
-    def _metadata(self) -> dict[str, Any]:
-        jobs = {}
-        for a in self.held:
-            p = dict(a.run.progress) if a.run else {}
-            p.pop("t", None)
-            jobs[a.job_id] = {"progress": p, "phase": "running" if a.run else "waiting",
-                              "gpus": list(a.assignment.gpu_indices) if a.assignment else []}
-        out = {"telemetry": self._sample(), "jobs": jobs, "draining": self.draining,
-               "agent": {"pid": os.getpid()}, "reports_pending": len(self.outbox)}
-        if self.draining:
-            out["drain_reason"] = self.drain_reason
-        if (paused := self.polls.pause_reason()) is not None:
-            out["paused"] = paused
-        if self.scheduler.blocked:  # GPUs a finished job's contexts still hold
-            out["blocked_gpus"] = {str(i): why for i, why in self.scheduler.blocked.items()}
-        return out
+    # -- operator controls: drains, SIGHUP's reload (the control socket: OperatorControls)
+    def _stopping(self) -> str | None:
+        """The shutdown's reason from the first SIGTERM (or burst's end) on."""
+        return (self.drain_reason or "shutdown") if self.draining or self.stop_event.is_set() \
+            else None
 
+    def _use_config(self, cfg: AgentConfig) -> None:
+        """A reload's config: every reader of a reloadable field reads it from here."""
+        self.cfg = self.flow.cfg = self.polls.cfg = cfg
+        self.flow.starter.exec_cfg.allowed_types = frozenset(cfg.allowed_job_types)
+
+    async def _register_again(self) -> None:
+        await self.register()
+        self.wake_heartbeat()
+
+    # -- helpers ------------------------------------------------------------------------
     def _status(self) -> str:
         """The heartbeat's status: DRAINING while no new work is taken, else ONLINE."""
-        return "DRAINING" if self.draining else "ONLINE"
+        return "DRAINING" if self.drains.node_drain() is not None else "ONLINE"
 
     def _sample(self) -> dict[str, Any]:
         """The latest telemetry (taken off the event loop by the sampler)."""
@@ -373,8 +408,8 @@ class Agent:
                 self.scheduler.block(index, f"NVML: {error}")
 
     def _status_line(self) -> str:
-        paused = self.polls.pause_reason()
-        state = "draining" if self.draining else f"paused ({paused})" if paused else "serving"
+        drain = self.drains.node_drain()
+        state = f"draining ({drain.reason})" if drain is not None else "serving"
         return (f"{state}: {len(self.held)}/{self.scheduler.capacity} slots busy, "
                 f"coordinator {self.cfg.coordinator_url}")
 

@@ -86,6 +86,7 @@ class Outbox:
         self.policy = policy
         self.on_settled = on_settled  # a report ended: the heartbeat and poll may act now
         self._pending: dict[str, Pending] = {}
+        self._adopted: dict[str, str] = {}  # new leases of finished jobs not submitted yet
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -95,18 +96,30 @@ class Outbox:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._pending
 
+    def leases(self) -> dict[str, str]:
+        """job_id -> lease_id of the reports still owed (the heartbeat renews them)."""
+        return {p.job_id: p.lease_id for p in self._pending.values() if p.lease_id}
+
     def submit(self, job_id: str, report: Report, lease_id: str | None,
                delivery: dict[str, Any] | None = None) -> None:
         """Take a journaled report (phase finished); the loop tries it at once."""
         self._pending[job_id] = Pending(job_id, report, lease_id, dict(delivery or {}))
+        if job_id in self._adopted:  # handed out again while its report was being built
+            self.adopt_lease(job_id, self._adopted.pop(job_id))
         self._wake.set()
 
     def adopt_lease(self, job_id: str, lease_id: str | None) -> bool:
         """The coordinator handed a job out again while its report waits here (its lease
         lapsed during an outage): the report goes with the new lease. False: not held."""
         p = self._pending.get(job_id)
-        if p is None or lease_id is None or lease_id == p.lease_id:
-            return p is not None
+        if p is None:
+            record = self.journal.get(job_id)
+            if lease_id is None or record is None or record.phase is not Phase.FINISHED:
+                return False
+            self._adopted[job_id] = lease_id  # its report is on its way here: see submit()
+            return True
+        if lease_id is None or lease_id == p.lease_id:
+            return True
         log.warning("job %s: handed out again (lease %s) while its report waits; the report "
                     "goes with the new lease, the job does not run again", job_id, lease_id)
         p.lease_id = lease_id

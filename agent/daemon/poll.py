@@ -12,6 +12,9 @@ Before each poll the free space on the state dir's filesystem is checked (one
 ``statvfs``): below ``min_free_disk_mb`` no job is taken, ``pause_reason()`` says why
 (the heartbeat carries it), and the check runs again every few seconds until space
 returns. Running jobs go on meanwhile.
+
+While ``paused()`` says so (an operator's drain) no poll is made either, and the loop
+stays up: :meth:`PollLoop.wake` after the drain ends polls at once.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class PollLoop:
                  draining: Callable[[], bool], on_empty: Callable[[], bool],
                  resync: Callable[[], Awaitable[None]] | None = None,
                  on_pause: Callable[[], None] | None = None,
-                 before_poll: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_poll: Callable[[], Awaitable[None]] | None = None,
+                 paused: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.held = held
@@ -63,6 +67,7 @@ class PollLoop:
         self.resync = resync  # tell the coordinator our true in-flight count now
         self.on_pause = on_pause  # called when polling pauses or resumes
         self.before_poll = before_poll  # undelivered reports go before new work is asked
+        self.paused = paused  # an operator's drain: no poll until it ends (and wakes us)
         self._paused: str | None = None
         self._now = asyncio.Event()
 
@@ -88,6 +93,12 @@ class PollLoop:
             self.on_pause()
         return self._paused is not None
 
+    def _held_back(self) -> bool:
+        """No poll now: the operator's drain, or too little disk (checked either way, so
+        :meth:`pause_reason` stays true while drained)."""
+        low = self._disk_low()
+        return low or (self.paused is not None and self.paused())
+
     def wake(self) -> None:
         """Poll now instead of after the back-off (a slot just freed)."""
         self._now.set()
@@ -95,11 +106,11 @@ class PollLoop:
     async def run(self) -> None:
         interval = self.cfg.poll_interval_s
         while not self.draining():
+            if self._held_back():
+                await self._idle(min(DISK_RECHECK_S, self.cfg.poll_max_interval_s))
+                continue
             if len(self.held) >= self.capacity:
                 await self.held.slot_freed()
-                continue
-            if self._disk_low():
-                await self._idle(min(DISK_RECHECK_S, self.cfg.poll_max_interval_s))
                 continue
             if self.before_poll is not None:
                 await self.before_poll()

@@ -9,6 +9,7 @@ own offsets win, so nothing is lost or sent twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ class LogShipper:
         self.max_chunk = max_chunk_bytes
         self.on_shipped = on_shipped
         self._offsets: dict[tuple[str, str], int] = {}
+        # One ship at a time per job: the ship loop's tick and the final ship in the
+        # flow otherwise race on the same offsets (and one may outlive forget()).
+        self._locks: dict[str, asyncio.Lock] = {}  # replaced on forget(): a new attempt
 
     async def resume(self, job_id: str) -> None:
         """After a restart, start from where the coordinator's copy ends."""
@@ -49,19 +53,26 @@ class LogShipper:
             self.journal.set_shipped(job_id, stream, offsets.of(stream))
 
     def forget(self, job_id: str) -> None:
-        """Drop a job's offsets once it has left the node (the journal keeps them)."""
+        """Drop a job's offsets once it has left the node (the journal keeps them); a
+        ship still in flight for it stops at its next step."""
         for stream in STREAMS:
             self._offsets.pop((job_id, stream), None)
+        self._locks.pop(job_id, None)
 
     async def ship(self, job_id: str, folder: Path) -> bool:
         """Send what is new; True when both streams are fully shipped."""
-        done = True
-        for stream in STREAMS:
-            done = await self._ship_stream(job_id, stream, log_path(folder, stream)) \
-                and done
-        return done
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            done = True
+            for stream in STREAMS:
+                if self._locks.get(job_id) is not lock:
+                    return True  # forgotten meanwhile: the job left the node
+                done = await self._ship_stream(job_id, stream, log_path(folder, stream),
+                                               lock) and done
+            return done
 
-    async def _ship_stream(self, job_id: str, stream: str, path: Path) -> bool:
+    async def _ship_stream(self, job_id: str, stream: str, path: Path,
+                           lock: asyncio.Lock) -> bool:
         key = (job_id, stream)
         if key not in self._offsets:
             self._offsets[key] = self.journal.shipped(job_id, stream)
@@ -69,8 +80,7 @@ class LogShipper:
             size = (await aiofiles.os.stat(path)).st_size
         except FileNotFoundError:
             return True
-        while self._offsets[key] < size:
-            offset = self._offsets[key]
+        while (offset := self._offsets.get(key, size)) < size:  # gone: forgotten meanwhile
             # Off the loop: a chunk is up to max_log_chunk_bytes, every tick, per job
             async with aiofiles.open(path, "rb") as fh:
                 await fh.seek(offset)
@@ -86,6 +96,8 @@ class LogShipper:
                 return False
             if new > offset and self.on_shipped is not None:
                 self.on_shipped(new - offset)
+            if self._locks.get(job_id) is not lock:
+                return True  # forgotten while the chunk was on its way
             self._offsets[key] = new
             self.journal.set_shipped(job_id, stream, new)
             if new <= offset and new < size:

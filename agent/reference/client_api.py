@@ -16,7 +16,7 @@ import hashlib
 import time
 from typing import Any
 
-from agent.jobs import valid_job_id
+from agent.jobs import read_tags, valid_job_id
 from agent.layout import STREAMS
 from agent.reference.events_api import EventsAPI
 from agent.reference.model import (
@@ -31,6 +31,7 @@ from agent.reference.model import (
 )
 from agent.reference.retry_api import RetryAPI
 from agent.reference.server import Request, Response, Route, route
+from agent.reference.share_api import ShareAPI
 from agent.reference.store import Store
 
 MAX_PAGE = 1000
@@ -44,6 +45,7 @@ class ClientAPI:
         self.settings = settings
         self.events = EventsAPI(store)
         self.retries = RetryAPI(store)
+        self.shares = ShareAPI(store, settings.receipt_secret)
 
     def routes(self) -> list[Route]:
         return [
@@ -59,6 +61,7 @@ class ClientAPI:
             route("GET", "/v1/jobs/{job_id}/download", self.package, "client"),
             *self.events.routes(),
             *self.retries.routes(),
+            *self.shares.routes(),
             route("PUT", "/presigned/{token}", self.put_presigned,
                   max_body_bytes=self.settings.max_package_bytes),
         ]
@@ -77,6 +80,11 @@ class ClientAPI:
             raise Problem(422, "payload must be a JSON object with a string 'type'")
         if not isinstance(constraints, dict):
             raise Problem(422, "constraints must be a JSON object")
+        if constraints.get("tags") is not None:
+            try:
+                read_tags(constraints["tags"], "constraints.tags")
+            except ValueError as exc:
+                raise Problem(422, str(exc)) from None
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise Problem(422, "ttl_s must be a number of seconds > 0")
         wanted = body.get("job_id")
@@ -122,9 +130,9 @@ class ClientAPI:
         """QUEUED: canceled at once. RUNNING: canceled at once in the core (the miner
         learns it from its running list); with the cancel extension, canceling until
         the miner confirms or ``cancel_grace_s`` passes. ``{"force": true}``: canceled
-        at once: a core miner learns it from its running list; a miner with the cancel
-        extension gets it in the heartbeat answer's ``kill`` list too (no grace period)
-        and still confirms with its partial result."""
+        at once, canceling or not, without waiting for the miner's confirmation; the
+        miner learns it from its running list, and a miner with the cancel extension also
+        from the heartbeat answer's ``kill`` list, which means no grace period."""
         body = req.json_object() if req.body else {}
         force = body.get("force", False) is True
         with self.store.tx():
@@ -137,13 +145,12 @@ class ClientAPI:
                                       finished_by="client")
             elif job["state"] == RUNNING:
                 miner = self.store.miner(job["miner_id"]) if job.get("miner_id") else None
-                if miner is not None and "cancel" in miner["extensions"]:
-                    self.store.update_job(job["job_id"], cancel_force=int(force),
-                                          cancel_requested_at=job.get("cancel_requested_at")
-                                          or now)
+                if not force and miner is not None and "cancel" in miner["extensions"]:
+                    self.store.update_job(job["job_id"], cancel_requested_at=now)
                 else:
                     self.store.update_job(job["job_id"], state=CANCELED, finished_at=now,
-                                          finished_by="client", lease_expires_at=None)
+                                          finished_by="client", lease_expires_at=None,
+                                          cancel_force=int(force))
             else:
                 raise Problem(409, f"job is already {job_view(job)['status']}")
             return Response(200, self._view(self.store.job_or_404(job["job_id"])))

@@ -32,14 +32,16 @@ from agent.reference.server import HTTPApp
 from agent.reference.standalone import (
     DESCRIPTION,
     KEYS_EPILOG,
+    REAL_RATE_LIMITS,
     add_arguments,
     serve,
 )
+
+__all__ = ["REAL_RATE_LIMITS", "ReferenceCoordinator", "main"]
 from agent.reference.store import Store
 from agent.reference.stream_api import StreamAPI
 
 logger = logging.getLogger(__name__)
-
 
 
 class ReferenceCoordinator:
@@ -59,7 +61,8 @@ class ReferenceCoordinator:
                  rate_limits: Mapping[str, int] | None = None,
                  max_body_bytes: int = 10 * 1024 * 1024,
                  max_package_bytes: int = 256 * 1024 * 1024,
-                 announce_limits: bool = True) -> None:
+                 announce_limits: bool = True, retain_days: float | None = None,
+                 retain_bytes: int | None = None) -> None:
         unknown = set(extensions) - set(EXTENSIONS)
         if unknown:
             raise ValueError(f"unknown extensions {sorted(unknown)}; known: {EXTENSIONS}")
@@ -73,7 +76,10 @@ class ReferenceCoordinator:
         self.settings = Settings(tuple(e for e in EXTENSIONS if e in extensions), job_ttl_s,
                                  lease_ttl_s, cancel_grace_s, max_body_bytes, max_package_bytes,
                                  os.urandom(32), announce_limits)
-        self.store = Store(db_path, cancel_grace_s=cancel_grace_s)
+        # Retention keeps the store's disk use bounded: packages past retain_days, then
+        # the oldest until retain_bytes (None: keep); job records and receipts stay.
+        self.store = Store(db_path, cancel_grace_s=cancel_grace_s, retain_days=retain_days,
+                           retain_bytes=retain_bytes)
         self.faults = Faults()
         self.faults.bind(self._go_down, self._go_up)
         self._limiter = RateLimiter(rate_limits)

@@ -49,7 +49,10 @@ def start_embedded(cfg: AgentConfig) -> tuple[ReferenceCoordinator, EmbeddedInfo
     coordinator = ReferenceCoordinator(
         str(cfg.state_dir / "coordinator.db"),
         api_keys={"miner": keys["miner_key"], "client": keys["client_key"]},
-        host=cfg.embedded_host, port=cfg.embedded_port)
+        host=cfg.embedded_host, port=cfg.embedded_port,
+        # The node's own retention holds for its embedded coordinator's copies too.
+        retain_days=cfg.keep_packages_days,
+        retain_bytes=(cfg.keep_packages_max_mb << 20) or None)
     try:
         url = coordinator.start()
     except OSError as exc:

@@ -116,11 +116,11 @@ class MinerAPI:
             if "lease" in miner["extensions"]:
                 answer["leases"] = self._renew(req.miner_id, body.get("leases"))
             if "cancel" in miner["extensions"]:
-                canceling = [j for j in self.store.jobs((RUNNING,), req.miner_id, 1000)
-                             if j.get("cancel_requested_at")]
-                answer["cancel"] = [j["job_id"] for j in canceling]
-                # `cancel --force`: no grace period (the miner SIGKILLs at once)
-                answer["kill"] = [j["job_id"] for j in canceling if j.get("cancel_force")]
+                answer["cancel"] = [j["job_id"] for j in self.store.jobs((RUNNING,),
+                                    req.miner_id, 1000) if j.get("cancel_requested_at")]
+                # `cancel --force` ended these at once: the miner kills them, no grace
+                answer["kill"] = self.store.forced_cancels(req.miner_id,
+                                                           self.settings.cancel_grace_s)
         return Response(200, answer)
 
     def deregister(self, req: Request) -> Response:

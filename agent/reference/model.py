@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import clock
+from agent.jobs import tag_text
 
 QUEUED, RUNNING, COMPLETED = "QUEUED", "RUNNING", "COMPLETED"
 FAILED, CANCELED, EXPIRED = "FAILED", "CANCELED", "EXPIRED"
@@ -71,7 +72,8 @@ def matches(capabilities: Mapping[str, Any], payload: Mapping[str, Any],
 
     Reads gpus[].memory_mb against min_vram_mb (and gpu_count), cuda as a substring,
     the model an inference payload names (and constraints.models) against
-    capabilities.models, and price against constraints.max_price.
+    capabilities.models, price against constraints.max_price, and constraints.tags
+    against capabilities.tags (each asked tag equal to the miner's).
     """
     min_vram = int(constraints.get("min_vram_mb") or constraints.get("min_vram") or 0)
     gpu_count = int(constraints.get("gpu_count") or constraints.get("gpus") or 0)
@@ -87,7 +89,19 @@ def matches(capabilities: Mapping[str, Any], payload: Mapping[str, Any],
         wanted.append(payload["model"])
     if any(m not in models for m in wanted):
         return False
-    return _within_price(constraints.get("max_price"), capabilities.get("price"))
+    return _within_price(constraints.get("max_price"), capabilities.get("price")) and \
+        _has_tags(constraints.get("tags"), capabilities.get("tags"))
+
+
+def _has_tags(asked: Any, tags: Any) -> bool:
+    """Every asked tag equals the miner's, compared as text (``7`` asks for "7"); a miner
+    without tags gets no job that asks for one."""
+    if not asked:
+        return True
+    if not isinstance(asked, Mapping) or not isinstance(tags, Mapping):
+        return False
+    return all(tag_text(value) is not None and tag_text(value) == tag_text(tags.get(name))
+               for name, value in asked.items())
 
 
 def _within_price(max_price: Any, price: Any) -> bool:

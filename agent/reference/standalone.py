@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser, *, port: int, db_help: str) -> Non
                    help="seconds a cancel waits for the miner's confirmation (60)")
     p.add_argument("--no-rate-limits", action="store_true",
                    help="turn off the real server's per-IP rate limits")
+    p.add_argument("--retain-days", type=float, default=None, metavar="DAYS",
+                   help="drop finished jobs' packages older than this (default: keep)")
+    p.add_argument("--retain-bytes", type=int, default=None, metavar="BYTES",
+                   help="drop the oldest finished jobs' packages past this total "
+                        "(default: no cap); job records and receipts stay")
 
 
 def serve(args: argparse.Namespace, db_path: str | None,
@@ -70,7 +75,8 @@ def serve(args: argparse.Namespace, db_path: str | None,
         db_path, api_keys=keys, host=args.host, port=args.port,
         extensions=[e for e in args.extensions.split(",") if e], job_ttl_s=args.job_ttl,
         lease_ttl_s=args.lease_ttl, cancel_grace_s=args.cancel_grace,
-        rate_limits=None if args.no_rate_limits else REAL_RATE_LIMITS)
+        rate_limits=None if args.no_rate_limits else REAL_RATE_LIMITS,
+        retain_days=args.retain_days, retain_bytes=args.retain_bytes)
     try:
         url = coord.start()
     except OSError as exc:

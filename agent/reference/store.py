@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,7 +24,18 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from agent.reference.model import CANCELED, EXPIRED, QUEUED, RUNNING, Problem
+from agent.reference.model import (
+    CANCELED,
+    COMPLETED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Problem,
+)
+
+log = logging.getLogger(__name__)
+RETAIN_EVERY_S = 60.0  # retention runs with the sweep, at most this often
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS miners (
@@ -98,9 +110,13 @@ def dumps(value: Any) -> str | None:
 class Store:
     """The coordinator's state; every public method is atomic and thread-safe."""
 
-    def __init__(self, path: str, *, cancel_grace_s: float = 60.0) -> None:
+    def __init__(self, path: str, *, cancel_grace_s: float = 60.0,
+                 retain_days: float | None = None, retain_bytes: int | None = None) -> None:
         self.path = path
         self.cancel_grace_s = cancel_grace_s
+        self.retain_s = None if retain_days is None else retain_days * 86400
+        self.retain_bytes = retain_bytes
+        self._retained_at = float("-inf")  # monotonic time of the last retention pass
         self._lock = threading.RLock()
         self._depth = 0
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -194,6 +210,52 @@ class Store:
                 (RUNNING, now))]
             for job_id in lapsed:
                 self.requeue(job_id)
+        if time.monotonic() - self._retained_at >= RETAIN_EVERY_S:
+            self._retained_at = time.monotonic()
+            self.retain(now)
+
+    def retain(self, now: float | None = None) -> list[str]:
+        """Drop stored packages (and checkpoints, presigned objects) past ``retain_days``,
+        then the oldest finished jobs' packages until they total at most ``retain_bytes``.
+
+        Job records, receipts and logs stay; a job whose package went shows none and its
+        download answers 404. Returns the job ids whose packages went.
+        """
+        now = time.time() if now is None else now
+        gone: list[str] = []
+        with self.tx() as db:
+            states = (COMPLETED, FAILED, CANCELED, EXPIRED)
+            finished = {r["job_id"] for r in db.execute(
+                "SELECT job_id FROM jobs WHERE state IN (?, ?, ?, ?)", states)}
+            packages = db.execute("SELECT job_id, size, created_at FROM packages "
+                                  "ORDER BY created_at DESC").fetchall()
+            if self.retain_s is not None:
+                cutoff = now - self.retain_s
+                gone += [r["job_id"] for r in packages
+                         if r["job_id"] in finished and (r["created_at"] or 0) < cutoff]
+                db.execute("DELETE FROM checkpoints WHERE created_at < ?", (cutoff,))
+                db.execute("DELETE FROM presigned WHERE created_at < ?", (cutoff,))
+            if self.retain_bytes is not None:
+                kept = 0  # newest first; a running job's package counts, and stays
+                for r in packages:
+                    if r["job_id"] in gone:
+                        continue
+                    kept += int(r["size"])
+                    if kept > self.retain_bytes and r["job_id"] in finished:
+                        gone.append(r["job_id"])
+                        kept -= int(r["size"])
+            for job_id in gone:
+                db.execute("DELETE FROM packages WHERE job_id=?", (job_id,))
+        if gone:
+            log.info("retention: removed the packages of %d finished job(s)", len(gone))
+        return gone
+
+    def forced_cancels(self, miner_id: str, within_s: float) -> list[str]:
+        """Jobs of ``miner_id`` a client force-canceled in the last ``within_s``."""
+        with self.tx() as db:
+            return [r["job_id"] for r in db.execute(
+                "SELECT job_id FROM jobs WHERE miner_id=? AND state=? AND cancel_force=1 "
+                "AND finished_at >= ?", (miner_id, CANCELED, time.time() - within_s))]
 
     def requeue(self, job_id: str) -> None:
         """Put a job whose lease lapsed back in the queue as a fresh attempt."""

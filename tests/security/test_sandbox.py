@@ -205,6 +205,37 @@ def test_a_job_cannot_read_the_agents_secrets(node: dict[str, Any]) -> None:
     assert_serving(node)
 
 
+def test_a_job_cannot_reach_the_agents_control_socket(node: dict[str, Any]) -> None:
+    # Given the agent's control socket, which answers on the host
+    sock = node["state"] / "control.sock"
+    assert sock.is_socket()
+    host = subprocess.run([sys.executable, "-m", "agent", "ps", "--json", "--state-dir",
+                           str(node["state"])], capture_output=True, text=True, timeout=60,
+                          env={**node["agent"].env})
+    assert host.returncode == 0 and json.loads(host.stdout)["miner_id"], host.stderr
+    # When a job tries to connect to it (and to drain the node through it)
+    probe = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b'{"op": "drain", "reason": "a job"}\\n')
+    seen = "connected " + s.recv(100).decode()
+except OSError as exc:
+    seen = type(exc).__name__
+open(os.environ["MINER_RESULT_FILE"], "w").write(seen)
+"""
+    client: Client = node["client"]
+    job_id = client.submit({"type": "command", "argv": [sys.executable, "-c", probe,
+                                                        str(sock)]}, timeout_s=60)
+    view = client.wait_status(job_id, "completed", "failed", timeout=120)
+    # Then the socket does not exist for it, and the node is not drained
+    assert view["status"] == "completed", view
+    assert result_text(node, job_id).strip() == "FileNotFoundError"
+    assert not (node["state"] / "drain.json").exists()
+    assert_serving(node)
+
+
 def test_no_writable_place_is_shared_between_jobs(node: dict[str, Any]) -> None:
     # Given a job that leaves a note wherever it can outside its own folders
     places = ["/tmp", "/var/tmp", "/run", "/dev", "/dev/shm", "/root", "/home", "$HOME",

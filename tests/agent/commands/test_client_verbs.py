@@ -19,11 +19,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.cli import run_command
@@ -272,3 +274,25 @@ def test_the_verbs_find_the_embedded_coordinator(tmp_path: Path) -> None:
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
     assert cli("list").returncode == ExitCode.UNAVAILABLE
+
+
+def test_share_prints_a_signed_url_that_works_without_a_key_until_it_expires(
+        node: Node) -> None:
+    job_id = node.done(STEPS)
+    proc = node.cli("share", job_id, "--expires", "2s")
+    assert proc.returncode == 0, proc.stderr
+    url = proc.stdout.strip()
+    assert "/v1/shared/" in url and "expires" in proc.stderr
+    # Anyone holding the URL gets the package, no API key; its bytes match the sha256
+    got = httpx.get(url, timeout=10)
+    assert got.status_code == 200
+    assert hashlib.sha256(got.content).hexdigest() == got.headers["X-Content-SHA256"]
+    # A tampered link is refused; an expired one says so
+    signature = url.rpartition(".")[2]
+    forged = url.replace(signature, signature[::-1])
+    assert httpx.get(forged, timeout=10).status_code == 403
+    time.sleep(2.5)
+    gone = httpx.get(url, timeout=10)
+    assert gone.status_code == 410 and "expired" in gone.json()["detail"]
+    # A job with no package: 11
+    assert node.cli("share", "no-such-job").returncode == ExitCode.NOT_FOUND

@@ -82,5 +82,6 @@ def test_help_names_every_flag_of_the_module() -> None:
     out = subprocess.run([*CLI, "coordinator", "--help"], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     for flag in ("--host", "--port", "--db", "--extensions", "--job-ttl", "--lease-ttl",
-                 "--cancel-grace", "--no-rate-limits", "8731", "REFCOORD_CLIENT_KEY"):
+                 "--cancel-grace", "--no-rate-limits", "--retain-days",
+                 "--retain-bytes", "8731", "REFCOORD_CLIENT_KEY"):
         assert flag in out

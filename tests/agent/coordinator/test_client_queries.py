@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +301,30 @@ def test_a_database_from_before_the_event_columns_still_opens(tmp_path: Path) ->
         assert answer["events"][0]["data"] == "hi" and answer["done"]
     finally:
         store.close()
+
+
+def test_retention_drops_old_and_over_cap_packages_but_keeps_the_records(
+        make_coordinator: Callable[..., ReferenceCoordinator]) -> None:
+    coord = make_coordinator(retain_days=1.0, retain_bytes=2500)
+    store = coord.store
+    ids = [store.submit({"type": "sleep"}, {}, 900.0) for _ in range(4)]
+    now = time.time()
+    for age_days, job_id in zip((3.0, 0.3, 0.2, 0.1), ids, strict=True):
+        store.update_job(job_id, state="COMPLETED", finished_at=now - age_days * 86400)
+        store.put_package(job_id, "0" * 64, b"x" * 1000)
+        with store.tx() as db:  # as if uploaded that long ago
+            db.execute("UPDATE packages SET created_at=? WHERE job_id=?",
+                       (now - age_days * 86400, job_id))
+    running = store.submit({"type": "sleep"}, {}, 900.0)
+    store.update_job(running, state="RUNNING")
+    store.put_package(running, "0" * 64, b"y" * 1000)
+    gone = store.retain(now)
+    # Past retain_days: the oldest. Past 2500 bytes, newest first: the running job's
+    # 1000 (it counts, and stays) and the newest finished 1000; the older two go.
+    assert sorted(gone) == sorted(ids[:3])
+    assert all(store.package_data(j) is None for j in ids[:3])
+    assert store.package_data(ids[3]) is not None
+    assert store.package_data(running) is not None  # never a job still running
+    assert store.job(ids[0]) is not None  # the record stays
+    with client_http(coord) as http:
+        assert http.get(f"/v1/jobs/{ids[0]}/download").status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -162,6 +163,36 @@ def test_bad_key_raises_auth_error_without_leaking_it(
     with caplog.at_level(logging.DEBUG):
         asyncio.run(flow())
     assert "wrong-key-789" not in caplog.text and MINER_KEY not in caplog.text
+
+
+def test_a_401_reads_the_key_again_once_before_giving_up(
+        core: ReferenceCoordinator, caplog: pytest.LogCaptureFixture) -> None:
+    reads: list[str] = []
+
+    def key_file(holds: str) -> Callable[[], str]:
+        def read() -> str:
+            reads.append(holds)
+            return holds
+        return read
+
+    async def flow() -> None:
+        # Given a miner whose key was rotated under it: the file holds the new one
+        async with miner(core, api_key="old-key-111", key_source=key_file(MINER_KEY)) as client:
+            # When a call is refused with 401, the key is read again and the call goes on
+            await client.register(GPU_CAPS, 1)
+            await client.heartbeat(0)  # and the new key stays in use
+        assert reads == [MINER_KEY]
+        # Given a file that still holds the refused key, the 401 stands after one read
+        reads.clear()
+        async with miner(core, api_key="old-key-111",
+                         key_source=key_file("old-key-111")) as client:
+            with pytest.raises(AuthError):
+                await client.register(GPU_CAPS, 1)
+        assert reads == ["old-key-111"]
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(flow())
+    assert "holds a new key" in caplog.text and MINER_KEY not in caplog.text
 
 
 def test_body_over_10_mib_is_413(core: ReferenceCoordinator) -> None:

@@ -41,19 +41,21 @@ class AgentProcess:
     """`miner-agent run` in a subprocess, its log in a file."""
 
     def __init__(self, url: str, state: Path, miner_id: str = "miner-1", burst: bool = False,
-                 **settings: Any) -> None:
+                 config: Path | None = None, **settings: Any) -> None:
         self.state = state
         self.log_path = state / f"agent-{time.monotonic_ns()}.log"
         state.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINER_AGENT_")}
         env.update({"MINER_AGENT_" + k.upper(): str(v) for k, v in {**FAST, **settings}.items()})
-        env.update({"MINER_AGENT_CONFIG": "/dev/null", "MINER_AGENT_STATE_DIR": str(state),
+        env.update({"MINER_AGENT_CONFIG": str(config or "/dev/null"),
+                    "MINER_AGENT_STATE_DIR": str(state),
                     "MINER_AGENT_CACHE_DIR": str(state / "cache"),
                     "MINER_AGENT_API_KEY": MINER_KEY})
         argv = [sys.executable, "-m", "agent", "run", "--coordinator", url, "--miner-id",
                 miner_id]
         if burst:
             argv.append("--burst")
+        self.env = env  # what `miner-agent ps` and friends need to find this agent
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
