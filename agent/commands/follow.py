@@ -1,7 +1,10 @@
-"""`miner-agent watch` and `logs`: a job live, over ``GET /v1/jobs/{id}/events``.
+"""`miner-agent watch` and `logs`: a job live, over the coordinator's job stream.
 
-Both read the job's event stream (docs/protocol-extensions.md, "events"): one long-poll
-at a time, each answered as soon as the job changes or logs a line.
+What happened before the watch began comes from one look at ``GET /v1/jobs/{id}/events``
+(the catch-up); what happens next comes pushed over the WebSocket
+``/v1/jobs/{id}/stream?after=SEQ`` (docs/protocol-extensions.md). A coordinator without
+the stream, or a stream that breaks, is followed by long-polling the events endpoint
+from the last event seen, so nothing is skipped or shown twice.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import datetime as dt
 import json
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -34,6 +38,7 @@ from agent.errors import ExitCode
 from agent.layout import STREAMS
 
 WAIT_S = 25.0  # one long-poll; the server answers sooner whenever there is news
+STREAM_MAX_MESSAGE_BYTES = 4 << 20  # one event (a log chunk is at most 1 MiB)
 TAIL_LINES = 10
 
 
@@ -64,7 +69,7 @@ def events(client: JobsClient, where: Target, jid: str,
            wait_s: float = WAIT_S) -> Iterator[tuple[dict[str, Any], bool]]:
     """The job's events from its first, each with whether it was already there when the
     stream began (the catch-up), until the job ends and every event was delivered."""
-    after, live = 0, False
+    after, live, pushed = 0, False, False
     while True:
         answer = call(where, client.events, jid, after, wait_s if live else 0.0)
         for event in answer.get("events", []):
@@ -73,6 +78,35 @@ def events(client: JobsClient, where: Target, jid: str,
         if answer.get("done"):
             return
         live = live or not answer.get("more")
+        if live and not pushed:
+            pushed = True  # the stream once; after it, long-polls from where it stopped
+            for event in _stream(where, jid, after):
+                after = max(after, int(event.get("seq", after)))
+                if event.get("type") == "end":
+                    return
+                yield event, False
+
+
+def _stream(where: Target, jid: str, after: int) -> Iterator[dict[str, Any]]:
+    """The job's events after ``after``, pushed over the WebSocket until the server ends
+    the stream; nothing (the caller long-polls instead) where it cannot be had."""
+    from websockets.exceptions import ConnectionClosedOK, InvalidHandshake, WebSocketException
+    from websockets.sync.client import connect
+
+    url = where.url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    url = f"{url}/v1/jobs/{urllib.parse.quote(jid, safe='')}/stream?after={after}"
+    try:
+        with connect(url, additional_headers={"X-Api-Key": where.key}, open_timeout=10,
+                     max_size=STREAM_MAX_MESSAGE_BYTES) as ws:
+            for message in ws:
+                event = json.loads(message)
+                if isinstance(event, dict):
+                    yield event
+            yield {"type": "end"}  # closed 1000 by the server: the job ended, all sent
+    except ConnectionClosedOK:
+        yield {"type": "end"}
+    except (InvalidHandshake, WebSocketException, OSError, ValueError):
+        return  # no stream here, or it broke: the long-poll goes on from the last event
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -107,6 +107,9 @@ def test_watch_follows_a_job_to_the_end(node: Node) -> None:
     assert proc.stdout.startswith(f"{job_id}: completed 100%")
     assert f"[{job_id}] status: running" in proc.stderr
     assert "step 8/8" in proc.stderr and "100.0%" in proc.stderr
+    # The live part came pushed over the WebSocket: the events endpoint was asked only
+    # for the catch-up, not once per change as a long-poll would be
+    assert node.coord.faults.arrived(f"/v1/jobs/{job_id}/events") <= 2
     # A failed job: watch exits 1, as exec does; --json gives one event a line
     failed = node.client.submit({**STEPS, "fail_at": 2})
     out = node.cli("watch", failed, "--json")
