@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 STATE=${STATE_DIR:-$PWD/.demo-state}
 PORT=${DEMO_PORT:-8731}
+# The demo's own state starts afresh each run: the sample job keeps its file's job_id,
+# which an earlier run's embedded coordinator would refuse as taken (409).
+[ -z "${STATE_DIR:-}" ] && rm -rf "$STATE"
 mkdir -p "$STATE"
 export MINER_AGENT_STATE_DIR="$STATE" MINER_AGENT_CACHE_DIR="$STATE/cache" \
        MINER_AGENT_EMBEDDED_PORT="$PORT" MINER_AGENT_CONFIG=/dev/null
