@@ -95,14 +95,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     where = target(args)
     with JobsClient(where.url, where.key) as client:
         wanted = raw.get("job_id") if isinstance(raw.get("job_id"), str) else None
-        job = call(where, client.submit, raw["payload"], raw.get("constraints"),
-                   raw.get("ttl_s"), wanted)
+        why = "is not used"
+        try:
+            job = call(where, client.submit, raw["payload"], raw.get("constraints"),
+                       raw.get("ttl_s"), wanted)
+        except CoordinatorHTTPError as exc:
+            if not wanted or exc.status != 409:
+                raise
+            # The file's id is taken (an earlier submit of the same file): a fresh one
+            job = call(where, client.submit, raw["payload"], raw.get("constraints"),
+                       raw.get("ttl_s"))
+            why = "is taken by an earlier job"
         print(job["job_id"])
         if wanted and wanted != job["job_id"]:
-            # A coordinator that makes its own ids ignores the file's: say so, never drop
-            # it silently.
+            # Never drop the file's id silently: say which id the job has instead.
             print(f"note: the coordinator assigned the id {job['job_id']}; {args.job_file}'s "
-                  f"job_id {wanted!r} is not used (use the printed id with status/cancel)",
+                  f"job_id {wanted!r} {why} (use the printed id with status/cancel)",
                   file=sys.stderr)
         if args.wait:
             return follow(client, where, job["job_id"], as_json=False)

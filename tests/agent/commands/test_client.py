@@ -178,10 +178,12 @@ def test_submit_keeps_the_files_job_id_and_refuses_a_taken_one(
     # The coordinator took the file's id: status and cancel work with it
     assert proc.stdout.splitlines()[0] == "mine-1" and "note:" not in proc.stderr
     assert node.coord.store.job("mine-1") is not None
-    # The same file again: the id is taken, refused (12) with what to do
+    # The same file again: the id is taken, so the job gets a fresh one, and says so
     again = node.cli("submit", str(path))
-    assert again.returncode == ExitCode.REFUSED, again.stderr
-    assert "taken" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0, again.stderr
+    fresh = again.stdout.splitlines()[0]
+    assert fresh != "mine-1" and node.coord.store.job(fresh) is not None
+    assert f"assigned the id {fresh}" in again.stderr and "is taken" in again.stderr
     # An id that cannot be one is refused before anything runs
     path.write_text(json.dumps({"job_id": "../x", "payload": {"type": "sleep"}}))
     assert node.cli("submit", str(path)).returncode in (ExitCode.INVALID_JOB,
