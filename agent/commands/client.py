@@ -97,9 +97,9 @@ def json_flag(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
 def span_arg(text: str) -> float:
     """A duration: ``90s``, ``30m``, ``6h``, ``7d``, ``2w`` (or plain seconds)."""
     text = text.strip().lower()
-    span = _SPAN_RE.match(text)
-    if span:
-        return float(span[1]) * _UNIT_S[span[2]]
+    span = _span_s(text)
+    if span is not None:
+        return span
     try:
         seconds = float(text)
     except ValueError:
@@ -120,10 +120,16 @@ def until_arg(text: str) -> float:
     return _parse_time(text, end_of_day=True)
 
 
-def _parse_time(text: str, *, end_of_day: bool) -> float:
+def _span_s(text: str) -> float | None:
+    """Seconds in a span such as ``30m`` or ``7d``; None when ``text`` is not one."""
     span = _SPAN_RE.match(text.strip().lower())
-    if span:
-        return time.time() - float(span[1]) * _UNIT_S[span[2]]
+    return float(span[1]) * _UNIT_S[span[2]] if span else None
+
+
+def _parse_time(text: str, *, end_of_day: bool) -> float:
+    span = _span_s(text)
+    if span is not None:
+        return time.time() - span
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:

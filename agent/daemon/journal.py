@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # writes kept in memory while the disk is full; older ones are dropped
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 DONE_PHASES = ("reported", "dropped", "rejected")  # a package of these may be pruned
-# Retention's columns, added on open like ADDED_COLUMNS (never in SCHEMA, so one path
-# makes them for new and old journals alike); old rows get NULL.
-RETENTION_COLUMNS = {"jobs": {"pruned_at": "REAL", "updated_mono": "REAL", "boot_id": "TEXT",
-                              "package_bytes": "INTEGER"}}
 # A row's age in seconds, given (this boot's id, monotonic now, wall now): by the
 # monotonic clock when the row was written in this boot, else by the wall clock; >= 0.
 _AGE_SQL = ("MAX(0, CASE WHEN boot_id = ? AND updated_mono IS NOT NULL THEN ? - updated_mono "
@@ -103,7 +99,10 @@ class JobRecord:
 
 
 # Columns added after the first release, by an idempotent migration on open.
-ADDED_COLUMNS = {"jobs": {"delivery_json": "TEXT"}}
+# (never in SCHEMA, so one path makes them for new and old journals alike; old rows get
+# NULL): a report's delivery state, and retention's marks and clock-safe ages.
+ADDED_COLUMNS = {"jobs": {"delivery_json": "TEXT", "pruned_at": "REAL", "updated_mono": "REAL",
+                          "boot_id": "TEXT", "package_bytes": "INTEGER"}}
 
 
 def _add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> None:
@@ -128,9 +127,8 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
         self._db.executescript(SCHEMA)
-        _add_columns(self._db, RETENTION_COLUMNS)
-        self.boot_id = current_boot_id()
         _add_columns(self._db, ADDED_COLUMNS)
+        self.boot_id = current_boot_id()
 
     @property
     def pending(self) -> int:

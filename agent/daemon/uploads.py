@@ -124,14 +124,19 @@ class Uploads:
             if tries >= PRESIGNED_TRIES:
                 return "upload_failed", f"the job's upload URL failed {tries} times; last: {exc}"
             return None
-        if isinstance(exc, AmbiguousSend) and await self._answers_other_calls():
+        reset = isinstance(exc, AmbiguousSend)
+        if not reset and tries < COORDINATOR_TRIES_WHILE_UP:
+            return None
+        if not await self._answers_other_calls():  # one probe a try: an outage waits
+            return None
+        if reset:
             target["resets"] = int(target.get("resets", 0)) + 1
             if target["resets"] >= RESETS_MEAN_TOO_LARGE:
                 return "package_too_large", (
                     f"the coordinator reset the connection on this {upload.get('size')}-byte "
                     f"upload {target['resets']} times while answering other calls: it "
                     "refuses a body this large")
-        if tries >= COORDINATOR_TRIES_WHILE_UP and await self._answers_other_calls():
+        if tries >= COORDINATOR_TRIES_WHILE_UP:
             return "upload_failed", (f"the package upload failed {tries} times while the "
                                      f"coordinator answered other calls; last: {exc}")
         return None
