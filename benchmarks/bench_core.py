@@ -1,196 +1,380 @@
-"""Execution-core figures, measured side by side in one run.
+"""Execution-core figures, each measured in pairs and repeated, each printing its method.
 
-    python -m benchmarks.bench_core [--quick]
+    python -m benchmarks.bench_core [--quick | --tiny]
 
 Prints:
-- job start latency ("start this job" to the job's code running) through the
-  torch-preloaded fork server and through a plain spawn, for a runtime that
-  imports torch as every real workload does;
-- cancel latency (cancel request to the job's exit) over repeated runs of a step
-  loop, median and p95, against the target of one step plus 50 ms;
-- log capture: a child printing 1,000,000 short lines through the capture path
-  versus the same child writing straight to a file (target >= 0.9x, every byte kept);
-- package hashing throughput versus `sha256sum` on the same 1 GiB of files
-  (target >= 0.9x).
-Benchmarks never fail a build: they print figures and ratios.
+- job start latency (request to the job's first progress, torch imported) through the
+  torch-preloaded fork server and through a plain spawn, in pairs;
+- cancel latency (cancel request to the job's exit) over repeated runs of a step loop,
+  against the target of one step plus 50 ms;
+- log capture: a child printing short lines through the capture path versus the same
+  child writing straight to a file, timed until every byte is in the file and checked
+  byte for byte on disk (target >= 0.9x);
+- package hashing: the agent's hashing against a plain hashlib loop over the same
+  files on one thread each (target >= 0.9x); the agent's threaded manifest and its full
+  seal (zip and hash in one pass) are reported apart, never in that ratio;
+- the execution side's CPU per tiny job: this process's CPU (every thread, not the
+  job's own process) over tiny jobs run four at a time through the fork server.
+Medians are of per-pair ratios with their spread (lowest-highest); a p95 is printed
+only where there are at least 20 samples. Benchmarks never fail a build.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import CancelReason
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.launcher import ForkServerLauncher, Launcher, SpawnLauncher
-from agent.execution.package import sha256_many
+from agent.execution.package import build_manifest, sha256_file, write_package
 from agent.jobs import Job
 
-# The child times its own printing loop, so interpreter start-up is not in the ratio.
+P95_MIN_SAMPLES = 20
+
+# The child stamps the monotonic clock (system-wide) around its printing loop, so
+# interpreter start-up is in neither arm and the parent can time the capture's end.
 CHATTY = """import sys, time
-t0 = time.perf_counter()
+t0 = time.monotonic()
 w = sys.stdout.write
 for i in range({n}):
     w(f"line {{i}} of output\\n")
 sys.stdout.flush()
-print(f"loop_s={{time.perf_counter() - t0:.6f}}", file=sys.stderr)
+t1 = time.monotonic()
+print(f"loop_start={{t0:.6f}} loop_end={{t1:.6f}}", file=sys.stderr)
 """
 
 
+@dataclass
+class Sizes:
+    pairs: int
+    start_pairs: int
+    cancel_runs: int
+    lines: int
+    hash_mib: int
+    hash_files: int
+    tiny_jobs: int
+    tiny_rounds: int
+    torch: bool
+
+
+SIZES = {"full": Sizes(7, 10, 20, 1_000_000, 1024, 8, 200, 5, True),
+         "quick": Sizes(3, 4, 5, 200_000, 128, 8, 80, 4, True),
+         "tiny": Sizes(1, 1, 2, 20_000, 8, 4, 8, 1, False)}
+
+
+# -- figures ------------------------------------------------------------------------
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
 
 
-async def _run_jobs(launcher: Launcher, root: Path, jobs: list[Job],
-                    cancel_after_s: float | None = None, on_line: bool = False) -> list[JobRun]:
-    runs = []
-    for job in jobs:
-        sink: list[int] = []
-
-        def count(_stream: str, line: bytes, sink: list[int] = sink) -> None:
-            sink.append(len(line))
-
-        run = JobRun(job, ExecutorConfig(root, cancel_grace_s=5), launcher,
-                     on_line=count if on_line else None)
-        task = asyncio.create_task(run.run())
-        if cancel_after_s is not None:
-            while not run.progress:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(cancel_after_s)
-            run.cancel(CancelReason.REQUESTED)
-        await task
-        runs.append(run)
-    return runs
+def spread(values: list[float], unit: str = "", digits: int = 2) -> str:
+    """``median X (lowest-highest, n=N)``, with the p95 where there are enough samples."""
+    text = (f"median {statistics.median(values):.{digits}f}{unit} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f}, n={len(values)})")
+    if len(values) >= P95_MIN_SAMPLES:
+        text += f", p95 {p95(values):.{digits}f}{unit}"
+    return text
 
 
-def start_latency(root: Path, n: int) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {}
-    for name, launcher in (("forkserver", ForkServerLauncher()), ("spawn", SpawnLauncher())):
-        async def main(launcher: Launcher = launcher, name: str = name) -> list[float]:
-            if isinstance(launcher, ForkServerLauncher):
-                await launcher.start()  # a daemon keeps it warm; its start is not per job
-            jobs = [Job.from_dict({"job_id": f"start-{name}-{i}", "payload": {
-                "type": "sleep", "steps": 1, "step_s": 0, "torch": True}})
-                for i in range(n + 1)]  # the first one warms the caches and is not counted
-            try:
-                runs = await _run_jobs(launcher, root, jobs)
-            finally:
-                await launcher.close()
-            # Time to the job's first progress report: its imports (torch) are done.
-            return [((r.times["first_progress"] or 0) - (r.times["requested"] or 0)) * 1000
-                    for r in runs[1:]]
-        figures[name] = asyncio.run(main())
-    return figures
+def alternate(pair: int, arms: list[str]) -> list[str]:
+    """Arms in turn: forward on even pairs, reversed on odd ones (no arm always first)."""
+    return arms if pair % 2 == 0 else arms[::-1]
 
 
-def cancel_latency(root: Path, n: int, step_s: float) -> list[float]:
-    async def main() -> list[float]:
-        launcher = ForkServerLauncher()
-        jobs = [Job.from_dict({"job_id": f"cancel-{i}", "payload": {
-            "type": "sleep", "steps": 10**7, "step_s": step_s, "torch": True}})
-            for i in range(n)]
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- jobs ---------------------------------------------------------------------------------
+async def _run_job(launcher: Launcher, root: Path, job: Job,
+                   on_line: Callable[[str, bytes], None] | None = None,
+                   cancel_after_s: float | None = None) -> JobRun:
+    run = JobRun(job, ExecutorConfig(root, cancel_grace_s=5), launcher, on_line=on_line)
+    task = asyncio.create_task(run.run())
+    if cancel_after_s is not None:
+        while not run.progress and not task.done():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(cancel_after_s)
+        run.cancel(CancelReason.REQUESTED)
+    await task
+    return run
+
+
+def _sleep_job(job_id: str, steps: int, step_s: float, torch: bool) -> Job:
+    return Job.from_dict({"job_id": job_id, "payload": {
+        "type": "sleep", "steps": steps, "step_s": step_s, "torch": torch}})
+
+
+def start_latency(root: Path, pairs: int, torch: bool) -> dict[str, list[float]]:
+    """Request to first progress via each launcher, one job of each per pair."""
+    async def main() -> dict[str, list[float]]:
+        forkserver = ForkServerLauncher()
+        await forkserver.start()  # a daemon keeps it warm: its start is not a job's
+        launchers: dict[str, Launcher] = {"forkserver": forkserver, "spawn": SpawnLauncher()}
+        out: dict[str, list[float]] = {name: [] for name in launchers}
         try:
-            runs = await _run_jobs(launcher, root, jobs, cancel_after_s=0.2)
+            for pair in range(pairs + 1):  # pair 0 warms the page cache; not counted
+                for name in alternate(pair, list(launchers)):
+                    run = await _run_job(launchers[name], root,
+                                         _sleep_job(f"start-{name}-{pair}", 1, 0, torch))
+                    if pair:
+                        out[name].append(((run.mono.get("first_progress") or 0)
+                                          - (run.mono.get("requested") or 0)) * 1000)
         finally:
-            await launcher.close()
-        return [((r.cancel_times["exited"] or 0) - (r.cancel_times["requested"] or 0)) * 1000
-                for r in runs]
+            for launcher in launchers.values():
+                await launcher.close()
+        return out
     return asyncio.run(main())
 
 
-def log_throughput(root: Path, lines: int) -> dict[str, float]:
-    script = CHATTY.format(n=lines)
-    root.mkdir(parents=True, exist_ok=True)
-    direct_file = root / "direct.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    with open(direct_file, "wb") as fh:
+def cancel_latency(root: Path, runs: int, step_s: float) -> list[float]:
+    async def main() -> list[float]:
+        launcher = ForkServerLauncher()
+        latencies = []
+        try:
+            for i in range(runs):
+                run = await _run_job(launcher, root, _sleep_job(f"cancel-{i}", 10**7, step_s,
+                                                                False), cancel_after_s=0.2)
+                requested, exited = run.mono.get("cancel_requested"), run.mono.get("finished")
+                latencies.append(((exited or 0) - (requested or 0)) * 1000)
+        finally:
+            await launcher.close()
+        return latencies
+    return asyncio.run(main())
+
+
+# -- log capture ---------------------------------------------------------------------------
+def _stamps(stderr: str) -> tuple[float, float]:
+    """The child's loop start and end (after its flush), monotonic seconds."""
+    start, end = stderr.rsplit("loop_start=", 1)[1].split()[:2]
+    return float(start), float(end.removeprefix("loop_end="))
+
+
+def _direct(root: Path, script: str, env: dict[str, str]) -> tuple[float, bytes]:
+    path = root / "direct.log"
+    with open(path, "wb") as fh:
         proc = subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=subprocess.PIPE,
                               check=True, env=env, text=True)
-    direct = _loop_s(proc.stderr)
-    expected = direct_file.read_bytes()
-    out: dict[str, float] = {"direct_s": direct, "bytes": float(len(expected))}
-    for label, subscribe in (("captured", False), ("captured_lines", True)):
-        job = Job.from_dict({"job_id": f"chatty-{label}", "payload": {
-            "type": "command", "argv": [sys.executable, "-c", script]}})
-        runs = asyncio.run(_run_jobs(SpawnLauncher(), root, [job], on_line=subscribe))
-        run = runs[0]
-        out[f"{label}_s"] = _loop_s(run.folder.joinpath("logs/stderr.log").read_text())
-        kept = (root / f"job_chatty-{label}/logs/stdout.log").read_bytes()
-        out[f"{label}_exact"] = float(kept == expected)
-    return out
+    start, end = _stamps(proc.stderr)  # flushed at `end`: every byte is in the file
+    return end - start, path.read_bytes()
 
 
-def _loop_s(stderr: str) -> float:
-    return float(stderr.rsplit("loop_s=", 1)[1].split()[0])
+def _captured(root: Path, script: str, tag: str, subscribe: bool) -> tuple[float, bytes, int]:
+    """Loop start to the capture's last write, the log's bytes, and the bytes handed out
+    as lines to a subscriber (0 without one)."""
+    got = [0]
+
+    def count(stream: str, line: bytes) -> None:
+        if stream == "stdout":
+            got[0] += len(line)
+
+    job = Job.from_dict({"job_id": tag, "payload": {
+        "type": "command", "argv": [sys.executable, "-c", script]}})
+    run = asyncio.run(_run_job(SpawnLauncher(), root, job, on_line=count if subscribe else None))
+    start, _end = _stamps((run.folder / "logs/stderr.log").read_text())
+    written_at = run.captures["stdout"].written_at or start
+    return written_at - start, (run.folder / "logs/stdout.log").read_bytes(), got[0]
 
 
-def hash_throughput(root: Path, total_mib: int, files: int) -> dict[str, float]:
+@dataclass
+class LogFigures:
+    ratios: dict[str, list[float]]  # direct time / captured time, per pair
+    exact: dict[str, bool]
+    size: int
+
+
+def log_capture(root: Path, lines: int, pairs: int) -> LogFigures:
+    """Direct-to-file against capture and capture with a line subscriber, in pairs."""
     root.mkdir(parents=True, exist_ok=True)
+    script = CHATTY.format(n=lines)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    ratios: dict[str, list[float]] = {"captured": [], "lines": []}
+    exact = {"captured": True, "lines": True}
+    for pair in range(pairs):
+        times: dict[str, float] = {}
+        kept: dict[str, bytes] = {}
+        for arm in alternate(pair, ["direct", "captured", "lines"]):
+            if arm == "direct":
+                times[arm], kept[arm] = _direct(root, script, env)
+                continue
+            times[arm], kept[arm], handed = _captured(root, script, f"chatty-{arm}-{pair}",
+                                                      arm == "lines")
+            if arm == "lines":
+                exact[arm] &= handed == len(kept[arm])
+        for arm in ratios:
+            ratios[arm].append(times["direct"] / times[arm])
+            exact[arm] &= kept[arm] == kept["direct"]
+    return LogFigures(ratios, exact, len(kept["direct"]))
+
+
+# -- hashing ----------------------------------------------------------------------------------
+def _hashlib_loop(paths: list[Path]) -> list[str]:
+    digests = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            digests.append(hashlib.file_digest(fh, "sha256").hexdigest())
+    return digests
+
+
+def _agent_one_thread(paths: list[Path]) -> list[str]:
+    return [sha256_file(path) for path in paths]  # the seal's read-and-hash, inline
+
+
+@dataclass
+class HashFigures:
+    mib: float
+    ratios: list[float]  # hashlib time / agent time, per pair
+    speeds: dict[str, list[float]]
+    threaded: float
+    sealed: float
+    threads: int
+
+
+def hashing(root: Path, total_mib: int, files: int, pairs: int) -> HashFigures:
+    folder = root / "job_hash"
+    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
     chunk = os.urandom(1 << 20)
     paths = []
     for i in range(files):
-        path = root / f"blob{i}.bin"
+        path = folder / "artifacts" / f"blob{i}.bin"
         with open(path, "wb") as fh:
-            for _ in range(total_mib // files):
+            for _ in range(max(1, total_mib // files)):
                 fh.write(chunk)
         paths.append(path)
-    subprocess.run(["sha256sum", *map(str, paths)], capture_output=True, check=True)  # warm
-    timings: dict[str, list[float]] = {"sha256sum": [], "agent": []}
-    for _ in range(2):
-        t0 = time.perf_counter()
-        proc = subprocess.run(["sha256sum", *map(str, paths)], capture_output=True, text=True,
-                              check=True)
-        timings["sha256sum"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ours = sha256_many(paths)
-        timings["agent"].append(time.perf_counter() - t0)
-    theirs = [line.split()[0] for line in proc.stdout.splitlines()]
-    assert ours == theirs, "hashes disagree"
-    mib = total_mib
-    return {"sha256sum_mib_s": mib / min(timings["sha256sum"]),
-            "agent_mib_s": mib / min(timings["agent"])}
+    mib = sum(p.stat().st_size for p in paths) / (1 << 20)
+    reference = _hashlib_loop(paths)  # also warms the page cache for both arms
+    ratios: list[float] = []
+    speeds: dict[str, list[float]] = {"hashlib": [], "agent": []}
+    arms: dict[str, Callable[[list[Path]], list[str]]] = {"hashlib": _hashlib_loop,
+                                                          "agent": _agent_one_thread}
+    for pair in range(pairs):
+        took = {}
+        for name in alternate(pair, list(arms)):
+            t0 = time.perf_counter()
+            assert arms[name](paths) == reference, f"{name} hashes disagree"
+            took[name] = time.perf_counter() - t0
+            speeds[name].append(mib / took[name])
+        ratios.append(took["hashlib"] / took["agent"])
+    t0 = time.perf_counter()
+    manifest, _ = build_manifest(folder)
+    threaded = mib / (time.perf_counter() - t0)
+    assert [m["sha256"] for m in manifest] == reference
+    t0 = time.perf_counter()
+    write_package(folder, {"job_id": "hash", "status": "completed"})
+    sealed = mib / (time.perf_counter() - t0)
+    return HashFigures(mib, ratios, speeds, threaded, sealed, min(8, os.cpu_count() or 1))
+
+
+# -- CPU per tiny job -------------------------------------------------------------------------
+def cpu_per_tiny_job(root: Path, jobs: int, rounds: int, lanes: int = 4) -> list[float]:
+    """This process's CPU per tiny job, one figure per round of ``jobs / rounds`` jobs."""
+    async def main() -> list[float]:
+        launcher = ForkServerLauncher()
+        await launcher.start()
+        per_round = max(1, jobs // rounds)
+        counter = iter(range(10**9))
+
+        async def lane(count: int) -> None:
+            for _ in range(count):
+                await _run_job(launcher, root, _sleep_job(f"tiny-{next(counter)}", 1, 0, False))
+
+        figures = []
+        try:
+            await lane(lanes)  # warm: first imports, first cgroup, first package
+            for _ in range(rounds):
+                c0 = cpu_s()
+                await asyncio.gather(*(lane(per_round // lanes + (i < per_round % lanes))
+                                       for i in range(lanes)))
+                figures.append((cpu_s() - c0) * 1000 / per_round)
+        finally:
+            await launcher.close()
+        return figures
+    return asyncio.run(main())
+
+
+# -- report ---------------------------------------------------------------------------------
+def _print_method(size: str, s: Sizes) -> None:
+    print(f"== execution core ({size}; {os.cpu_count()} CPUs) ==")
+    print("method: arms alternate in every pair (forward, then reversed); a ratio is taken "
+          "per pair and its median and lowest-highest are printed; p95 only where "
+          f"n >= {P95_MIN_SAMPLES}.")
+
+
+def _print_start_cancel(start: dict[str, list[float]], cancel: list[float], step_s: float,
+                        torch: bool) -> None:
+    what = "torch imported" if torch else "no torch (--tiny)"
+    print(f"\nstart latency, request to first progress ({what}), one job per launcher "
+          "per pair, the fork server kept warm:")
+    for name, values in start.items():
+        print(f"  via {name:10s}: {spread(values, ' ms', 1)}")
+    ratio = [s / f for s, f in zip(start["spawn"], start["forkserver"], strict=True)]
+    print(f"  spawn / fork server per pair: {spread(ratio, 'x')}  (target: fork server "
+          "<= 50 ms)")
+    print(f"\ncancel latency, cancel request to exit, fork server, step {step_s * 1000:.0f} "
+          f"ms: {spread(cancel, ' ms', 1)}, max {max(cancel):.1f} ms  "
+          f"(target <= {step_s * 1000 + 50:.0f} ms)")
+
+
+def _print_logs(logs: LogFigures, lines: int) -> None:
+    print(f"\nlog capture, {lines:,} lines ({logs.size / 1e6:.1f} MB) per run. Time: the "
+          "child's loop start to its last byte in the file (direct: after its flush; "
+          "captured: the capture's last write). Every byte of stdout.log compared with the "
+          "direct file; the subscriber's lines summed to the same bytes.")
+    print(f"  captured / direct          : {spread(logs.ratios['captured'], 'x')}  "
+          f"every byte on disk: {logs.exact['captured']}  (target >= 0.9x)")
+    print(f"  with a line subscriber     : {spread(logs.ratios['lines'], 'x')}  "
+          f"every byte on disk and in lines: {logs.exact['lines']}")
+
+
+def _print_hashing(h: HashFigures) -> None:
+    print(f"\npackage hashing, {h.mib:.0f} MiB in files of the same size, page cache warm, "
+          "ONE thread each: hashlib's own file_digest against the agent's "
+          "sha256_file (the seal's own read-and-hash)")
+    print(f"  hashlib     : {spread(h.speeds['hashlib'], ' MiB/s', 0)}")
+    print(f"  agent       : {spread(h.speeds['agent'], ' MiB/s', 0)}")
+    print(f"  agent / hashlib per pair: {spread(h.ratios, 'x')}  (target >= 0.9x)")
+    print(f"  apart, not in the ratio: the agent's manifest with up to {h.threads} threads "
+          f"{h.threaded:.0f} MiB/s; its full seal (zip, hashes, sidecar, fsync) "
+          f"{h.sealed:.0f} MiB/s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer runs, smaller data")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="fewer pairs, smaller data")
+    group.add_argument("--tiny", action="store_true",
+                       help="smoke-test size: one pair each, no torch; figures mean little")
     args = parser.parse_args()
-    runs = 5 if args.quick else 20
-    lines = 200_000 if args.quick else 1_000_000
-    mib = 256 if args.quick else 1024
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    s = SIZES[size]
     step_s = 0.05
+    _print_method(size, s)
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         root = Path(tmp)
-        start = start_latency(root / "start", max(3, runs // 4))
-        cancel = cancel_latency(root / "cancel", runs, step_s)
-        logs = log_throughput(root / "logs", lines)
-        hashing = hash_throughput(root / "hash", mib, 8)
-    print("== execution core ==")
-    for name, values in start.items():
-        print(f"start latency via {name:10s}: median {statistics.median(values):8.1f} ms  "
-              f"p95 {p95(values):8.1f} ms  (target <= 50 ms via fork server)")
-    print(f"cancel latency (step {step_s * 1000:.0f} ms): median "
-          f"{statistics.median(cancel):.1f} ms  p95 {p95(cancel):.1f} ms  "
-          f"target <= {step_s * 1000 + 50:.0f} ms  over {len(cancel)} runs")
-    ratio = logs["direct_s"] / logs["captured_s"]
-    ratio_lines = logs["direct_s"] / logs["captured_lines_s"]
-    print(f"log capture, {lines:,} lines ({logs['bytes'] / 1e6:.1f} MB): direct to file "
-          f"{logs['direct_s']:.2f} s, captured {logs['captured_s']:.2f} s -> {ratio:.2f}x "
-          f"(target >= 0.9x), every byte kept: {bool(logs['captured_exact'])}")
-    print(f"log capture with a line subscriber: {logs['captured_lines_s']:.2f} s -> "
-          f"{ratio_lines:.2f}x, every byte kept: {bool(logs['captured_lines_exact'])}")
-    print(f"package hashing, {mib} MiB in 8 files: sha256sum {hashing['sha256sum_mib_s']:.0f} "
-          f"MiB/s, agent {hashing['agent_mib_s']:.0f} MiB/s -> "
-          f"{hashing['agent_mib_s'] / hashing['sha256sum_mib_s']:.2f}x (target >= 0.9x)")
+        start = start_latency(root / "start", s.start_pairs, s.torch)
+        cancel = cancel_latency(root / "cancel", s.cancel_runs, step_s)
+        _print_start_cancel(start, cancel, step_s, s.torch)
+        _print_logs(log_capture(root / "logs", s.lines, s.pairs), s.lines)
+        _print_hashing(hashing(root / "hash", s.hash_mib, s.hash_files, max(3, s.pairs)))
+        tiny = cpu_per_tiny_job(root / "tiny", s.tiny_jobs, s.tiny_rounds)
+    print(f"\nexecution-side CPU per tiny job (sleep, 1 step, no torch; {s.tiny_jobs} jobs in "
+          f"{s.tiny_rounds} rounds, 4 at a time, fork server): this process's user+system "
+          f"CPU, every thread, not the job's process: {spread(tiny, ' ms')}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
 from agent.errors import InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
-from agent.execution.package import PackageInfo, write_package
+from agent.execution.package import PackageInfo, read_sealed, write_package
 from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,
@@ -98,7 +98,9 @@ class Recovery:
             return JobReport(job_id, Outcome.FAILED, "invalid_job", "malformed job id", False,
                              {"status": "failed", "metrics": {}}, None)
         folder = job_folder(self.out_root, job_id)
-        if (folder / OUTPUT_JSON).is_file():  # packaged before the crash: report what it says
+        # Packaged before the crash: report what it says (read_sealed puts back from the
+        # durable zip an output.json or sidecar that a power cut left empty).
+        if read_sealed(folder) is not None:
             return report_from_folder(folder)
         for sub in (LOGS_DIR, ARTIFACTS_DIR):
             (folder / sub).mkdir(parents=True, exist_ok=True)

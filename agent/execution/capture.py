@@ -1,11 +1,14 @@
 """Log capture: a job's stdout and stderr copied byte for byte into log files.
 
-Each stream is a pipe from the job's process. A thread per stream moves the bytes
-into ``logs/<stream>.log`` with ``splice(2)`` (kernel to kernel, no copy through
-Python) in up-to-1-MiB moves, so a chatty job runs at nearly the speed it would
-writing straight to a file. Readers that want lines (the terminal view, the
-coordinator shipper) tail the file: the file on disk is the buffer, so a slow
-reader never slows or blocks the job.
+Each stream is a pipe from the job's process. One long-lived thread per agent, the
+capture hub, waits on every job's pipes at once (epoll) and moves what each has into
+``logs/<stream>.log`` in reads of up to 1 MiB into one reused buffer: no thread is
+started per job, and a chatty job still runs at nearly the speed it would writing
+straight to a file (its pipe holds 1 MiB; benchmarks/bench_core.py measures it).
+Bytes of one stream reach its file in order; one pass over the ready pipes moves at
+most 1 MiB from each, so a flat-out job cannot starve the others. Readers that want
+lines (the terminal view, the coordinator shipper) tail the file: the file on disk is
+the buffer, so a slow reader never slows or blocks the job.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +30,7 @@ PIPE_SIZE = 1 << 20
 MOVE_BYTES = 1 << 20
 DEFAULT_MAX_LOG_BYTES = 4 << 30
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def make_pipe() -> tuple[int, int]:
@@ -38,79 +44,144 @@ def make_pipe() -> tuple[int, int]:
 
 
 class StreamCapture:
-    """Copies one pipe into one log file until the pipe closes."""
+    """Copies one pipe into one log file until the pipe closes (the hub does the moving).
+
+    ``on_data(name, size)`` is called from the hub's thread after each move and once
+    more at the end, after ``done`` is set; ``on_done()`` once, at the end.
+    """
 
     def __init__(self, name: str, read_fd: int, path: Path,
                  on_data: Callable[[str, int], None] | None = None,
-                 max_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_LOG_BYTES,
+                 on_done: Callable[[], None] | None = None) -> None:
         self.name = name
         self.path = path
         self.size = 0
         self.dropped = 0
         self.disk_full = False  # a write found no room: the log holds what came before
         self.max_bytes = max_bytes
-        self._read_fd = read_fd
+        self.written_at: float | None = None  # monotonic time of the last bytes written
+        self.read_fd = read_fd
         self._on_data = on_data
-        self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
+        self._on_done = on_done
+        self._out_fd = -1
+        self._discard = False  # past the cap or out of room: keep reading, keep nothing
         self.done = threading.Event()
 
     def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        out_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        """Open the log (now, before the job can plant a link there) and hand over to the hub."""
         try:
-            self._copy(out_fd)
-        except OSError as exc:  # disk full or similar: keep draining so the job never blocks
-            self.disk_full = exc.errno in DISK_FULL_ERRNOS
-            log.error("log capture for %s stopped writing: %s", self.name, exc)
-            self._drain()
-        finally:
-            os.close(out_fd)
-            os.close(self._read_fd)
-            self.done.set()
-            if self._on_data is not None:
-                self._on_data(self.name, self.size)
-
-    def _copy(self, out_fd: int) -> None:
-        use_splice = hasattr(os, "splice")
-        while self.size < self.max_bytes:
-            want = min(MOVE_BYTES, self.max_bytes - self.size)
-            if use_splice:
-                try:
-                    moved = os.splice(self._read_fd, out_fd, want)
-                except OSError as exc:
-                    if exc.errno in DISK_FULL_ERRNOS:
-                        raise
-                    use_splice = False  # filesystem without splice support
-                    continue
-            else:
-                data = os.read(self._read_fd, min(want, 1 << 16))
-                moved = len(data)
-                if moved:
-                    _write_all(out_fd, data)
-            if moved == 0:
-                return
-            self.size += moved
-            if self._on_data is not None:
-                self._on_data(self.name, self.size)
-        log.warning("log %s reached its cap of %d bytes; dropping the rest", self.name,
-                    self.max_bytes)
-        self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            data = os.read(self._read_fd, 1 << 16)
-            if not data:
-                return
-            self.dropped += len(data)
+            self._out_fd = os.open(self.path, _LOG_FLAGS, 0o644)
+        except OSError as exc:  # the pipe is still drained: the job never blocks on it
+            self._stop_writing(exc)
+        os.set_blocking(self.read_fd, False)
+        _hub().add(self)
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self.done.wait(timeout)
+
+    def move(self, buf: memoryview) -> bool:
+        """Move what the pipe holds (up to ``len(buf)``); True once the pipe has closed."""
+        want = len(buf) if self._discard else min(len(buf), self.max_bytes - self.size)
+        if want <= 0:
+            log.warning("log %s reached its cap of %d bytes; dropping the rest", self.name,
+                        self.max_bytes)
+            self._discard = True
+            return False
+        try:
+            n = os.readv(self.read_fd, [buf[:want]])
+        except BlockingIOError:
+            return False
+        if n == 0:
+            return True
+        if self._discard:
+            self.dropped += n
+            return False
+        try:
+            _write_all(self._out_fd, buf[:n])
+        except OSError as exc:
+            self._stop_writing(exc)
+            return False
+        self.size += n
+        self.written_at = time.monotonic()
+        self._notify(self._on_data, self.name, self.size)
+        return False
+
+    def _stop_writing(self, exc: OSError) -> None:
+        self.disk_full = exc.errno in DISK_FULL_ERRNOS
+        self._discard = True
+        log.error("log capture for %s stopped writing: %s", self.name, exc)
+
+    def close(self) -> None:
+        """The pipe has closed (or the hub gave up on it): release both ends, tell waiters."""
+        if self._out_fd >= 0:
+            os.close(self._out_fd)
+        os.close(self.read_fd)
+        self.done.set()
+        self._notify(self._on_data, self.name, self.size)
+        self._notify(self._on_done)
+
+    def _notify(self, callback: Callable[..., None] | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # a subscriber's bug must not stop this log or any other
+            log.exception("log capture for %s: a callback failed", self.name)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+class _Hub:
+    """The one thread that moves every job's output: epoll over all capture pipes."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._streams: dict[int, StreamCapture] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, capture: StreamCapture) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="log-capture",
+                                                daemon=True)
+                self._thread.start()
+        # epoll_ctl is safe beside a waiting epoll_wait: the hub sees the pipe at once.
+        self._streams[capture.read_fd] = capture
+        self._epoll.register(capture.read_fd, select.EPOLLIN)
+
+    def _run(self) -> None:
+        buf = memoryview(bytearray(MOVE_BYTES))
+        while True:
+            for fd, _events in self._epoll.poll():
+                capture = self._streams.get(fd)
+                if capture is not None:
+                    self._serve(fd, capture, buf)
+
+    def _serve(self, fd: int, capture: StreamCapture, buf: memoryview) -> None:
+        try:
+            ended = capture.move(buf)
+        except Exception:  # never let one stream's surprise stop the thread for all
+            log.exception("log capture for %s failed; closing it", capture.name)
+            ended = True
+        if ended:
+            self._epoll.unregister(fd)
+            del self._streams[fd]
+            capture.close()
+
+
+_HUB: _Hub | None = None
+_HUB_LOCK = threading.Lock()
+
+
+def _hub() -> _Hub:
+    global _HUB
+    with _HUB_LOCK:
+        if _HUB is None:
+            _HUB = _Hub()
+        return _HUB
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

@@ -23,13 +23,13 @@ import signal
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import psutil
 
-from agent.clock import iso, within
+from agent.clock import iso, wait_event, within
 from agent.errors import CancelReason, LaunchError, Outcome, PackageError
 from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
@@ -124,6 +124,7 @@ class JobRun:
         self.events_seen: dict[str, Any] = {}
         self.handle: ProcessHandle | None = None
         self.captures: dict[str, StreamCapture] = {}
+        self._captured: dict[str, asyncio.Event] = {}  # set once a stream's pipe has closed
         self._tails: dict[str, LineTail] = {}
         self._tail_pending: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,8 +177,9 @@ class JobRun:
         if self.folder.exists():
             raise PackageError(f"{self.folder} already exists: a job id runs once per "
                                f"output folder (remove it or choose another --out)")
-        (self.folder / "logs").mkdir(parents=True)
-        (self.folder / "artifacts").mkdir()
+        self.folder.mkdir(parents=True)
+        (self.folder / LOGS_DIR).mkdir()
+        (self.folder / ARTIFACTS_DIR).mkdir()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.sandbox is not None:
             (self.work_dir / ".home").mkdir(exist_ok=True)
@@ -215,8 +217,7 @@ class JobRun:
         spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
                 "work_dir": str(self.work_dir), "runtime": runtime, "parent_pid": os.getpid(),
                 "t_request": self.times["requested"]}
-        async with aiofiles.open(spec_path, "w") as fh:
-            await fh.write(json.dumps(spec))
+        await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
         env = job_environ(self.environ, self._contract_env(), self.gpu_ids,
                           self.job.payload.get("env"))
         fds = self._open_channels()
@@ -263,9 +264,10 @@ class JobRun:
         for stream in STREAMS:
             read_fd, write_fd = make_pipe()
             child_ends[stream] = write_fd
+            self._captured[stream] = ended = asyncio.Event()
             capture = StreamCapture(stream, read_fd, log_path(self.folder, stream),
                                     self._on_data if self.on_line else None,
-                                    self.cfg.max_log_bytes)
+                                    self.cfg.max_log_bytes, partial(self._from_hub, ended.set))
             self.captures[stream] = capture
             self._tails[stream] = LineTail(capture.path)
             capture.start()
@@ -297,8 +299,9 @@ class JobRun:
             self.cancel_times["exited"] = self.times["finished"]
         if self._kill_task is not None:
             self._kill_task.cancel()
-        # Stragglers (a setsid grandchild that outlived its parent) die now, all of them.
-        self._kill_group(signal.SIGKILL, quiet=True)
+        # Stragglers still in the job's process group die now; a setsid grandchild that
+        # left it is the cgroup's (or the PID namespace's) to end.
+        self._kill_group(signal.SIGKILL, quiet=True, leader_gone=True)
         if self.cgroup is not None and not await self.cgroup.kill_and_wait():
             log.error("job %s: processes are still left in %s after cgroup.kill",
                       self.job.job_id, self.cgroup.path)
@@ -409,16 +412,22 @@ class JobRun:
             self.forced_kill = True
             self._kill_group(signal.SIGKILL)
 
-    def _kill_group(self, sig: int, quiet: bool = False) -> None:
-        """Signal the job's whole process group, and any descendant that left it."""
+    def _kill_group(self, sig: int, quiet: bool = False, leader_gone: bool = False) -> None:
+        """Signal the job's whole process group, and any descendant that left it.
+
+        Once the leader is reaped its pid may be another process's: its descendants
+        are no longer looked up (an orphan is not the pid's child any more anyway),
+        which also spares a scan of /proc at the end of every job.
+        """
         if self.handle is None:
             return
         if sig == signal.SIGKILL and self.cgroup is not None:
             self.cgroup.kill()
         pid = self.handle.pid
         descendants: list[psutil.Process] = []
-        with contextlib.suppress(psutil.Error):
-            descendants = psutil.Process(pid).children(recursive=True)
+        if not leader_gone:
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         for proc in descendants:
@@ -429,6 +438,12 @@ class JobRun:
                      signal_name(sig), pid)
 
     # -- lines for subscribers -------------------------------------------------------
+    def _from_hub(self, callback: Callable[[], object]) -> None:
+        """Called from the capture hub's thread: run ``callback`` on the loop."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(callback)
+
     def _on_data(self, stream: str, _size: int) -> None:
         """Called from a capture thread: schedule one tail read on the loop."""
         if stream in self._tail_pending or self._loop is None:
@@ -450,8 +465,8 @@ class JobRun:
 
     # -- finish -----------------------------------------------------------------------
     async def _finish(self, status: int | None, _timed_out: bool) -> JobReport:
-        for capture in self.captures.values():
-            if not await asyncio.to_thread(capture.join, 10):
+        for stream, capture in self.captures.items():
+            if not await wait_event(self._captured[stream], 10):
                 log.error("job %s: %s capture did not end; a process outside the group "
                           "holds the pipe", self.job.job_id, capture.name)
         for stream in self.captures:
@@ -564,9 +579,18 @@ class JobRun:
         if output["cancel"] is not None:
             # The package is written once; "packaged" is when that write begins.
             output["cancel"]["packaged_at"] = iso(time.time())
-        try:
-            info = await asyncio.to_thread(write_package, self.folder, output, self.cfg.make_zip)
+        info = await asyncio.to_thread(self._seal_and_clean, output)
+        if info is not None:
             output = info.output
+        log.info("job %s: %s%s", self.job.job_id, verdict.outcome.value,
+                 f" ({verdict.error_code})" if verdict.error_code else "")
+        return JobReport(self.job.job_id, verdict.outcome, verdict.error_code,
+                         verdict.error_message, bool(output["partial"]), output, info)
+
+    def _seal_and_clean(self, output: dict[str, Any]) -> PackageInfo | None:
+        """Seal the package, then drop the job's cgroup and scratch: one thread hop."""
+        try:
+            info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip)
         except (OSError, PackageError) as exc:
             log.error("job %s: packaging failed: %s", self.job.job_id, exc)
             info = None
@@ -574,10 +598,7 @@ class JobRun:
             self.cgroup.remove()
         if not self.cfg.keep_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        log.info("job %s: %s%s", self.job.job_id, verdict.outcome.value,
-                 f" ({verdict.error_code})" if verdict.error_code else "")
-        return JobReport(self.job.job_id, verdict.outcome, verdict.error_code,
-                         verdict.error_message, bool(output["partial"]), output, info)
+        return info
 
     async def _report_without_process(self, code: str, message: str) -> JobReport:
         """A job refused before its process exists still leaves a package."""

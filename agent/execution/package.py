@@ -12,17 +12,12 @@ Layout (the client guide, shared/seed-job-lifecycle.txt)::
     job_<ID>.zip, job_<ID>.zip.sha256   beside the folder
 
 What the seal guarantees: every byte it hashes or zips was read through a descriptor
-that a no-follow walk opened beneath the folder. The folder is opened with
-O_DIRECTORY|O_NOFOLLOW, each directory relative to its parent's descriptor the same way,
-each file relative to its directory's descriptor with O_NOFOLLOW, and ``fstat`` on the
-opened descriptor has the last word. No path is resolved twice, so a directory swapped
-for a symlink, however fast, fails to open (listed as "changed during sealing") and is
-never followed. Each file is hashed and copied into the zip in one pass over the same
-buffer, so the zip holds exactly the bytes the manifest names. Left out, and listed
-under ``skipped`` in output.json with the reason: symlinks, hard links (a second name of
-a file that may live outside the folder), FIFOs, sockets and devices, names that
-``sha256sum`` would need escaped, entries the agent may not read, and directories more
-than MAX_DEPTH levels down.
+that a no-follow walk opened beneath the folder (agent/execution/sealwalk.py says how,
+and what it leaves out, listed under ``skipped`` in output.json with the reason). Each
+file is hashed and copied into the zip in one pass over the same buffer, so the zip
+holds exactly the bytes the manifest names. A zip of up to 8 MiB is built and hashed
+in memory, so its sidecar costs no read-back; a larger one is read back once. The zip
+is the package's durable copy: see ``_ZipDraft``.
 
 What it relies on: the executor seals only after every process of the job is gone, so
 the folder is final. A process that survives anyway can make the package miss a file
@@ -35,54 +30,37 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import stat
 import time
 import zipfile
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.errors import PackageError
+from agent.execution.sealwalk import DIR_FLAGS, MAX_DEPTH, Opened, Skip, Walk
 from agent.layout import CHECKSUMS, OUTPUT_JSON, checksum_of, zip_of
 
+__all__ = ["HASH_CHUNK", "MAX_DEPTH", "PackageInfo", "Skip", "build_manifest", "collect_files",
+           "read_sealed", "result_hash", "sha256_file", "sha256_many", "write_package"]
+
 HASH_CHUNK = 1 << 20
-MAX_DEPTH = 64
 _TEXT_SUFFIXES = {".log", ".txt", ".json", ".jsonl", ".csv", ".md", ".yaml", ".toml"}
 # A file that fits in one read is hashed inline: handing it to a thread costs more.
 _PARALLEL_MIN_BYTES = HASH_CHUNK
 # Files handed to the hashing threads at once, each holding a descriptor until hashed.
 _IN_FLIGHT = 16
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO swapped in after listing must not hang the open (no effect on files).
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-# The entry was there when listed and is something else, or gone, when opened.
-_CHANGED_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO}
-_DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
-
-
-class Skip(StrEnum):
-    """Why an entry of the folder is not in the package (output.json's ``skipped``)."""
-
-    SYMLINK = "symlink"
-    HARD_LINK = "hard link"
-    NOT_REGULAR = "not a regular file"
-    NEEDS_ESCAPING = "name needs escaping"
-    CHANGED = "changed during sealing"
-    UNREADABLE = "unreadable"
-    TOO_DEEP = "too deep"
-
-
-# Names the seal writes at the top of the folder; a previous seal's copies are replaced.
-_OURS = {OUTPUT_JSON, CHECKSUMS, f".{OUTPUT_JSON}.tmp", f".{CHECKSUMS}.tmp"}
-
+# A zip up to this size is built and hashed in memory: one write, no read-back.
+_MEMORY_ZIP_BYTES = 8 << 20
+# Smaller text is stored: deflate costs ~50 us an entry (mostly its 256 KiB state) and
+# saves less than one disk block.
+_DEFLATE_MIN_BYTES = 4096
 
 @dataclass
 class PackageInfo:
@@ -145,122 +123,9 @@ def sha256_many(paths: list[Path], workers: int | None = None) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def _safe_name(rel: str) -> bool:
-    if "\n" in rel or "\\" in rel or "\r" in rel:
-        return False
-    try:
-        rel.encode()  # a name that is not UTF-8 arrives with surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class _Opened:
-    """A regular file the walk opened; its descriptor is the consumer's to close."""
-
-    rel: str
-    fd: int
-    st: os.stat_result
-
-
-class _Walk:
-    """Sorted, depth-first, no-follow walk beneath a folder, by descriptors only.
-
-    ``files()`` yields each packageable file already opened; everything left out is in
-    ``skipped``. The root and every directory descriptor are closed on leaving the block.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.root_fd = -1
-        self.skipped: list[dict[str, str]] = []
-        self._files: Generator[_Opened, None, None] | None = None
-
-    def __enter__(self) -> _Walk:
-        try:
-            self.root_fd = os.open(self.folder, _DIR_FLAGS)
-        except FileNotFoundError as exc:
-            raise PackageError(f"package folder {self.folder} does not exist") from exc
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            raise PackageError(f"package folder {self.folder} is not a directory "
-                               "(a symlink is never followed)") from exc
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._files is not None:
-            self._files.close()
-        os.close(self.root_fd)
-
-    def files(self) -> Iterator[_Opened]:
-        self._files = self._dir(self.root_fd, "", 0)
-        return self._files
-
-    def _skip(self, rel: str, reason: Skip) -> None:
-        self.skipped.append({"path": rel, "reason": reason.value})
-
-    def _dir(self, dir_fd: int, prefix: str, depth: int) -> Generator[_Opened, None, None]:
-        for name in sorted(os.listdir(dir_fd)):
-            if not prefix and name in _OURS:
-                continue
-            rel = prefix + name
-            try:
-                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-            except FileNotFoundError:
-                self._skip(rel, Skip.CHANGED)
-                continue
-            if stat.S_ISLNK(mode):
-                self._skip(rel, Skip.SYMLINK)
-            elif stat.S_ISDIR(mode):
-                yield from self._subdir(dir_fd, name, rel, depth + 1)
-            elif not stat.S_ISREG(mode):
-                self._skip(rel, Skip.NOT_REGULAR)
-            elif not _safe_name(rel):
-                self._skip(rel.encode("unicode_escape").decode(), Skip.NEEDS_ESCAPING)
-            elif (opened := self._open_file(dir_fd, name, rel)) is not None:
-                yield opened
-
-    def _subdir(self, parent_fd: int, name: str, rel: str, depth: int) -> Iterator[_Opened]:
-        if depth > MAX_DEPTH:
-            self._skip(rel, Skip.TOO_DEEP)
-            return
-        fd = self._open(parent_fd, name, rel, _DIR_FLAGS)
-        if fd is None:
-            return
-        try:
-            yield from self._dir(fd, rel + "/", depth)
-        finally:
-            os.close(fd)
-
-    def _open_file(self, dir_fd: int, name: str, rel: str) -> _Opened | None:
-        fd = self._open(dir_fd, name, rel, _FILE_FLAGS)
-        if fd is None:
-            return None
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            return _Opened(rel, fd, st)
-        os.close(fd)
-        self._skip(rel, Skip.NOT_REGULAR if not stat.S_ISREG(st.st_mode) else Skip.HARD_LINK)
-        return None
-
-    def _open(self, dir_fd: int, name: str, rel: str, flags: int) -> int | None:
-        try:
-            return os.open(name, flags, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno in _CHANGED_ERRNOS:
-                self._skip(rel, Skip.CHANGED)
-            elif exc.errno in _DENIED_ERRNOS:
-                self._skip(rel, Skip.UNREADABLE)
-            else:
-                raise
-            return None
-
-
 def collect_files(folder: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Regular files under ``folder`` (relative POSIX paths), never through a symlink."""
-    with _Walk(folder) as walk:
+    with Walk(folder) as walk:
         files = []
         for opened in walk.files():
             os.close(opened.fd)
@@ -268,7 +133,7 @@ def collect_files(folder: Path) -> tuple[list[str], list[dict[str, str]]]:
     return files, walk.skipped
 
 
-def _entry(opened: _Opened, sink: Callable[[memoryview], object] | None = None,
+def _entry(opened: Opened, sink: Callable[[memoryview], object] | None = None,
            hasher: ThreadPoolExecutor | None = None) -> dict[str, Any]:
     # Reading stops at the size fstat saw, so a file still growing cannot outgrow the
     # zip entry sized for it; the manifest's size is what was read.
@@ -276,7 +141,7 @@ def _entry(opened: _Opened, sink: Callable[[memoryview], object] | None = None,
     return {"path": opened.rel, "size": size, "sha256": digest}
 
 
-def _hash_files(files: Iterator[_Opened]) -> list[dict[str, Any]]:
+def _hash_files(files: Iterator[Opened]) -> list[dict[str, Any]]:
     """Manifest entries in walk order; large files are hashed in threads."""
     entries: list[dict[str, Any] | Future[dict[str, Any]]] = []
     in_flight: deque[Future[dict[str, Any]]] = deque()
@@ -300,7 +165,7 @@ def _hash_files(files: Iterator[_Opened]) -> list[dict[str, Any]]:
 
 def build_manifest(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The manifest (path, size, sha256) of ``folder`` and what was skipped, by the seal's walk."""
-    with _Walk(folder) as walk:
+    with Walk(folder) as walk:
         manifest = _hash_files(walk.files())
     return manifest, walk.skipped
 
@@ -319,13 +184,14 @@ def _zip_info(name: str, mode: int, mtime: float, size: int) -> zipfile.ZipInfo:
     info.external_attr = (mode & 0xFFFF) << 16
     info.file_size = size  # decides whether the entry needs zip64
     text = PurePosixPath(name).suffix in _TEXT_SUFFIXES
-    info.compress_type = zipfile.ZIP_DEFLATED if text else zipfile.ZIP_STORED
+    deflate = text and size >= _DEFLATE_MIN_BYTES
+    info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
     # Level 1: logs compress ~5x at once; level 6 costs 3x the time for ~10% more.
     info._compresslevel = 1  # type: ignore[attr-defined]  # public from 3.13
     return info
 
 
-def _zip_files(zf: zipfile.ZipFile, top: str, files: Iterator[_Opened]) -> list[dict[str, Any]]:
+def _zip_files(zf: zipfile.ZipFile, top: str, files: Iterator[Opened]) -> list[dict[str, Any]]:
     """Copy each file into the zip, hashing the very bytes written: one read per file.
 
     A large file's hash runs in a helper thread while the zip takes the same chunk, so
@@ -353,32 +219,133 @@ def _zip_files(zf: zipfile.ZipFile, top: str, files: Iterator[_Opened]) -> list[
     return manifest
 
 
-def _atomic_write_at(dir_fd: int, name: str, data: bytes) -> None:
+def _replace_at(dir_fd: int, name: str, data: bytes, durable: bool = False) -> None:
+    """Write ``name`` under a temporary name and rename it over the old one."""
     tmp = f".{name}.tmp"
-    with suppress(FileNotFoundError):
+    with suppress(FileNotFoundError):  # O_EXCL below: never write through a planted link
         os.unlink(tmp, dir_fd=dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=dir_fd)
-    with open(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fd)
+    try:
+        _write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-@contextmanager
-def _zip_draft(zip_path: Path) -> Iterator[zipfile.ZipFile]:
-    """A zip written under a temporary name beside the folder, renamed into place on success."""
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with open(fd, "w+b") as fh, zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
-            yield zf
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    os.replace(tmp, zip_path)
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _ZipBuffer:
+    """Where the zip's bytes go: memory while the zip is small, the draft file past that.
+
+    A small zip is hashed in memory and written with one call, so its sha256 costs no
+    read-back; a larger one spills to the draft file and is read back once at the end
+    (its members were still each read once: the zip's own hash is over other bytes).
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self._limit = limit
+        self._mem: io.BytesIO | None = io.BytesIO()
+        self._pos = 0  # in the draft file, once spilled
+
+    def write(self, data: bytes, /) -> int:
+        if self._mem is not None:
+            if self._mem.tell() + len(data) <= self._limit:
+                return self._mem.write(data)
+            self._pos = self._mem.tell()
+            with self._mem.getbuffer() as held:
+                _write_all(self.fd, held)
+            self._mem = None
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, self._pos)
+            self._pos += written
+            view = view[written:]
+        return len(data)
+
+    def tell(self) -> int:
+        return self._mem.tell() if self._mem is not None else self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self._mem is not None:
+            return self._mem.seek(offset, whence)
+        if whence != os.SEEK_SET:
+            raise OSError(errno.EINVAL, "the zip draft seeks only to absolute offsets")
+        self._pos = offset
+        return offset
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None  # the draft owns the descriptor
+
+    def finish(self) -> str:
+        """Put every byte in the draft file and return the zip's sha256."""
+        if self._mem is None:
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            return _pump(os.dup(self.fd), None)[1]
+        with self._mem.getbuffer() as held:
+            _write_all(self.fd, held)
+            return hashlib.sha256(held).hexdigest()
+
+
+class _ZipDraft:
+    """The zip, written under a temporary name beside the folder and renamed into place.
+
+    Durability, in the order a crash could interrupt it: the finished zip is fsynced
+    before its rename, and the folder holding it (the jobs root) once after the zip and
+    its ``.sha256`` sidecar are renamed in. That is the one durable copy of the package:
+    every member, output.json and output.sha256 included, is inside it. The sidecar and
+    the job folder's own output.json/output.sha256 are written after it without an
+    fsync of their own; after a power cut they may be empty, and :func:`read_sealed`
+    rebuilds them from the zip. Two fsyncs a package instead of one per file written.
+    """
+
+    def __init__(self, zip_path: Path) -> None:
+        self.path = zip_path
+        self.sha256 = ""
+        self._tmp = f".{zip_path.name}.tmp"
+        self._dir_fd = os.open(zip_path.parent, DIR_FLAGS)
+        try:
+            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o644, dir_fd=self._dir_fd)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
+        self._buffer = _ZipBuffer(self._fd, _MEMORY_ZIP_BYTES)
+        self.zf = zipfile.ZipFile(self._buffer, "w", allowZip64=True)
+
+    def __enter__(self) -> _ZipDraft:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            os.close(self._fd)
+            if exc_type is not None or not self.sha256:
+                with suppress(FileNotFoundError):
+                    os.unlink(self._tmp, dir_fd=self._dir_fd)
+            os.close(self._dir_fd)
+
+    def _commit(self) -> None:
+        self.zf.close()
+        digest = self._buffer.finish()
+        os.fsync(self._fd)
+        os.replace(self._tmp, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        self.sha256 = digest
+        sidecar = checksum_of(self.path).name
+        _replace_at(self._dir_fd, sidecar, f"{digest}  {self.path.name}\n".encode())
+        os.fsync(self._dir_fd)
 
 
 def _sealed_output(output: dict[str, Any], manifest: list[dict[str, Any]],
@@ -395,32 +362,93 @@ def _sealed_output(output: dict[str, Any], manifest: list[dict[str, Any]],
 
 
 def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True) -> PackageInfo:
-    """Seal a job folder whose processes are all gone: output.json, output.sha256, the zip."""
+    """Seal a job folder whose processes are all gone: output.json, output.sha256, the zip.
+
+    The folder's output.json is written last, once the zip is durable: a folder that
+    has one had its zip finished first.
+    """
     zip_path = zip_of(folder) if make_zip else None
-    with _Walk(folder) as walk, _zip_draft(zip_path) if zip_path else nullcontext() as zf:
-        if zf is None:
+    with Walk(folder) as walk:
+        if zip_path is None:
             manifest = _hash_files(walk.files())
+            sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
         else:
-            manifest = _zip_files(zf, folder.name, walk.files())
-        sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
-        for name, data in ((OUTPUT_JSON, body), (CHECKSUMS, sums)):
-            _atomic_write_at(walk.root_fd, name, data)
-            if zf is not None:  # the bytes just written, not a re-read of the file
-                zf.writestr(_zip_info(f"{folder.name}/{name}", stat.S_IFREG | 0o644,
-                                      time.time(), len(data)), data)
+            with _ZipDraft(zip_path) as draft:
+                manifest = _zip_files(draft.zf, folder.name, walk.files())
+                sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
+                for name, data in ((OUTPUT_JSON, body), (CHECKSUMS, sums)):
+                    draft.zf.writestr(_zip_info(f"{folder.name}/{name}", stat.S_IFREG | 0o644,
+                                                time.time(), len(data)), data)
+        # Without a zip the folder is the only copy: then its output.json is made durable.
+        _replace_at(walk.root_fd, CHECKSUMS, sums)
+        _replace_at(walk.root_fd, OUTPUT_JSON, body, durable=zip_path is None)
+        if zip_path is None:
+            os.fsync(walk.root_fd)
     info = PackageInfo(folder, None, None, manifest, sealed["result_hash"], walk.skipped, sealed)
     if zip_path is not None:
-        info.zip_path, info.zip_sha256 = zip_path, _write_sidecar(zip_path)
+        info.zip_path, info.zip_sha256 = zip_path, draft.sha256
     return info
 
 
-def _write_sidecar(zip_path: Path) -> str:
-    """Hash the finished zip and write its ``sha256sum`` line beside it."""
-    digest = sha256_file(zip_path)
-    sidecar = checksum_of(zip_path)
-    dir_fd = os.open(sidecar.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def read_sealed(folder: Path) -> PackageInfo | None:
+    """What an earlier seal of ``folder`` wrote, or None where it never finished.
+
+    For recovery after a crash. The zip is the durable copy (see :class:`_ZipDraft`):
+    an output.json or sidecar that a power cut left empty is rewritten from it. None:
+    no readable output.json in the folder or the zip, so the seal never finished.
+    """
+    zip_path = zip_of(folder)
+    body = _read_or_none(folder / OUTPUT_JSON)
+    if _json_or_none(body) is None and zip_path.is_file():
+        body = _restore_from_zip(folder, zip_path)
+    output = _json_or_none(body)
+    if output is None:
+        return None
+    zip_sha = None
+    if zip_path.is_file():
+        words = (_read_or_none(checksum_of(zip_path)) or b"").split()
+        zip_sha = words[0].decode() if words and len(words[0]) == 64 else None
+        if zip_sha is None:
+            zip_sha = sha256_file(zip_path)
+            _replace_in(zip_path.parent, checksum_of(zip_path).name,
+                        f"{zip_sha}  {zip_path.name}\n".encode())
+    return PackageInfo(folder, zip_path if zip_sha else None, zip_sha,
+                       output.get("files", []), output.get("result_hash", ""),
+                       output.get("skipped", []), output)
+
+
+def _restore_from_zip(folder: Path, zip_path: Path) -> bytes | None:
+    """The zip's output.json, put back in the folder with its output.sha256."""
     try:
-        _atomic_write_at(dir_fd, sidecar.name, f"{digest}  {zip_path.name}\n".encode())
+        with zipfile.ZipFile(zip_path) as zf:
+            body = zf.read(f"{folder.name}/{OUTPUT_JSON}")
+            sums = zf.read(f"{folder.name}/{CHECKSUMS}")
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    if _json_or_none(body) is not None:
+        _replace_in(folder, CHECKSUMS, sums)
+        _replace_in(folder, OUTPUT_JSON, body)
+    return body
+
+
+def _replace_in(directory: Path, name: str, data: bytes) -> None:
+    dir_fd = os.open(directory, DIR_FLAGS)
+    try:
+        _replace_at(dir_fd, name, data)
     finally:
         os.close(dir_fd)
-    return digest
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _json_or_none(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
