@@ -30,6 +30,7 @@ from agent.daemon.uploads import plan as upload_plan
 from agent.errors import AgentError, InvalidJob, LaunchError, UnsupportedConstraint
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun, runtime_for
 from agent.execution.launcher import Launcher
+from agent.execution.warm import WarmPool
 from agent.jobs import Job, valid_job_id
 from agent.layout import job_folder, package_paths
 from agent.node.metrics import AgentMetrics
@@ -50,12 +51,17 @@ class JobStarter:
     exec_cfg: ExecutorConfig
     launcher: Launcher
     environ: dict[str, str]
+    warm: WarmPool | None = None  # built-in inference in warm model workers (warm_models)
 
     def run_for(self, job: Job, assignment: Assignment, created_at: float) -> JobRun:
-        return JobRun(job, self.exec_cfg, self.launcher,
-                      gpu_ids=assignment.cuda_visible_devices,
-                      gpu_names=list(assignment.gpu_names), environ=self.environ,
-                      created_at=created_at, gpu_devices=assignment.device_nodes)
+        kwargs: dict[str, Any] = dict(
+            gpu_ids=assignment.cuda_visible_devices, gpu_names=list(assignment.gpu_names),
+            environ=self.environ, created_at=created_at, gpu_devices=assignment.device_nodes)
+        if self.warm is None:
+            return JobRun(job, self.exec_cfg, self.launcher, **kwargs)
+        return self.warm.run_for(job, self.exec_cfg, assignment.gpu_indices, **kwargs) or \
+            JobRun(job, self.exec_cfg, self.warm.guard(self.launcher, assignment.gpu_indices),
+                   **kwargs)
 
 
 class JobFlow:
@@ -102,7 +108,8 @@ class JobFlow:
         task = asyncio.create_task(self.handle(polled.job_id, raw, polled.lease_id))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
-        self.wake_heartbeat()
+        # No heartbeat: the coordinator counted this job in our in-flight as it handed it
+        # over. Heartbeats keep their own timer (see agent.daemon.heartbeat).
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
@@ -130,9 +137,13 @@ class JobFlow:
         if assignment is None:  # canceled while waiting for devices
             self.held.release(job_id)
             self.journal.set_phase(job_id, Phase.DROPPED, outcome="canceled")
+            self.wake_heartbeat()  # nothing is reported: only a heartbeat frees its slot
             return
-        report = await self._run(active, job, assignment)
-        await asyncio.shield(self.conclude(active, report))
+        try:
+            report = await self._run(active, job, assignment)
+            await asyncio.shield(self.conclude(active, report))
+        finally:
+            self.outbox.unexpect(job_id)  # reported, dropped or failed: no longer awaited
 
     def _check_type(self, job: Job) -> None:
         """Refuse a type this node lacks, or does not allow, before it waits for devices."""
@@ -189,12 +200,17 @@ class JobFlow:
             run.cancel(active.cancel_reason)
         self.journal.set_phase(job.job_id, Phase.RUNNING, package_dir=str(run.folder))
         try:
+            # Its records on disk before its process exists (one flush for every job
+            # starting now): a crash from here on finds the job in the journal.
+            await self.journal.durable()
             return await run.run()
         finally:
             try:
                 active.release = await self._release_gpus(assignment, run)
             finally:
                 self.scheduler.release(job.job_id)
+                # The poll the free slot brings waits for this report (Outbox.catch_up).
+                self.outbox.expect(job.job_id)
                 self.held.release(job.job_id)
 
     async def _release_gpus(self, assignment: Assignment, run: JobRun) -> Release:
@@ -224,9 +240,9 @@ class JobFlow:
     async def conclude(self, active: Active, report: JobReport) -> None:
         """The package is written: report it as :func:`disposition` says."""
         self._count(report)
-        self.wake_heartbeat()  # the slot is free: say so now
         # The slot is already free (the poll loop may lease the next job); the report
-        # waits for post-job, which hook_timeout_s bounds.
+        # waits for post-job, which hook_timeout_s bounds. No heartbeat: the report tells
+        # the coordinator (see Outbox.on_uncounted for those that do not).
         await self._post_job(active, report)
         session = self.session()
         if disposition(report.outcome, session.caps, active.dropped) is Disposition.DROP:
@@ -234,6 +250,7 @@ class JobFlow:
                      "reported", report.job_id, report.folder)
             self.journal.set_phase(report.job_id, Phase.DROPPED, outcome=report.outcome.value)
             session.forget(report.job_id)
+            self.wake_heartbeat()  # nothing is reported: only a heartbeat frees its slot
             return
         upload = upload_plan(report, active.job, session.caps)
         rep = await self.finish(report, active.lease_id, active.gpu_count,

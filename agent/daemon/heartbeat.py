@@ -1,8 +1,11 @@
 """The heartbeat loop: the true in-flight count, status, telemetry, lease renewals, cancels.
 
-It runs on its own timer so job work never delays it, and beats at once when woken
-(a job accepted, a slot freed, a report sent). With leases held it beats at least
-every third of the shortest lease, so a short lease survives a long interval. The
+It runs on its own timer so job work never delays it. Jobs coming and going do not
+wake it: the coordinator counts a job in flight when it hands it over and frees the
+slot at its ``/result``. It beats at once only for what it alone can say: a report that
+ended without a ``/result`` (a ``/fail``, a drop), a job dropped unreported, a drain or
+pause, a registration. With leases held it beats at least every third of the shortest
+lease, so a short lease survives a long interval. The
 status is the node's truth: ``ONLINE``, or ``DRAINING`` (the reason in the metadata)
 while it takes no new work; the daemon's shutdown sends the last one, ``OFFLINE``.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,21 +50,35 @@ class HeartbeatLoop:
         # by an outage does not let the lease lapse and the job run again.
         self.owed_leases = owed_leases
         self._now = asyncio.Event()
+        self._beat_asked = False
+        held.on_lease = self.replan  # a job with a short lease shortens the wait at once
 
     def wake(self) -> None:
         """Beat now (the node's state just changed)."""
+        self._beat_asked = True
+        self._now.set()
+
+    def replan(self) -> None:
+        """Work out the wait again (a lease came in), beating only if it is already due."""
         self._now.set()
 
     async def run(self) -> None:
         while True:
-            self._now.clear()
+            self._beat_asked = False  # a wake during the beat asks for the next one
             await self.beat()
-            await wait_event(self._now, self.every_s())
+            beaten = time.monotonic()
+            while not self._beat_asked:
+                left = beaten + self.every_s() - time.monotonic()
+                if left <= 0:
+                    break
+                self._now.clear()
+                await wait_event(self._now, left)
 
     async def beat(self) -> None:
+        sent = self._leases()
         try:
             answer = await self.client.heartbeat(len(self.held), self.metadata(),
-                                                 leases=self._leases() or None,
+                                                 leases=sent or None,
                                                  status=self.status(),
                                                  deadline_s=self.interval_s)
         except NotRegistered:
@@ -74,7 +92,11 @@ class HeartbeatLoop:
         for job_id in answer.cancel:
             self.inbox.cancel(job_id, CancelReason.HEARTBEAT, force=job_id in answer.kill)
         for job_id in answer.lost:
-            self.inbox.cancel(job_id, CancelReason.LEASE_LOST)
+            # Only the attempt whose lease this beat sent: a beat that left before the
+            # job was handed out again must not stop the new attempt.
+            active = self.held.get(job_id)
+            if active is not None and active.lease_id == sent.get(job_id):
+                self.inbox.cancel(job_id, CancelReason.LEASE_LOST)
 
     def _leases(self) -> dict[str, str]:
         owed = self.owed_leases() if self.owed_leases is not None else {}

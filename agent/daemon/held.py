@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from agent.daemon.release import Release
@@ -48,6 +48,8 @@ class HeldJobs:
     def __init__(self) -> None:
         self._jobs: dict[str, Active] = {}
         self._slot_freed = asyncio.Event()
+        # Called when a job with a lease comes in (the heartbeat renews leases in time).
+        self.on_lease: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -63,6 +65,8 @@ class HeldJobs:
 
     def add(self, active: Active) -> None:
         self._jobs[active.job_id] = active
+        if active.lease_ttl_s and self.on_lease is not None:
+            self.on_lease()
 
     def release(self, job_id: str) -> None:
         """Forget the job and say a slot is free."""

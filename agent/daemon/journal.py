@@ -10,9 +10,14 @@ Phases of a job on this node::
 been acknowledged yet, and its delivery state (tries, last error, whether an answer
 was lost after a send, the package upload's state); the outbox
 (:mod:`agent.daemon.outbox`) retries it while the agent runs, and after a crash it is
-sent once more, never rebuilt. Every
-write commits before the agent acts on it, so a SIGKILL at any point leaves a
-state the next start can resume from.
+sent once more, never rebuilt.
+
+Durability, grouped: every write is committed to the write-ahead log at once (a SIGKILL
+at any point leaves a state the next start can resume from), and :meth:`Journal.durable`
+flushes it for a power loss: one ``fdatasync`` for all who wait meanwhile, in the
+journal's own thread, never on the event loop. The daemon awaits it before a job's
+process starts and before a report or upload leaves; other records (``reported``, log
+offsets, tries) reach the disk with the next flush. That thread also checkpoints.
 
 Retention: a finished job's package is pruned (by age or by the size cap, see
 :mod:`agent.daemon.recovery`) while its row stays, marked ``pruned_at``, with its outcome
@@ -31,9 +36,12 @@ before space returns; a restart then sees the job's last written phase.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import enum
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -44,6 +52,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # writes kept in memory while the disk is full; older ones are dropped
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+CHECKPOINT_BYTES = 4 << 20  # the write-ahead log is copied into the database past this
+WAL_KEEP_BYTES = 1 << 20
+BACKSTOP_PAGES = 5000  # about 20 MiB of log
 DONE_PHASES = ("reported", "dropped", "rejected")  # a package of these may be pruned
 # A row's age in seconds, given (this boot's id, monotonic now, wall now): by the
 # monotonic clock when the row was written in this boot, else by the wall clock; >= 0.
@@ -125,10 +136,26 @@ class Journal:
         self._pending: list[tuple[str, tuple[Any, ...]]] = []  # writes the full disk refused
         self._kept_leases: dict[str, str | None] = {}  # accepted while the disk was full
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
+        # Commits reach the log without a flush; durable() flushes for everyone at once.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # The flushing thread checkpoints; SQLite's own is the backstop for unawaited writes.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        # A log that starts over after a checkpoint is cut back to this size.
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self._db.executescript(SCHEMA)
         _add_columns(self._db, ADDED_COLUMNS)
         self.boot_id = current_boot_id()
+        self.wal_path = Path(f"{path}-wal")
+        self._written = 0  # writes committed to the log so far
+        self._flushed = 0  # of those, how many a flush has made durable
+        self._flush: asyncio.Task[None] | None = None
+        # Its own thread: a flush never waits behind other work in the loop's pool.
+        self._flusher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._checkpointer: sqlite3.Connection | None = None  # the worker's own connection
+        self._dir_synced = False
+        self._flushing = threading.Lock()
+        self.flushes = 0  # fdatasync calls made (tests and benchmarks count them)
+        self.sync()  # the schema and migrations, before anything relies on them
 
     @property
     def pending(self) -> int:
@@ -136,13 +163,87 @@ class Journal:
         return len(self._pending)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._flushing:
             self._flush_pending()
             if self._pending:
                 log.error("journal: %d write(s) never reached the disk (it is full); a "
                           "restart sees older job phases and re-ships some log lines",
                           len(self._pending))
+            if self._flusher is not None:
+                self._flusher.shutdown(wait=False)  # idle: every flush is done (lock held)
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+            # The last connection's close checkpoints the log, flushing it and the database.
             self._db.close()
+
+    # -- durability: one flush for every write made so far (group commit) --------------
+    async def durable(self) -> None:
+        """Return once every write made before this call is on disk.
+
+        Callers that come while a flush runs share the next one: however many records
+        wait, it is one ``fdatasync``, in the journal's own worker thread.
+        """
+        target = self._written
+        while self._flushed < target:
+            if self._flush is None:
+                self._flush = asyncio.create_task(self._flush_now())
+            await asyncio.shield(self._flush)
+
+    async def _flush_now(self) -> None:
+        try:
+            upto = self._written
+            if self._flusher is None:
+                self._flusher = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="journal-flush")
+            await asyncio.get_running_loop().run_in_executor(self._flusher, self._locked_flush)
+            self._flushed = max(self._flushed, upto)
+        finally:
+            self._flush = None
+
+    def sync(self) -> None:
+        """:meth:`durable` for callers outside the event loop (blocks)."""
+        upto = self._written
+        self._locked_flush()
+        self._flushed = max(self._flushed, upto)
+
+    def _flush_log(self) -> None:
+        """fdatasync the write-ahead log (any descriptor of the file flushes its pages),
+        then checkpoint it once it is large. A failed flush is logged, never raised: the
+        agent goes on, and a power loss may lose what it held."""
+        self.flushes += 1
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return  # no log: every commit is checkpointed into the database, flushed
+        except OSError as exc:
+            log.error("journal: flushing its log failed (%s); a power loss may lose the "
+                      "latest records", exc)
+            return
+        if not self._dir_synced:  # the log's own name, once
+            self._dir_synced = _fsync_dir(self.path.parent)
+        if size > CHECKPOINT_BYTES:
+            self._checkpoint()
+
+    def _locked_flush(self) -> None:
+        with self._flushing:  # the worker's flush and a blocking sync() never overlap
+            self._flush_log()
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database without waiting for anyone (the writer goes
+        on); the log starts over at a later write once every frame is copied."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, check_same_thread=False,
+                                                     isolation_level=None)
+                self._checkpointer.execute("PRAGMA synchronous=NORMAL")
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("journal: checkpoint failed (%s); tried again at the next flush", exc)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -158,6 +259,7 @@ class Journal:
                 return
             try:
                 self._db.execute(sql, args)
+                self._written += 1
             except sqlite3.OperationalError as exc:
                 if not _disk_full(exc):
                     raise
@@ -178,6 +280,7 @@ class Journal:
             sql, args = self._pending[0]
             try:
                 self._db.execute(sql, args)
+                self._written += 1
             except sqlite3.OperationalError as exc:
                 if not _disk_full(exc):
                     log.error("journal: a kept write failed and is dropped: %s", exc)
@@ -234,6 +337,7 @@ class Journal:
                 "INSERT OR IGNORE INTO jobs (job_id, job_json, lease_id, phase, created_at, "
                 "updated_at, updated_mono, boot_id) VALUES (?, ?, ?, 'accepted', ?, ?, ?, ?)",
                 (job_id, json.dumps(job), lease_id, now, now, mono, boot))
+            self._written += 1
             if cur.rowcount == 1:
                 return True
             if lease_id is None:
@@ -248,6 +352,7 @@ class Journal:
                 self._db.execute("UPDATE jobs SET updated_mono = ?, boot_id = ?, pruned_at = NULL, "
                                  "package_bytes = NULL WHERE job_id = ?", (mono, boot, job_id))
                 self._db.execute("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
+                self._written += 1
                 return True
             return False
 
@@ -356,6 +461,19 @@ class Journal:
             self._write("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
             self._write("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return ids
+
+
+def _fsync_dir(path: Path) -> bool:
+    """Flush a folder's entries (a new file's name); False where it cannot be done."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def current_boot_id() -> str | None:

@@ -220,7 +220,8 @@ HOSTILE = (
     Row("hostile-heartbeat", "hostile", "heartbeats answered with deep JSON, a 400-digit "
         "number, HTML and an array, by turns, 8 times", (*DELIVERY, C.LOOPS_GO_ON),
         {"heartbeat": [("deep", "hb"), ("huge_number",), ("html",), ("json", [1])] * 2,
-         "job": SHORT_JOB}),
+         # Heartbeats keep their own timer (jobs wake none): the job outlasts 8 of them.
+         "job": {"type": "sleep", "steps": 50, "step_s": 0.1, "print_every": 10}}),
     Row("hostile-running-list", "hostile", "the running-jobs list answered with HTML, deep "
         "JSON, a 400-digit number and an array, by turns, 8 times", DELIVERY,
         {"running": [("html",), ("deep", "rl"), ("huge_number",), ("json", [1])] * 2,

@@ -1,0 +1,147 @@
+"""What a job costs the agent: calls to the coordinator, journal flushes (issue 13).
+
+Counts, never timings: how many heartbeats, running-list looks and disk flushes a run
+of jobs takes, against a real coordinator on loopback and a real journal on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.coordinator.client import CoordinatorClient
+from agent.daemon.cancel_check import RunningList
+from agent.daemon.journal import Journal, Phase
+from tests.agent.daemon.helpers import (
+    MINER_KEY,
+    AgentProcess,
+    Client,
+    start_coordinator,
+    wait_until,
+)
+
+TINY = {"type": "sleep", "steps": 1, "step_s": 0}
+HEARTBEAT = "/v1/miners/heartbeat"
+RUNNING = "/v1/miners/miner-1/jobs"
+
+
+def test_jobs_wake_no_heartbeat_but_a_fail_frees_the_slot_at_once(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a core coordinator and a one-slot agent whose heartbeat timer is 60 s away
+    coord = start_coordinator(tmp_path / "coord", extensions=())
+    try:
+        client = Client(coord)
+        agent = AgentProcess(coord.base_url, tmp_path / "state", cpu_slots=1,
+                             heartbeat_interval_s=60, cancel_check_interval_s=60,
+                             poll_max_interval_s=0.3)
+        agents.append(agent)
+        agent.wait_log("registered as")
+        wait_until(lambda: coord.faults.arrived(HEARTBEAT) >= 1, 30)
+        beats = coord.faults.arrived(HEARTBEAT)
+        # When jobs run and are reported one after another
+        ok = [client.submit(TINY) for _ in range(4)]
+        for job_id in ok:
+            client.wait_status(job_id, "completed", timeout=60)
+        # Then no accept, conclusion or delivery woke a heartbeat (each /result freed the
+        # slot on the coordinator), and each report was guarded by one running-list look
+        assert coord.faults.arrived(HEARTBEAT) == beats
+        assert coord.faults.arrived(RUNNING) <= len(ok)
+        assert all(len(client.receipts(j)) == 1 for j in ok)
+        # When a job fails (a /fail leaves its slot counted on the coordinator)
+        bad = client.submit({"type": "no-such-type"})
+        client.wait_status(bad, "failed", timeout=60)
+        after = client.submit(TINY)
+        # Then a heartbeat tells the true count at once, and the next job runs long
+        # before the 60 s timer would have
+        client.wait_status(after, "completed", timeout=20)
+        assert coord.faults.arrived(HEARTBEAT) == beats + 1
+    finally:
+        coord.stop()
+
+
+def test_concurrent_looks_share_one_running_list_fetched_after_their_moment(
+        tmp_path: Path) -> None:
+    # Given a registered miner and the list its reports are checked against
+    coord = start_coordinator(tmp_path / "coord", extensions=())
+
+    async def scenario() -> None:
+        async with CoordinatorClient(coord.base_url, MINER_KEY, "miner-1") as client:
+            await client.register({}, 4, None)
+            running = RunningList(client)
+            # When four reports pending at one moment look at the same time
+            moment = time.monotonic()
+            looks = await asyncio.gather(*(running.since(moment) for _ in range(4)))
+            # Then one call answers them all
+            assert running.fetches == 1 and coord.faults.arrived(RUNNING) == 1
+            assert all(look == looks[0] for look in looks)
+            # And a look for a moment it already covers costs nothing more
+            await running.since(moment)
+            assert coord.faults.arrived(RUNNING) == 1
+            # But a report that concluded after that fetch gets a fresh one
+            await running.since(time.monotonic())
+            assert coord.faults.arrived(RUNNING) == 2
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        coord.stop()
+
+
+def test_writes_waiting_together_are_flushed_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        flushes = journal.flushes
+
+        async def scenario() -> None:
+            # Given three jobs' records written while nobody waits
+            for n in range(3):
+                assert journal.accept(f"job-{n}", {"job_id": f"job-{n}"}, None)
+                journal.set_phase(f"job-{n}", Phase.RUNNING, package_dir="/x")
+            # When five callers need them on disk at once
+            await asyncio.gather(*(journal.durable() for _ in range(5)))
+            # Then one flush served them all, and nothing new costs no flush at all
+            assert journal.flushes == flushes + 1
+            await journal.durable()
+            assert journal.flushes == flushes + 1
+
+        asyncio.run(scenario())
+    finally:
+        journal.close()
+
+
+def _write_then_die(path: str, ready: Any) -> None:
+    journal = Journal(Path(path))
+    journal.accept("job-1", {"job_id": "job-1"}, "lease-1")
+    journal.set_phase("job-1", Phase.FINISHED, outcome="completed",
+                      report={"kind": "result", "body": {"result": {}}})
+    asyncio.run(journal.durable())
+    ready.set()
+    signal.pause()  # killed here, the journal never closed
+
+
+def test_a_record_awaited_as_durable_survives_a_sigkill(tmp_path: Path) -> None:
+    # Given a process that journals a finished job, awaits its flush, and is SIGKILLed
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_write_then_die, args=(str(tmp_path / "journal.db"), ready))
+    proc.start()
+    try:
+        assert ready.wait(30), "the writer never got its flush"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+    # When the journal is opened again
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        # Then the record and its report are there, as written
+        record = journal.get("job-1")
+        assert record is not None and record.phase is Phase.FINISHED
+        assert record.report == {"kind": "result", "body": {"result": {}}}
+        assert record.lease_id == "lease-1"
+    finally:
+        journal.close()
