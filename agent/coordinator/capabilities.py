@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-SUPPORTED_EXTENSIONS = frozenset({"lease", "progress", "logs", "package", "cancel"})
+SUPPORTED_EXTENSIONS = frozenset({"lease", "progress", "logs", "package", "cancel",
+                                  "longpoll", "logs-binary"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class Capabilities:
     def cancel(self) -> bool:
         """Cancels arrive in heartbeat answers, and a canceled job's result is reported."""
         return "cancel" in self.extensions
+
+    @property
+    def longpoll(self) -> bool:
+        """An empty poll may be held up to the ``max_wait_seconds`` it names."""
+        return "longpoll" in self.extensions
+
+    @property
+    def logs_binary(self) -> bool:
+        """Log chunks go as raw (optionally gzip'd) bytes, not base64 in JSON."""
+        return self.logs and "logs-binary" in self.extensions
 
     def describe(self) -> str:
         """For logs: the extensions in use, or that this is the core protocol."""

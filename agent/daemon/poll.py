@@ -1,8 +1,18 @@
 """The poll loop: ask for work while a slot is free, back off with jitter when idle.
 
-An idle agent backs off up to ``poll_max_interval_s``, but polls at once when a
-report or a heartbeat has just told the coordinator a slot is free (the core counts
-in-flight jobs itself and answers 204 until it knows).
+Where the coordinator offers ``longpoll`` (and the operator's ``extensions`` allow it)
+each poll asks it to hold an empty answer up to ``poll_wait_s``: the job comes the
+moment it is submitted, and the next poll goes out as soon as an empty one comes back
+(one that came back sooner than ``poll_interval_s`` is paced like a core one). A drain,
+a stop or an operator's pause abandons a held poll at once (its connection closes, so
+the coordinator hands it nothing). Burst runs never hold a poll: they stop on the first
+empty answer.
+
+Against a core coordinator an idle agent backs off from ``poll_interval_s`` up to
+``poll_max_interval_s`` (3 s by default), and starts again from ``poll_interval_s``
+the moment a job comes or a slot frees: it polls at once when a report or a heartbeat
+has just told the coordinator a slot is free (the core counts in-flight jobs itself
+and answers 204 until it knows). A full node never polls, held or not.
 
 No answer stops the loop: one past a limit or malformed that names a valid job id is
 handed on as a job with a ``problem`` (the flow fails it with ``invalid_job``); one that
@@ -20,9 +30,11 @@ stays up: :meth:`PollLoop.wake` after the drain ends polls at once.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,6 +47,18 @@ from agent.errors import CoordinatorError
 
 log = logging.getLogger(__name__)
 DISK_RECHECK_S = 5.0
+
+
+class _Next(enum.Enum):
+    """What to do after a poll that handed over no job."""
+
+    AGAIN = "again"  # poll again now: abandoned, registered again, or already paced
+    HELD = "held"  # an empty long-poll the coordinator held: its wait paced it
+    IDLE = "idle"  # empty (or failed): back off
+
+
+class _Abandoned(Exception):
+    """Raised when a drain, a stop or a pause ends a held poll before its answer."""
 
 
 def free_mb(path: Path) -> int | None:
@@ -55,7 +79,8 @@ class PollLoop:
                  resync: Callable[[], Awaitable[None]] | None = None,
                  on_pause: Callable[[], None] | None = None,
                  before_poll: Callable[[], Awaitable[None]] | None = None,
-                 paused: Callable[[], bool] | None = None) -> None:
+                 paused: Callable[[], bool] | None = None,
+                 longpoll: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.held = held
@@ -68,8 +93,10 @@ class PollLoop:
         self.on_pause = on_pause  # called when polling pauses or resumes
         self.before_poll = before_poll  # undelivered reports go before new work is asked
         self.paused = paused  # an operator's drain: no poll until it ends (and wakes us)
+        self.longpoll = longpoll  # may a poll be held now (the coordinator offers it)?
         self._paused: str | None = None
         self._now = asyncio.Event()
+        self._abandon = asyncio.Event()
 
     def pause_reason(self) -> str | None:
         """Why no job is taken now (low disk), or None while polling."""
@@ -100,50 +127,103 @@ class PollLoop:
         return low or (self.paused is not None and self.paused())
 
     def wake(self) -> None:
-        """Poll now instead of after the back-off (a slot just freed)."""
+        """Poll now instead of after the back-off (a slot freed, a heartbeat told the
+        coordinator so, a drain ended); while draining or paused, abandon a held poll."""
         self._now.set()
+        if self._stop_asked():
+            self._abandon.set()
+
+    def _stop_asked(self) -> bool:
+        return self.draining() or (self.paused is not None and self.paused())
 
     async def run(self) -> None:
         interval = self.cfg.poll_interval_s
         while not self.draining():
             if self._held_back():
+                self._now.clear()
                 await self._idle(min(DISK_RECHECK_S, self.cfg.poll_max_interval_s))
                 continue
             if len(self.held) >= self.capacity:
                 await self.held.slot_freed()
+                interval = self.cfg.poll_interval_s
                 continue
             if self.before_poll is not None:
                 await self.before_poll()
-            try:
-                polled = await self.client.poll()
-            except NotRegistered:
-                await self.reregister("poll 500")
-                continue
-            except BadAnswer as exc:
-                # It may have handed out a job, now RUNNING on the coordinator until it
-                # expires; without a valid id there is nothing to report it with. More
-                # work may wait, so this is not "no work", but it is paced like it.
-                log.error("poll answer skipped (%s): %s", exc.problem.value, exc)
-                if self.resync is not None:  # the coordinator counts it in our in-flight
-                    await self.resync()
-                await self._idle(self.cfg.poll_interval_s)
-                continue
-            except CoordinatorError as exc:
-                log.warning("poll failed: %s", exc)
-                polled = None
-            if polled is not None:
+            held_then = len(self.held)
+            polled = await self._poll()
+            if isinstance(polled, PolledJob):
                 interval = self.cfg.poll_interval_s
-                if polled.problem is not None:
-                    log.error("job %s: refused, the poll answer is unusable: %s",
-                              polled.job_id, polled.problem)
                 self.accept(polled)
+                continue
+            if polled is _Next.AGAIN:
                 continue
             if self.on_empty():
                 return
+            if polled is _Next.HELD:
+                continue
+            # Woken early by a heartbeat, the back-off goes on growing; by a slot that
+            # freed since the poll, it starts again from poll_interval_s.
             await self._idle(interval)
-            interval = min(interval * 1.5, self.cfg.poll_max_interval_s)
+            if len(self.held) < held_then:
+                interval = self.cfg.poll_interval_s
+            else:
+                interval = min(interval * 1.5, self.cfg.poll_max_interval_s)
+
+    async def _poll(self) -> PolledJob | _Next:
+        """One poll (held where the coordinator offers it); the job, or what to do next."""
+        wait_s = self.cfg.poll_wait_s if self.longpoll is not None and self.longpoll() else 0.0
+        self._now.clear()  # a slot that frees from here on ends the next back-off early
+        asked = time.monotonic()
+        try:
+            polled = await (self._held_poll(wait_s) if wait_s > 0 else self.client.poll())
+        except _Abandoned:
+            return _Next.AGAIN
+        except NotRegistered:
+            await self.reregister("poll 500")
+            return _Next.AGAIN
+        except BadAnswer as exc:
+            # It may have handed out a job, now RUNNING on the coordinator until it
+            # expires; without a valid id there is nothing to report it with. More
+            # work may wait, so this is not "no work", but it is paced like it.
+            log.error("poll answer skipped (%s): %s", exc.problem.value, exc)
+            if self.resync is not None:  # the coordinator counts it in our in-flight
+                await self.resync()
+            await self._idle(self.cfg.poll_interval_s)
+            return _Next.AGAIN
+        except CoordinatorError as exc:
+            log.warning("poll failed: %s", exc)
+            return _Next.IDLE
+        if polled is None:
+            held = wait_s > 0 and time.monotonic() - asked >= min(wait_s,
+                                                                  self.cfg.poll_interval_s)
+            return _Next.HELD if held else _Next.IDLE
+        if polled.problem is not None:
+            log.error("job %s: refused, the poll answer is unusable: %s", polled.job_id,
+                      polled.problem)
+        return polled
+
+    async def _held_poll(self, wait_s: float) -> PolledJob | None:
+        """A long-poll that :meth:`wake` abandons at once while draining or paused."""
+        self._abandon.clear()
+        if self._stop_asked():  # it came while before_poll ran
+            raise _Abandoned
+        call = asyncio.ensure_future(self.client.poll(max_wait_s=wait_s))
+        abandon = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait({call, abandon}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandon.cancel()
+            if not call.done():
+                # Closing the connection is what tells the coordinator: it hands no job
+                # to a poller that has gone (docs/protocol-extensions.md, "longpoll").
+                call.cancel()
+                await asyncio.wait({call})
+        if call.cancelled():
+            log.debug("held poll abandoned: the agent is draining or paused")
+            raise _Abandoned
+        return call.result()
 
     async def _idle(self, interval: float) -> None:
+        """Wait about ``interval`` (jittered), or until :meth:`wake`."""
         jitter = self.cfg.poll_jitter
-        self._now.clear()
         await wait_event(self._now, interval * random.uniform(1 - jitter, 1 + jitter))

@@ -1,18 +1,33 @@
 """Miner endpoints of the reference coordinator: the core, quirks included, and extensions.
 
 Core quirks reproduced on purpose (the agent must survive them): poll needs a JSON body
-and never waits; register zeroes in-flight; heartbeat 404s and poll 500s for an unknown
-miner; /result marks COMPLETED whatever its body says and whatever the job's state
-(CANCELED and EXPIRED included) and adds a receipt each call; /fail keeps the in-flight
-slot. A miner gets an extension's behaviour only if it declared it at register
-(``capabilities.extensions``) and this coordinator offers it.
+and, without ``longpoll``, never waits; register zeroes in-flight; heartbeat 404s and
+poll 500s for an unknown miner; /result marks COMPLETED whatever its body says and
+whatever the job's state (CANCELED and EXPIRED included) and adds a receipt each call;
+/fail keeps the in-flight slot. A miner gets an extension's behaviour only if it
+declared it at register (``capabilities.extensions``) and this coordinator offers it.
+
+``longpoll``: an empty poll of a miner that declared it is held up to the body's
+``max_wait_seconds`` (at most :data:`MAX_POLL_WAIT_S`) and answered the moment a job
+that fits it is queued (submitted, retried, requeued after a lapsed lease) or, if it
+was full, a slot of its frees. The wait is a coroutine woken by the store's commits
+(:class:`Wakeups`), timed to the next lease lapse; it holds no worker thread. A poller
+whose connection has gone is handed nothing: the disconnect is checked in the same
+transaction that would assign the job. What remains is a client that leaves after
+that commit and before the answer reaches it: the job is RUNNING for a miner that
+never saw it, and comes back as any lost answer does, when its lease lapses (with the
+``lease`` extension) or at its TTL (without).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import math
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,8 +45,50 @@ from agent.reference.model import (
     Settings,
     matches,
 )
-from agent.reference.server import Request, Response, Route, route
+from agent.reference.server import HTTPApp, Request, Response, Route, held_route, route
 from agent.reference.store import Store
+
+MAX_POLL_WAIT_S = 30.0  # the longest a held poll waits, whatever max_wait_seconds says
+
+
+class Wakeups:
+    """Wakes held polls, coroutines on the server's loop, from whichever thread commits.
+
+    Read :attr:`generation` before looking for work, then :meth:`wait` with it: a commit
+    between the look and the wait makes the wait return at once, so none is missed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.generation = 0
+
+    def notify(self) -> None:
+        """Work may be there: every held poll looks again (any thread)."""
+        with self._lock:
+            self.generation += 1
+            waiting = list(self._waiting)
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, seen: int, timeout_s: float, gone: asyncio.Event) -> None:
+        """Until a notify after ``seen``, ``gone`` is set, or ``timeout_s`` passes."""
+        woken = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), woken)
+        with self._lock:
+            if self.generation != seen:
+                return
+            self._waiting.add(waiter)
+        waits = [asyncio.ensure_future(e.wait()) for e in (woken, gone)]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, timeout_s),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            with self._lock:
+                self._waiting.discard(waiter)
 
 
 class MinerAPI:
@@ -41,13 +98,15 @@ class MinerAPI:
         self.store = store
         self.settings = settings
         self.logs = LogsAPI(store, settings, self.owned_job)
+        self.wakeups = Wakeups()
+        store.on_work(self.wakeups.notify)
 
     def routes(self) -> list[Route]:
         return [
             route("POST", "/v1/miners/register", self.register, "miner"),
             route("POST", "/v1/miners/heartbeat", self.heartbeat, "miner", "heartbeat"),
             route("DELETE", "/v1/miners/{miner_id}", self.deregister, "miner"),
-            route("POST", "/v1/miners/poll", self.poll, "miner", "poll"),
+            held_route("POST", "/v1/miners/poll", self.poll, "miner", "poll"),
             route("POST", "/v1/miners/{job_id}/result", self.result, "miner", "result"),
             route("POST", "/v1/miners/{job_id}/fail", self.fail, "miner", "fail"),
             route("POST", "/v1/miners/{miner_id}/jobs", self.running, "miner"),
@@ -149,19 +208,55 @@ class MinerAPI:
             out[item["job_id"]] = {"ttl_s": self.settings.lease_ttl_s}
         return out
 
-    def poll(self, req: Request) -> Response:
-        req.json()  # the real server refuses a poll without a JSON body (422)
+    async def poll(self, req: Request, app: HTTPApp) -> Response:
+        """A job (200) or none (204): at once, or after a held wait (``longpoll``)."""
+        wait_s = await app.run_sync(self._wait_asked, req)
+        until = time.monotonic() + wait_s
+        gone = req.gone or asyncio.Event()
+        while True:
+            seen = self.wakeups.generation  # before looking: a commit after it wakes us
+            answer, lapse_s = await app.run_sync(self._take, req)
+            left = until - time.monotonic()
+            if answer is not None or left <= 0 or gone.is_set():
+                return Response(200, answer) if answer is not None else Response(204)
+            if self.store.closed:
+                raise Problem(503, "the coordinator is stopping")
+            # A lapsing lease requeues its job with no request to say so: look then too.
+            await self.wakeups.wait(seen, min(left, lapse_s), gone)
+
+    def _wait_asked(self, req: Request) -> float:
+        """How long this poll may be held: 0 unless the miner declared ``longpoll``."""
+        body = req.json()  # the real server refuses a poll without a JSON body (422)
+        miner = self.store.miner(req.miner_id)
+        if miner is None:  # the real server crashes on an unknown miner
+            raise Problem(500, "Internal Server Error")
+        if "longpoll" not in miner["extensions"] or not isinstance(body, dict):
+            return 0.0  # the core: the wait is ignored
+        wait = body.get("max_wait_seconds")
+        if wait is None:
+            return 0.0
+        if isinstance(wait, bool) or not isinstance(wait, int | float) \
+                or not math.isfinite(wait) or wait < 0:
+            raise Problem(422, "max_wait_seconds must be a number of seconds >= 0 (held "
+                          f"at most {MAX_POLL_WAIT_S:g})")
+        return min(float(wait), MAX_POLL_WAIT_S)
+
+    def _take(self, req: Request) -> tuple[dict[str, Any] | None, float]:
+        """Assign the oldest job that fits this miner, if it has a free slot and is still
+        connected; with it or None, the seconds until the next lease lapses."""
         with self.store.tx():
+            self.store.sweep()  # lapsed leases requeue now, full miner or not
             miner = self.store.miner(req.miner_id)
-            if miner is None:  # the real server crashes on an unknown miner
+            if miner is None:
                 raise Problem(500, "Internal Server Error")
-            if miner["inflight"] >= miner["concurrency"]:
-                return Response(204)
-            job = next((j for j in self.store.jobs((QUEUED,), limit=10_000)
-                        if matches(miner["capabilities"], j["payload"], j["constraints"])), None)
-            if job is None:
-                return Response(204)
-            return Response(200, self._assign(job, miner))
+            job = None
+            if miner["inflight"] < miner["concurrency"]:
+                job = next((j for j in self.store.jobs((QUEUED,), limit=10_000) if matches(
+                    miner["capabilities"], j["payload"], j["constraints"])), None)
+            if job is not None and not req.left():  # never to a poller already gone
+                return self._assign(job, miner), 0.0
+            lapse = self.store.next_lapse()
+        return None, math.inf if lapse is None else max(0.0, lapse - time.time()) + 0.01
 
     def _assign(self, job: dict[str, Any], miner: dict[str, Any]) -> dict[str, Any]:
         now = time.time()

@@ -17,7 +17,7 @@ from agent.jobs import tag_text
 QUEUED, RUNNING, COMPLETED = "QUEUED", "RUNNING", "COMPLETED"
 FAILED, CANCELED, EXPIRED = "FAILED", "CANCELED", "EXPIRED"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELED, EXPIRED})
-EXTENSIONS = ("lease", "progress", "logs", "package", "cancel")
+EXTENSIONS = ("lease", "progress", "logs", "package", "cancel", "longpoll", "logs-binary")
 CLIENT_STATUSES = ("pending", "assigned", "running", "completed", "failed", "canceled",
                    "canceling")
 

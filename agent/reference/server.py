@@ -4,7 +4,10 @@ Routes are plain ``Request -> Response`` functions registered with :func:`route`
 run in worker threads (the store is synchronous SQLite), never on the event loop. Each
 HTTP request passes, in order: injected faults (they stand for the network and the
 infrastructure in front of a coordinator), Starlette's router, the body limit, per-IP
-rate limits, auth by role, then the route. Answers are FastAPI-shaped JSON,
+rate limits, auth by role, then the route. A held route (:func:`held_route`, the
+long-poll) is a coroutine on the event loop instead: it waits without a worker thread,
+runs its store work through :meth:`HTTPApp.run_sync`, and sees ``request.gone`` set
+the moment its client disconnects. Answers are FastAPI-shaped JSON,
 ``{"detail": ...}``, on every error: unknown paths (404) and wrong methods (405) too.
 
 A body over its limit is drained, up to 64 MiB, and answered 413 with ``max_bytes``
@@ -17,6 +20,7 @@ the app with uvicorn.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -67,6 +71,12 @@ class Request:
     client_ip: str
     params: dict[str, str] = field(default_factory=dict)
     miner_id: str = ""
+    # Held routes only: set once the client has gone (read from worker threads too).
+    gone: asyncio.Event | None = None
+
+    def left(self) -> bool:
+        """Whether the client has disconnected (always False outside a held route)."""
+        return self.gone is not None and self.gone.is_set()
 
     def json(self) -> Any:
         """The JSON body; a missing or invalid one is a 422, as FastAPI answers it."""
@@ -96,6 +106,7 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+HeldHandler = Callable[[Request, "HTTPApp"], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class Route:
     group: str | None = None
     max_body_bytes: int | None = None
     path: str = ""
+    held: HeldHandler | None = None  # a coroutine on the loop, in place of ``handler``
 
 
 def route(method: str, path: str, handler: Handler, role: str | None = None,
@@ -116,6 +128,18 @@ def route(method: str, path: str, handler: Handler, role: str | None = None,
     """A route whose ``{name}`` path segments become ``request.params``."""
     regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
     return Route(method, re.compile(f"^{regex}$"), handler, role, group, max_body_bytes, path)
+
+
+def held_route(method: str, path: str, handler: HeldHandler, role: str | None = None,
+               group: str | None = None) -> Route:
+    """A route whose handler may wait (a long-poll): it runs on the event loop and gets the
+    app (for :meth:`HTTPApp.run_sync`); ``request.gone`` tells it its client left."""
+    plain = route(method, path, _never_sync, role, group)
+    return dataclasses.replace(plain, held=handler)
+
+
+def _never_sync(req: Request) -> Response:
+    raise AssertionError("a held route runs its coroutine, never a thread")
 
 
 WSHandler = Callable[[WebSocket, "HTTPApp"], Awaitable[None]]
@@ -209,7 +233,10 @@ class HTTPApp:
             if r.group is not None:
                 self.limiter.check(r.group, req.client_ip)
             self._authorize(r, req)
-            resp = await self.run_sync(r.handler, req)
+            if r.held is not None:
+                resp = await self._held(r.held, req, receive)
+            else:
+                resp = await self.run_sync(r.handler, req)
         except Problem as exc:
             resp = Response(exc.status, exc.body, exc.headers)
         except Exception:
@@ -217,6 +244,16 @@ class HTTPApp:
                              scope["path"])
             resp = Response(500, {"detail": "Internal Server Error"})
         await self._send(scope, send, resp)
+
+    async def _held(self, handler: HeldHandler, req: Request, receive: Receive) -> Response:
+        """Run a held route while watching its connection: ``req.gone`` is set as soon as
+        the client disconnects (the body is read, so the next message is the disconnect)."""
+        req.gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, req.gone))
+        try:
+            return await handler(req, self)
+        finally:
+            watcher.cancel()
 
     def _authorize(self, r: Route, req: Request) -> None:
         if r.role is None:
@@ -372,6 +409,12 @@ def _content_length(scope: Scope) -> int | None:
 
 def _query(scope: Scope) -> dict[str, str]:
     return dict(parse_qsl(scope["query_string"].decode("latin-1")))
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 async def _drain(receive: Receive, seen: int, most: int) -> int:

@@ -10,6 +10,12 @@ Every job carries a sequence number for its event stream (``GET /v1/jobs/{id}/ev
 ``seq`` is bumped by each change a client can see (``state_seq`` records the last such
 change of the job row) and by each stored log chunk (tagged with its own ``seq``). A
 committed bump wakes :meth:`Store.wait_changed`, which long-polls wait on.
+
+Work for miners is signalled apart: a commit that queued a job (submitted, retried,
+requeued after its lease lapsed) or lowered a miner's in-flight count calls the
+listeners given to :meth:`Store.on_work`, after the commit, so a held poll that wakes
+finds what woke it. :meth:`Store.next_lapse` says when the next lease runs out, the one
+time-driven change that makes work without a request.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from agent.reference.model import (
@@ -129,6 +135,8 @@ class Store:
         self._generation = 0  # bumped (and waiters woken) by each commit that bumped a seq
         self._dirty = False
         self._closed = False
+        self._work = False  # this transaction made work for some miner
+        self._work_listeners: list[Callable[[], None]] = []
 
     def _add_columns(self) -> None:
         for table, column, decl in _ADDED_COLUMNS:
@@ -142,6 +150,16 @@ class Store:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+        self._tell_work()  # held polls wake, and see the store closed
+
+    def on_work(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the committing thread) after each commit that queued a
+        job or freed a miner's slot, and at close."""
+        self._work_listeners.append(listener)
+
+    def _tell_work(self) -> None:
+        for listener in list(self._work_listeners):
+            listener()
 
     @property
     def closed(self) -> bool:
@@ -174,12 +192,15 @@ class Store:
                 self._depth -= 1
                 if outer:
                     self._db.execute("ROLLBACK")
-                    self._dirty = False
+                    self._dirty = self._work = False
                 raise
             self._depth -= 1
             if outer:
                 self._db.execute("COMMIT")
                 self._notify()
+                if self._work:
+                    self._work = False
+                    self._tell_work()
 
     def _notify(self) -> None:
         """After a commit: wake long-polls if the transaction bumped a job's seq."""
@@ -263,7 +284,7 @@ class Store:
             db.execute("UPDATE jobs SET state=?, miner_id=NULL, lease_id=NULL, "
                        "lease_expires_at=NULL, assigned_at=NULL, started_at=NULL, "
                        f"progress=NULL, {_BUMP_STATE} WHERE job_id=?", (QUEUED, job_id))
-            self._dirty = True
+            self._dirty = self._work = True
             db.execute("DELETE FROM logs WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM packages WHERE job_id=?", (job_id,))
 
@@ -281,6 +302,7 @@ class Store:
                 "last_seen) VALUES (?, ?, ?, ?, 0, ?, 'ONLINE', '{}', ?, ?, ?)",
                 (miner_id, dumps(dict(capabilities)), concurrency, region, token,
                  dumps(extensions), now, now))
+            self._work = True  # its in-flight count starts again at 0
         return token
 
     def miner(self, miner_id: str) -> dict[str, Any] | None:
@@ -299,10 +321,15 @@ class Store:
         """Overwrite (heartbeat) or adjust (poll, result) a miner's in-flight count."""
         with self.tx() as db:
             if inflight is not None:
+                old = db.execute("SELECT inflight FROM miners WHERE miner_id=?",
+                                 (miner_id,)).fetchone()
+                lowered = old is not None and inflight < old["inflight"]
                 db.execute("UPDATE miners SET inflight=? WHERE miner_id=?", (inflight, miner_id))
             else:
+                lowered = delta < 0
                 db.execute("UPDATE miners SET inflight=MAX(0, inflight + ?) WHERE miner_id=?",
                            (delta, miner_id))
+            self._work |= bool(lowered)  # a slot freed: a held poll of this miner may go on
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -319,7 +346,15 @@ class Store:
                        "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (job_id, dumps(dict(payload)), dumps(dict(constraints)), QUEUED, now,
                         now + ttl_s))
+            self._work = True
         return job_id
+
+    def next_lapse(self) -> float | None:
+        """When (``time.time()``) the next running job's lease runs out, or None."""
+        with self.tx() as db:
+            row = db.execute("SELECT MIN(lease_expires_at) AS t FROM jobs WHERE state=?",
+                             (RUNNING,)).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.tx() as db:

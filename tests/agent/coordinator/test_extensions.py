@@ -21,7 +21,8 @@ def test_register_agrees_on_the_intersection(coordinator: ReferenceCoordinator) 
     async def flow() -> None:
         async with miner(coordinator) as client:
             answer = await client.register(GPU_CAPS, 1)
-            assert answer.extensions == {"lease", "progress", "logs", "package", "cancel"}
+            assert answer.extensions == {"lease", "progress", "logs", "package", "cancel",
+                                         "longpoll", "logs-binary"}
             only = await client.register({**GPU_CAPS, "extensions": ["logs"]}, 1)
             assert only.extensions == {"logs"} and "lease" in only.announced
             job_id = submit(coordinator)
