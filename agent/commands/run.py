@@ -20,7 +20,7 @@ from agent.clock import within
 from agent.commands.options import Sub, config_args, load
 from agent.config import AgentConfig, config_file
 from agent.errors import ConfigError, ExitCode
-from agent.execution.isolation import for_agent, set_non_dumpable
+from agent.execution.isolation import bound_heap, for_agent, set_non_dumpable
 from agent.execution.sandbox import SandboxUnavailable
 from agent.node.logging_setup import setup_logging
 
@@ -66,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = loaded = read_config()
     setup_logging(cfg.log_format, cfg.log_level)
     set_non_dumpable()
+    bound_heap()
     # `kill -QUIT <pid>` writes every thread's stack to stderr (the journal) and goes on:
     # what an operator (or a test) needs to see where a stuck agent is.
     faulthandler.register(signal.SIGQUIT, all_threads=True, chain=False)

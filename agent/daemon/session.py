@@ -29,8 +29,8 @@ class Session:
     def open(cls, caps: Capabilities, *, client: CoordinatorClient, journal: Journal,
              base_url: str, max_log_chunk_bytes: int, progress_interval_s: float,
              on_log_bytes: Callable[[int], None] | None = None) -> Session:
-        shipper = LogShipper(client, journal, max_log_chunk_bytes, on_log_bytes) \
-            if caps.logs else None
+        shipper = LogShipper(client, journal, max_log_chunk_bytes, on_log_bytes,
+                             binary=caps.logs_binary) if caps.logs else None
         progress = ProgressSender(client, progress_interval_s) if caps.progress else None
         return cls(caps, Uploads(client, caps, base_url), shipper, progress)
 

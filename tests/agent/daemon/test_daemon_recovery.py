@@ -87,6 +87,12 @@ def test_sigkill_mid_job_resumes_log_shipping_without_gaps_or_repeats(
         on_disk = (tmp_path / "state/jobs" / f"job_{job_id}/logs/stdout.log").read_bytes()
         wait_until(lambda: coord.store.read_log(job_id, "stdout") == on_disk, 30,
                    lambda: f"{len(coord.store.read_log(job_id, 'stdout'))} != {len(on_disk)}")
+        # Both agents shipped binary chunks (the coordinator offers "logs-binary"), and the
+        # second asked where the coordinator's copy ends before it resumed
+        prefix = f"/v1/miners/{job_id}/logs"
+        assert coord.faults.arrived(prefix + "/stdout") > 0
+        assert coord.faults.arrived(prefix + "/offsets") >= 1
+        assert coord.faults.arrived(prefix) == coord.faults.arrived(prefix + "/")
     finally:
         coord.stop()
 
