@@ -241,7 +241,7 @@ class TextSink:
         self._ctx = ctx
         self._interval_s = interval_s
         self._buffer: list[str] = []
-        self._last_flush = time.monotonic()
+        self._last_flush = 0.0  # the first token goes out at once (time to first token)
         self.text = ""
 
     def write(self, text: str) -> None:
@@ -277,6 +277,8 @@ class TokenStreamer:
         self._stop = stop
         self._tokens: list[int] = []
         self._emitted = 0
+        self._decoded = ""  # the text of the tokens before _read_at
+        self._prefix_at = self._read_at = 0
         self._prompt_seen = False
         self.stopped_by_string = False
         self.t_first_token: float | None = None
@@ -303,7 +305,7 @@ class TokenStreamer:
         self._sink.flush()
 
     def _emit(self, final: bool) -> None:
-        text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        text = self._text(final)
         if text.endswith("\ufffd") and not final:
             return  # a multi-byte character is still incomplete
         cut = self._find_stop(text)
@@ -313,6 +315,22 @@ class TokenStreamer:
         if safe > self._emitted:
             self._sink.write(text[self._emitted:safe])
             self._emitted = safe
+
+    def _text(self, final: bool) -> str:
+        """The text so far, decoding only a short window of tokens per step.
+
+        Decoding every token from the start costs O(n) per token, a visible share of
+        a fast GPU's token step late in a long answer. The window starts one step
+        back, so what a token adds is told apart from how the tokenizer joins it to
+        its neighbours (leading spaces, multi-byte characters split across tokens).
+        """
+        decode = self._tokenizer.decode
+        prefix = decode(self._tokens[self._prefix_at:self._read_at], skip_special_tokens=True)
+        window = decode(self._tokens[self._prefix_at:], skip_special_tokens=True)
+        if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):
+            self._decoded += window[len(prefix):]
+            self._prefix_at, self._read_at = self._read_at, len(self._tokens)
+        return self._decoded
 
     def _find_stop(self, text: str) -> int | None:
         start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
@@ -363,7 +381,30 @@ def run(ctx: JobContext) -> None:
     t0 = time.monotonic()
     with dev.oom_guard(setup):
         tokenizer, model = load_model(name, folder, setup)
-    load_time_s = time.monotonic() - t0
+    generate_for(ctx, request, Loaded(name, tokenizer, model, time.monotonic() - t0), setup)
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate: its name, tokenizer, model, and what loading it took."""
+
+    name: str
+    tokenizer: Any
+    model: Any
+    load_time_s: float
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. the warm worker's cache hit
+
+
+def generate_for(ctx: JobContext, request: GenerationRequest, loaded: Loaded, setup: Any) -> None:
+    """Generate for ``request`` with a loaded model: stream, record metrics, honour cancel.
+
+    Shared by :func:`run` (a job's own process) and the warm model worker
+    (:mod:`runtimes.warm`), so both produce the same text, events and metrics.
+    """
+    from runtimes import device as dev
+
+    name, tokenizer, model, load_time_s = (loaded.name, loaded.tokenizer, loaded.model,
+                                           loaded.load_time_s)
     ctx.check_cancel()
     input_ids = encode_prompt(tokenizer, request).to(setup.device)
     request = fit_to_context(request, input_ids.shape[-1], context_length(model.config))
@@ -380,7 +421,8 @@ def run(ctx: JobContext) -> None:
         streamer.end()  # whatever was decoded reaches stdout and result.txt, even on error
     elapsed = time.monotonic() - t_start
     ctx.set_metrics(**_metrics(name, streamer, request, input_ids.shape[-1], load_time_s,
-                               t_start, elapsed, ctx.cancelled), **dev.peak_memory_metrics(setup))
+                               t_start, elapsed, ctx.cancelled), **dev.peak_memory_metrics(setup),
+                    **loaded.metrics)
     if ctx.cancelled:
         ctx.mark_partial()
         return
