@@ -10,45 +10,45 @@ import sys
 from collections.abc import Callable
 
 import agent
-from agent.commands import (
-    control,
-    coordinator,
-    download,
-    follow,
-    history,
-    jobs,
-    local,
-    node,
-    run,
-    service,
-    uninstall,
-)
-from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
-from agent.daemon.control import AgentNotRunning, ControlDenied
 from agent.errors import AgentError, ConfigError, ExitCode, InvalidJob
 
 # stdout closed early (`| head`): what `yes | head -1` reports for `yes` (128 + SIGPIPE).
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
-# Each entry adds one subcommand; its module stays importable without torch.
-PARSERS: list[Callable[[argparse._SubParsersAction], object]] = [  # type: ignore[type-arg]
-    local.add_exec_parser,
-    local.add_verify_parser,
-    run.add_parsers,
-    control.add_parsers,
-    jobs.add_parsers,
-    history.add_parsers,
-    follow.add_parsers,
-    download.add_parsers,
-    service.add_parser,
-    uninstall.add_parser,
-    coordinator.add_parser,
-    node.add_doctor_parser,
-    node.add_bench_parser,
-]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parsers(command: str | None) -> list[Callable[[argparse._SubParsersAction], object]]:  # type: ignore[type-arg]
+    """What adds each subcommand; each module stays importable without torch.
+
+    Imported here, not at the top: `exec` imports only its own module, so its job
+    starts ~0.15 s sooner (the others pull in the coordinator client, httpx, the daemon).
+    """
+    from agent.commands import local
+
+    if command == "exec":
+        return [local.add_exec_parser]
+    from agent.commands import (
+        control,
+        coordinator,
+        download,
+        follow,
+        history,
+        jobs,
+        models,
+        node,
+        run,
+        service,
+        uninstall,
+    )
+
+    return [local.add_exec_parser, local.add_verify_parser, run.add_parsers,
+            control.add_parsers, jobs.add_parsers, history.add_parsers, follow.add_parsers,
+            download.add_parsers, service.add_parser, uninstall.add_parser,
+            coordinator.add_parser, node.add_doctor_parser, node.add_bench_parser,
+            models.add_parser]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="miner-agent",
         description="GPU miner execution agent: runs coordinator jobs in isolated processes "
@@ -57,13 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in PARSERS:
+    for add in parsers(command):
         add(sub)
     return parser
 
 
 def exit_code(exc: AgentError) -> ExitCode:
     """The one mapping from an error to the command's exit code (README's table)."""
+    from agent.coordinator.transport import AuthError, CoordinatorHTTPError, CoordinatorUnavailable
+    from agent.daemon.control import AgentNotRunning, ControlDenied
+
     if isinstance(exc, CoordinatorUnavailable | AgentNotRunning):
         return ExitCode.UNAVAILABLE  # nothing answered: the coordinator or agent is down
     if isinstance(exc, CoordinatorHTTPError):
@@ -81,8 +84,10 @@ def exit_code(exc: AgentError) -> ExitCode:
 
 def run_command(argv: list[str] | None = None) -> int | str | None:
     """Parse, run one command and return its exit code; errors become their codes."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    first = next((a for a in given if not a.startswith("-")), None)
+    parser = build_parser(first)
+    args = parser.parse_args(given)
     if not getattr(args, "func", None):
         parser.print_help()
         return ExitCode.USAGE

@@ -40,12 +40,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
 
-import httpx
-
 from runtimes.base import JobCancelled, JobFailed
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_MAX_BYTES = 50 * 1024**3
 CHUNK_BYTES = 1 << 20
@@ -246,6 +247,8 @@ def _locked(lock_path: Path, stop: Callable[[], bool]) -> Iterator[None]:
 
 
 def _download(req: _Request, entry: Path) -> None:
+    import httpx  # here, not at the top: its CLI module pulls rich and click (~0.1 s)
+
     tmp = entry.parent.parent / "tmp" / f"{req.digest}.part"  # ours alone: we hold its lock
     with _writing():  # before the request, so a read-only cache costs no download
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,8 @@ def _download(req: _Request, entry: Path) -> None:
 
 def _stream_to(req: _Request, fh: BinaryIO) -> str:
     """Stream ``req.uri`` into ``fh``; returns the sha256 of what was written."""
+    import httpx
+
     uri, max_bytes = req.uri, req.max_bytes
     h = hashlib.sha256()
     done = 0

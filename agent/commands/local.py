@@ -17,7 +17,8 @@ from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob, Outco
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.isolation import build_isolation, secret_paths, set_non_dumpable
 from agent.execution.launcher import make_launcher
-from agent.execution.sandbox import SandboxUnavailable
+from agent.execution.modelstore import exec_models
+from agent.execution.sandbox import SandboxUnavailable, probe, require_bwrap
 from agent.execution.verify import verify
 from agent.jobs import Job
 from agent.layout import FOLDER_PREFIX, ZIP_SUFFIX, job_folder, package_paths
@@ -37,8 +38,10 @@ def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("job_file", metavar="JOB.json", help="the job description")
     p.add_argument("--out", default="out", help="where the package goes (default: ./out)")
     p.add_argument("--launcher", choices=LAUNCHER_KINDS, default="auto",
-                   help="how the job's process starts: a torch-preloaded fork server, a "
-                   "plain spawn, or auto (fork server, falling back to spawn)")
+                   help="how the job's process starts: spawn (a fresh interpreter that "
+                   "imports only what the job needs), forkserver (the daemon's way: a "
+                   "server that preloads torch and every runtime, then forks; it pays off "
+                   "from the second job), or auto (default: spawn, for one job)")
     p.add_argument("--grace", type=float, default=10.0, metavar="S",
                    help="seconds between a cancel's SIGTERM and the SIGKILL (default 10)")
     p.add_argument("--gpus", default=None, metavar="IDS",
@@ -123,12 +126,21 @@ def cmd_exec(args: argparse.Namespace) -> int:
         models_file = Path(args.models).resolve()
         contract["MINER_MODELS_FILE"] = str(models_file)
         read_only = [models_file, *_model_paths(models_file)]
+    stored_env, store_root = exec_models(Path(args.models) if args.models else None)
+    contract.update(stored_env)  # the model store's names (the --models file wins a clash)
+    read_only += store_root
     out = Path(args.out).resolve()
     set_non_dumpable()
     try:
+        if not args.no_sandbox:
+            require_bwrap()
+        # No probe before the job (a sandboxed interpreter, ~0.1 s): the job's own start
+        # is the probe. It runs only inside bubblewrap, so a sandbox that cannot be built
+        # runs nothing; a job that then never started is diagnosed (_sandbox_failed).
         isolation = build_isolation(
             sandbox_on=not args.no_sandbox, jobs_root=out, work_root=out / ".work",
-            hidden=secret_paths(default_state_dir(), None, None), read_only=read_only)
+            hidden=secret_paths(default_state_dir(), None, None), read_only=read_only,
+            probe_first=False)
     except SandboxUnavailable as exc:
         print(f"error: {exc} (or pass --no-sandbox)", file=sys.stderr)
         return ExitCode.SANDBOX_UNAVAILABLE
@@ -161,7 +173,7 @@ def _model_paths(models_file: Path) -> list[Path]:
 async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
                 gpu_ids: list[str] | None) -> int:
     console = JobConsole(job.job_id, quiet=args.quiet)
-    launcher = make_launcher(args.launcher, sandbox=cfg.sandbox)
+    launcher = make_launcher(args.launcher, sandbox=cfg.sandbox, one_job=True)
     run = JobRun(job, cfg, launcher, gpu_ids=gpu_ids, on_line=console.line,
                  on_event=console.event)
 
@@ -181,6 +193,9 @@ async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
     finally:
         await launcher.close()
         console.close()
+    if report.outcome is Outcome.FAILED and run.times["started"] is None and \
+            cfg.sandbox is not None and await _sandbox_failed():
+        return ExitCode.SANDBOX_UNAVAILABLE
     where = report.folder or cfg.out_root
     detail = f" ({report.error_code}: {report.error_message})" if report.error_code else ""
     partial = " with partial results" if report.partial else ""
@@ -189,3 +204,13 @@ async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
     if args.json:
         print(json.dumps(report.output, indent=2))
     return OUTCOME_EXIT[report.outcome]
+
+
+async def _sandbox_failed() -> bool:
+    """Whether the job never started because the sandbox cannot be built here (says why)."""
+    try:
+        await asyncio.to_thread(probe)
+    except SandboxUnavailable as exc:
+        print(f"error: {exc} (or pass --no-sandbox)", file=sys.stderr)
+        return True
+    return False

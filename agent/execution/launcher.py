@@ -362,9 +362,15 @@ class AutoLauncher:
 
 
 def make_launcher(kind: LauncherKind, env: dict[str, str] | None = None,
-                  sandbox: SandboxPolicy | None = None) -> Launcher:
-    """A launcher of ``kind``; with ``sandbox``, every job it starts is confined."""
-    if kind == "spawn":
+                  sandbox: SandboxPolicy | None = None, *, one_job: bool = False) -> Launcher:
+    """A launcher of ``kind``; with ``sandbox``, every job it starts is confined.
+
+    ``one_job`` (``exec``): ``auto`` starts the job directly. The fork server pays
+    torch's import and every runtime's once, for many jobs; for one job that is all
+    cost (2.4x ``python -c "import torch"`` before the job ran), and a direct start
+    imports only what the job's runtime needs.
+    """
+    if kind == "spawn" or (kind == "auto" and one_job):
         return SpawnLauncher(sandbox)
     if kind == "forkserver":
         return ForkServerLauncher(env, sandbox=sandbox)

@@ -178,17 +178,23 @@ def _existing(paths: Iterable[Path]) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
-def probe(bwrap: str | None = None) -> str:
-    """Build a throw-away sandbox and a job jail in it; returns bwrap's version.
-
-    Raises :class:`SandboxUnavailable` with the reason and the fix.
-    """
-    tool = bwrap or find_bwrap()
+def require_bwrap() -> str:
+    """bubblewrap's path; raises :class:`SandboxUnavailable` (what to do) when it is missing."""
+    tool = find_bwrap()
     if tool is None:
         raise SandboxUnavailable(
             "bubblewrap (bwrap) is not installed: install it (Debian/Ubuntu: "
             "`apt-get install bubblewrap`; scripts/setup.sh does), or set sandbox = \"off\" "
             "to run jobs unconfined (only for code you trust)")
+    return tool
+
+
+def probe(bwrap: str | None = None) -> str:
+    """Build a throw-away sandbox and a job jail in it; returns bwrap's version.
+
+    Raises :class:`SandboxUnavailable` with the reason and the fix.
+    """
+    tool = bwrap or require_bwrap()
     root = Path("/")
     policy = SandboxPolicy(jobs_root=root / "nonexistent-jobs", work_root=root / "nonexistent",
                            bwrap=tool)
