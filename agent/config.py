@@ -33,6 +33,7 @@ SandboxMode = Literal["on", "off"]
 # Built-in runtimes that run only our code over payload data. `command` (any program)
 # and operator runtimes must be named in allowed_job_types to run.
 DEFAULT_ALLOWED_JOB_TYPES = ("inference", "batch_inference", "training", "sleep")
+MAX_POLL_WAIT_S = 300.0
 
 
 def _systemd_or(variable: str, system: str, user: str) -> Path:
@@ -63,8 +64,12 @@ class AgentConfig:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     heartbeat_interval_s: float = 5.0
     poll_interval_s: float = 1.0
-    poll_max_interval_s: float = 15.0
+    # An idle agent's back-off cap (a coordinator without long-poll; AITBC's miner polls
+    # every 3 s); reset to poll_interval_s when a job comes or a slot frees.
+    poll_max_interval_s: float = 3.0
     poll_jitter: float = 0.2
+    # How long a coordinator that offers `longpoll` may hold an empty poll; 0: never ask.
+    poll_wait_s: float = 20.0
     cancel_check_interval_s: float = 5.0
     progress_interval_s: float = 2.0
     log_ship_interval_s: float = 1.0
@@ -94,6 +99,8 @@ class AgentConfig:
     keep_packages_max_mb: int = 10240
     bench_file: Path | None = None  # `miner-agent bench --attach-capabilities` output
     models: Mapping[str, str] = field(default_factory=dict)
+    # Where `miner-agent models pull` keeps models (read-only to jobs); None: <cache_dir>/models.
+    model_store_dir: Path | None = None
     runtimes: Mapping[str, str] = field(default_factory=dict)
     # The job sandbox (docs/security.md). "on" refuses to start where it cannot be built.
     sandbox: SandboxMode = "on"
@@ -116,6 +123,13 @@ class AgentConfig:
     # The [models] name an inference payload without `model` runs (AITBC's CLI omits it
     # when --model is not given); None: such a payload fails invalid_job.
     default_model: str | None = None
+    # Built-in inference runs in a warm model worker per GPU that keeps models loaded
+    # (docs/operations.md, "Warm model workers"); false: a process per job, as before.
+    warm_models: bool = True
+    # What a worker's loaded models may take (MiB) before the least recently used go;
+    # 0: 80 % of its GPU's memory, or half the host's RAM for the CPU worker.
+    model_memory_budget_mb: int = 0
+    model_idle_s: float = 600.0  # a model unused this long is unloaded
     # Below this much free space on the state dir's filesystem no job is taken (polling
     # pauses, the heartbeat says why) until space returns; 0: no check.
     min_free_disk_mb: int = 1024
@@ -130,6 +144,11 @@ class AgentConfig:
     @property
     def jobs_dir(self) -> Path:
         return self.state_dir / "jobs"
+
+    @property
+    def model_store(self) -> Path:
+        """The model store's folder (``model_store_dir``, else ``<cache_dir>/models``)."""
+        return self.model_store_dir or self.cache_dir / "models"
 
     @property
     def embedded(self) -> bool:
@@ -287,6 +306,9 @@ def _validate_limits(cfg: AgentConfig) -> None:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
     if not 1 <= cfg.job_cpu_weight <= 10000:
         raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
+    if cfg.model_memory_budget_mb < 0 or not 0 < cfg.model_idle_s < float("inf"):
+        raise ConfigError("model_memory_budget_mb must not be negative (0: derived from the "
+                          "device) and model_idle_s must be greater than 0")
     if cfg.max_answer_bytes < 4096 or not 2 <= cfg.max_answer_depth <= 512:
         raise ConfigError("max_answer_bytes must be at least 4096 and max_answer_depth "
                           "between 2 and 512")
@@ -303,6 +325,9 @@ def _validate(cfg: AgentConfig) -> None:
                  "keep_packages_max_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative")
+    if not 0 <= cfg.poll_wait_s <= MAX_POLL_WAIT_S:  # NaN fails too
+        raise ConfigError(f"config field poll_wait_s must be between 0 (no long-poll) and "
+                          f"{MAX_POLL_WAIT_S:g} seconds")
     if cfg.jobs_per_gpu < 1 or cfg.cpu_slots < 0:
         raise ConfigError("jobs_per_gpu must be at least 1 and cpu_slots at least 0")
     if cfg.coordinator_url and not cfg.coordinator_url.startswith(("http://", "https://")):

@@ -67,6 +67,10 @@ log_format = "auto"
 # Seconds between heartbeats (they carry GPU telemetry) and between polls for work.
 heartbeat_interval_s = 5
 poll_interval_s = 1
+# Idle: a coordinator offering long-poll holds each empty poll up to poll_wait_s and
+# answers the moment a job fits; without it empty polls back off to poll_max_interval_s.
+poll_wait_s = 20
+poll_max_interval_s = 3
 # On stop: let running jobs finish for up to drain_timeout_s, then cancel them and
 # wait cancel_grace_s before killing. Keep TimeoutStopSec= in the unit above the sum.
 drain_timeout_s = 120
@@ -94,14 +98,20 @@ job_pids_max = 16384
 # hooks_dir = "/etc/miner-agent/hooks"
 # hook_timeout_s = 60
 
+# The built-in inference runtime keeps models loaded in a warm worker per GPU; a model
+# unused for model_idle_s is unloaded (warm_models = false: a process per job instead).
+warm_models = true
+model_idle_s = 600
+
 # Network inside the sandbox, per payload type (on unless set false; command is off).
 [sandbox_network]
 command = false
 
-# Models this node serves, by the name jobs ask for, and where the weights are.
+# Models this node serves, by the name jobs ask for, and where the weights are, besides
+# those `miner-agent models pull` put in the model store (this table wins a clash).
 # Paths outside /var/cache/miner-agent need ReadOnlyPaths= in a unit drop-in.
 [models]
-# "llama3.2:3b" = "/var/cache/miner-agent/models/llama3.2-3b"
+# "llama3.2:3b" = "/srv/models/llama3.2-3b"
 
 # Labels for this node, sent with its capabilities; a job whose constraints.tags ask
 # for one goes only to nodes that have it with that value.

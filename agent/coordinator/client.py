@@ -42,6 +42,9 @@ from agent.layout import STREAMS, Stream
 logger = logging.getLogger(__name__)
 
 MAX_LOG_CHUNK_BYTES = 4 * 1024 * 1024
+# A long-poll's read timeout is its wait plus this: the coordinator answers at the end of
+# the wait, and a connection silent past that is dead.
+LONG_POLL_GRACE_S = 10.0
 _UPLOAD_CHUNK_BYTES = 1024 * 1024
 _MAX_COUNT = 2**53  # offsets and sizes past what a double holds exactly are not believed
 _MAX_LEASE_TTL_S = 7 * 24 * 3600.0
@@ -260,16 +263,30 @@ class CoordinatorClient:
                                      not_registered=frozenset({404}))
         return _heartbeat_answer(self._object(resp, "heartbeat"))
 
-    async def poll(self, *, deadline_s: Deadline = DEFAULT) -> PolledJob | None:
+    async def poll(self, *, max_wait_s: float | None = None,
+                   deadline_s: Deadline = DEFAULT) -> PolledJob | None:
         """Ask for one job; None when there is none. Raises :class:`NotRegistered` on 500.
+
+        ``max_wait_s`` (the ``longpoll`` extension: only where the coordinator announced
+        it) asks the coordinator to hold an empty poll up to that long; the call's read
+        timeout and deadline grow by as much. Cancel the call to abandon the wait.
 
         An answer past a limit or malformed comes back as a job with a ``problem`` (to
         fail through ``/fail``) when it names a valid job id, and raises
         :class:`BadAnswer` when it does not (nothing can be reported for it).
         """
+        body: dict[str, Any] = {}
+        deadline = self._deadline("poll", deadline_s)
+        read_s = None
+        if max_wait_s is not None and max_wait_s > 0:
+            body["max_wait_seconds"] = int(max_wait_s) if float(max_wait_s).is_integer() \
+                else round(max_wait_s, 3)
+            read_s = max_wait_s + LONG_POLL_GRACE_S
+            if deadline is not None and isinstance(deadline_s, _Default):
+                deadline += max_wait_s
         try:
-            resp = await self._t.request("poll", "POST", "/v1/miners/poll", json={},
-                                         deadline_s=self._deadline("poll", deadline_s),
+            resp = await self._t.request("poll", "POST", "/v1/miners/poll", json=body,
+                                         deadline_s=deadline, read_timeout_s=read_s,
                                          not_registered=frozenset({500}))
             if resp.status_code == 204 or not resp.content:
                 return None
@@ -348,10 +365,7 @@ class CoordinatorClient:
         Safe to repeat: the coordinator appends only bytes past its end. Raises
         :class:`LogOffsetConflict` when ``offset`` is past its end (resend from there).
         """
-        if stream not in STREAMS:
-            raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
-        if len(data) > MAX_LOG_CHUNK_BYTES:
-            raise ValueError(f"log chunk of {len(data)} bytes exceeds {MAX_LOG_CHUNK_BYTES}")
+        _check_chunk(stream, data)
         body: dict[str, Any] = {"stream": stream, "offset": offset,
                                 "data_b64": base64.b64encode(data).decode("ascii")}
         if lease_id is not None:
@@ -359,13 +373,24 @@ class CoordinatorClient:
         resp = await self._t.request("logs", "POST", f"/v1/miners/{_seg(job_id)}/logs", json=body,
                                      deadline_s=self._deadline("logs", deadline_s),
                                      accept=frozenset({409}))
-        answer = response_json(resp)
-        if resp.status_code == 409:
-            if isinstance(answer, dict) and answer.get("error") == "offset_ahead":
-                raise LogOffsetConflict(f"log chunk for {job_id} {stream} at {offset} is past "
-                                        "the coordinator's end", LogOffsets.from_body(answer))
-            raise LeaseLost(f"coordinator refused logs for {job_id}: stale lease", job_id)
-        return LogOffsets.from_body(answer)
+        return _log_ends(resp, job_id, stream, offset)
+
+    async def ship_log_chunk(self, job_id: str, stream: Stream, offset: int, body: bytes, *,
+                             encoding: str | None = None, lease_id: str | None = None,
+                             deadline_s: Deadline = DEFAULT) -> LogOffsets:
+        """:meth:`ship_logs` as a raw body (extension "logs-binary"): ``body`` is the chunk,
+        or the chunk gzip'd when ``encoding`` is ``"gzip"`` (the coordinator inflates it)."""
+        _check_chunk(stream, body)
+        headers = {"Content-Type": "application/octet-stream"}
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+        if lease_id is not None:
+            headers["X-Lease-ID"] = lease_id
+        resp = await self._t.request("logs", "POST", f"/v1/miners/{_seg(job_id)}/logs/{stream}",
+                                     content=body, headers=headers, params={"offset": offset},
+                                     deadline_s=self._deadline("logs", deadline_s),
+                                     accept=frozenset({409}))
+        return _log_ends(resp, job_id, stream, offset)
 
     async def log_offsets(self, job_id: str, *,
                           deadline_s: Deadline = DEFAULT) -> LogOffsets:
@@ -451,6 +476,24 @@ def _polled_job(data: dict[str, Any]) -> PolledJob:
     return PolledJob(job_id=job_id, payload=data.get("payload"),
                      constraints=data.get("constraints"), lease_id=lease_id,
                      lease_ttl_s=float(ttl) if ttl is not None else None)
+
+
+def _check_chunk(stream: str, data: bytes) -> None:
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
+    if len(data) > MAX_LOG_CHUNK_BYTES:
+        raise ValueError(f"log chunk of {len(data)} bytes exceeds {MAX_LOG_CHUNK_BYTES}")
+
+
+def _log_ends(resp: Any, job_id: str, stream: str, offset: int) -> LogOffsets:
+    """A logs answer: the ends, or LogOffsetConflict / LeaseLost for a 409."""
+    answer = response_json(resp)
+    if resp.status_code == 409:
+        if isinstance(answer, dict) and answer.get("error") == "offset_ahead":
+            raise LogOffsetConflict(f"log chunk for {job_id} {stream} at {offset} is past "
+                                    "the coordinator's end", LogOffsets.from_body(answer))
+        raise LeaseLost(f"coordinator refused logs for {job_id}: stale lease", job_id)
+    return LogOffsets.from_body(answer)
 
 
 def _list(data: dict[str, Any], key: str, endpoint: str) -> list[Any]:

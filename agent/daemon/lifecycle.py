@@ -58,6 +58,8 @@ from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
 from agent.execution.isolation import Isolation, for_agent
 from agent.execution.launcher import make_launcher
+from agent.execution.modelstore import resolve_models
+from agent.execution.warm import WarmPool, WarmSettings
 from agent.node.metrics import AgentMetrics, MetricsServer
 from agent.node.notify import Notifier, watchdog_interval_s
 from agent.node.telemetry import Sampler, Telemetry, capabilities
@@ -108,17 +110,21 @@ class Agent:
                                   cgroup_note=self.isolation.cgroup_note,
                                   limits=self.isolation.limits,
                                   max_output_bytes=cfg.max_job_output_mb << 20 or None)
+        self.warm = WarmPool(WarmSettings(cfg.state_dir / "warm", cfg.model_memory_budget_mb,
+                                          cfg.model_idle_s)) if cfg.warm_models else None
         self.metrics = AgentMetrics()
         self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
         self.session = Session.core(self.client, cfg.coordinator_url)
         self.outbox = Outbox(journal=self.journal, client=self.client, session=self._session,
                              policy=RetryPolicy(cfg.retry_base_s, cfg.retry_cap_s),
-                             on_settled=self._report_settled,
+                             on_settled=self.wake_poll,
+                             on_uncounted=lambda: self.heartbeats.beat(),
                              try_s=max(1.0, cfg.read_timeout_s))
         self.flow = JobFlow(cfg=cfg, journal=self.journal, client=self.client,
                             scheduler=self.scheduler, held=self.held,
-                            starter=JobStarter(exec_cfg, self.launcher, job_environ),
+                            starter=JobStarter(exec_cfg, self.launcher, job_environ,
+                                               warm=self.warm),
                             metrics=self.metrics, session=self._session,
                             wake_heartbeat=self.wake_heartbeat, wake_poll=self.wake_poll,
                             outbox=self.outbox, gate=ReleaseGate(self.telemetry.compute_pids,
@@ -148,10 +154,12 @@ class Agent:
                               reregister=self._reregister, draining=lambda: self.draining,
                               on_empty=self._burst_done, resync=self.heartbeats.beat,
                               on_pause=self.wake_heartbeat, before_poll=self.outbox.catch_up,
-                              paused=self.drains.operator_paused)
+                              paused=self.drains.operator_paused,
+                              longpoll=lambda: self.session.caps.longpoll and not self.burst)
         self.cancel_checks = CancelCheckLoop(client=self.client, held=self.held,
                                              inbox=self.inbox,
-                                             interval_s=cfg.cancel_check_interval_s)
+                                             interval_s=cfg.cancel_check_interval_s,
+                                             running=self.outbox.running)
         self.shipping = ShipLoop(held=self.held, inbox=self.inbox, session=self._session,
                                  interval_s=cfg.log_ship_interval_s)
         self.reloader = Reloader(source, current=lambda: self.cfg, apply=self._use_config,
@@ -235,6 +243,7 @@ class Agent:
         #    says DRAINING, with the reason.
         self.drain_reason = self.drain_reason or "shutdown"
         self.draining = True
+        self.wake_poll()  # a held long-poll is abandoned now
         self.wake_heartbeat()
         self.notifier.stopping(status=f"draining {len(self.held)} job(s)")
         log.info("draining: %d job(s) running, up to %.0f s", len(self.held),
@@ -268,6 +277,8 @@ class Agent:
         if self.registered_at is not None:
             await self.leave()
         await self.launcher.close()
+        if self.warm is not None:
+            await self.warm.close()
         if self._owns_isolation:
             self.isolation.close()
         await self.client.aclose()
@@ -293,7 +304,9 @@ class Agent:
     async def register(self) -> None:
         async with self._register_lock:
             caps = capabilities(self.telemetry.inventory(), self.telemetry.reason,
-                                models=sorted(self.cfg.models), bench=await self._bench_summary())
+                                models=sorted(await asyncio.to_thread(resolve_models,
+                                                                      self.cfg)),
+                                bench=await self._bench_summary())
             # Only what this node would run: a type it has but does not allow is not offered.
             caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes}
                                       & set(self.cfg.allowed_job_types))
@@ -345,7 +358,8 @@ class Agent:
         self.polls.wake()
 
     def _report_settled(self) -> None:
-        """A report ended: the coordinator frees the slot on its side; say so and poll."""
+        """The node's state changed (an operator's drain or resume): the heartbeat says
+        so now, and the poll loop looks again."""
         self.wake_heartbeat()
         self.wake_poll()
 
@@ -354,6 +368,7 @@ class Agent:
         (kept across restarts, shown by ps and the heartbeat) until `miner-agent resume`."""
         log.error("draining: %s", reason)
         await self.drains.drain(reason, by="pre-job hook")
+        self.wake_poll()  # a held long-poll is abandoned now
         self.wake_heartbeat()
 
     def _burst_done(self) -> bool:
@@ -424,8 +439,9 @@ class Agent:
     def _contract_env(self) -> dict[str, str]:
         env = {"MINER_CACHE_DIR": str(self.cfg.cache_dir),
                "MINER_CACHE_MAX_BYTES": str(self.cfg.cache_max_bytes)}
-        if self.cfg.models:
-            env["MINER_MODELS"] = json.dumps(dict(self.cfg.models))
+        models = resolve_models(self.cfg)  # the model store's names, then config [models]
+        if models:
+            env["MINER_MODELS"] = json.dumps(models)
         if self.cfg.default_model:
             env["MINER_DEFAULT_MODEL"] = self.cfg.default_model
         return env

@@ -22,6 +22,7 @@ from agent.execution.sandbox import SandboxPolicy, find_bwrap, probe
 log = logging.getLogger(__name__)
 
 _PR_SET_DUMPABLE = 4
+_M_MMAP_THRESHOLD = -3  # mallopt(3)
 
 
 @dataclass
@@ -52,14 +53,17 @@ def secret_paths(state_dir: Path | None, config_file: Path | None,
 def build_isolation(*, sandbox_on: bool, jobs_root: Path, work_root: Path,
                     hidden: Iterable[Path], read_only: Iterable[Path] = (),
                     network: Mapping[str, bool] | None = None,
-                    limits: Limits | None = None) -> Isolation:
-    """Probe and build; raises ``SandboxUnavailable`` when the sandbox is on but impossible."""
+                    limits: Limits | None = None, probe_first: bool = True) -> Isolation:
+    """Probe and build; raises ``SandboxUnavailable`` when the sandbox is on but impossible.
+
+    ``probe_first=False`` (``exec``): no probe here; the caller probes if its job fails.
+    """
     jobs_root.mkdir(parents=True, exist_ok=True)
     work_root.mkdir(parents=True, exist_ok=True)
     sandbox = None
     version = None
     if sandbox_on:
-        version = probe()
+        version = probe() if probe_first else None
         sandbox = SandboxPolicy(jobs_root=jobs_root.resolve(), work_root=work_root.resolve(),
                                 hidden=tuple(p.resolve() for p in hidden),
                                 read_only=tuple(p.resolve() for p in read_only),
@@ -80,6 +84,8 @@ def build_isolation(*, sandbox_on: bool, jobs_root: Path, work_root: Path,
 def for_agent(cfg: AgentConfig, config_file: Path | None) -> Isolation:
     """The daemon's isolation, from its config."""
     read_only = [cfg.cache_dir, *(Path(p) for p in cfg.models.values())]
+    if not cfg.model_store.is_relative_to(cfg.cache_dir):  # else the cache's bind covers it
+        read_only.append(cfg.model_store)
     limits = Limits(memory_bytes=cfg.job_memory_max_mb << 20 or None,
                     pids=cfg.job_pids_max or None, cpu_weight=cfg.job_cpu_weight)
     return build_isolation(
@@ -93,4 +99,15 @@ def set_non_dumpable() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def bound_heap() -> None:
+    """Blocks of 256 KiB and more (log chunks, package buffers) are mapped on their own
+    and unmapped when freed. glibc otherwise raises that threshold to the largest block
+    freed (up to 32 MiB), and bursts of such blocks then stay in the agent's heap and
+    its threads' arenas (a few MiB each). Only this process: jobs start with exec."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):  # not glibc
         pass
