@@ -217,7 +217,8 @@ class Coordinator:
 class Daemon:
     """`miner-agent run` in its own process against ``coord``; one slot, default config."""
 
-    def __init__(self, root: Path, coord: Coordinator, device: str, sandbox: str) -> None:
+    def __init__(self, root: Path, coord: Coordinator, device: str, sandbox: str,
+                 launcher: str = "auto") -> None:
         self.coord = coord
         self.device = device
         self.state = root / "state"
@@ -226,7 +227,7 @@ class Daemon:
         env.update({"MINER_AGENT_CONFIG": "/dev/null", "MINER_AGENT_STATE_DIR": str(self.state),
                     "MINER_AGENT_CACHE_DIR": str(self.cache),
                     "MINER_AGENT_API_KEY": KEYS["miner"], "MINER_AGENT_CPU_SLOTS": "1",
-                    "MINER_AGENT_SANDBOX": sandbox,
+                    "MINER_AGENT_SANDBOX": sandbox, "MINER_AGENT_LAUNCHER": launcher,
                     # between pairs the agent idles while the bare run goes: come back soon
                     "MINER_AGENT_POLL_MAX_INTERVAL_S": "0.5"})
         if device == "cuda":
@@ -386,10 +387,10 @@ def ratio_line(work: Workload, fig: Figures) -> str:
 
 
 def bench(device: str, mode: str, repeat: int, root: Path,
-          sandbox: str) -> list[tuple[Workload, Figures]]:
+          sandbox: str, launcher: str = "auto") -> list[tuple[Workload, Figures]]:
     sizes = SIZES[(device, mode)]
     coord = Coordinator(root / "coord")
-    daemon = Daemon(root / "agent", coord, device, sandbox)
+    daemon = Daemon(root / "agent", coord, device, sandbox, launcher)
     results = []
     try:
         works = [lambda: training_workload(sizes, device),
@@ -437,12 +438,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="pairs per workload (default 5, 9 in full, 1 with --tiny)")
     parser.add_argument("--sandbox", choices=("on", "off"), default=None,
                         help="the daemon's sandbox (default: on where bubblewrap exists)")
+    parser.add_argument("--launcher", choices=("auto", "forkserver", "spawn"), default="auto",
+                        help="how the daemon starts jobs (spawn: a fresh interpreter per "
+                             "job, to tell the fork server's share of a gap apart)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeat = max(1, args.repeat or {"tiny": 1, "quick": 5, "full": 9}[mode])
     sandbox = args.sandbox or ("on" if shutil.which("bwrap") else "off")
     print(f"== runtime throughput: job via the real daemon vs a fresh bare process "
-          f"({args.device}, {mode}, {repeat} pairs, sandbox {sandbox}) ==")
+          f"({args.device}, {mode}, {repeat} pairs, sandbox {sandbox}, "
+          f"launcher {args.launcher}) ==")
     print("method: per pair, a fresh `python` running the runtime's run(ctx) (bare) and the "
           "same payload submitted to `miner-agent run` via the reference coordinator (job), "
           "order alternating; figure: the runtime's samples/s (loop only); ratio job/bare "
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tiny: a check of the harness; the figures and ratios mean nothing at this size")
     print(f"device: {_device_note(args.device)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
-        results = bench(args.device, mode, repeat, Path(tmp), sandbox)
+        results = bench(args.device, mode, repeat, Path(tmp), sandbox, args.launcher)
     print("-- summary --")
     for work, fig in results:
         print(ratio_line(work, fig))

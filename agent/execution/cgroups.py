@@ -154,7 +154,7 @@ class CgroupTree:
     def _shared(cls, base: Path) -> CgroupTree:
         for stale in base.glob("miner-agent.*"):
             pid = stale.name.partition(".")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 cls(stale, frozenset(), delegated=False).sweep(stale, remove_self=True)
         mine = base / f"miner-agent.{os.getpid()}"
         mine.mkdir(exist_ok=True)
@@ -256,7 +256,8 @@ def _enable(path: Path) -> frozenset[str]:
     return frozenset(enabled)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a live process (one we may not signal counts as live)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

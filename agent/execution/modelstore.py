@@ -33,6 +33,7 @@ from typing import Any
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError
+from agent.execution.cgroups import pid_alive
 from agent.execution.modelfiles import (
     StoredFile,
     check_folder,
@@ -280,7 +281,7 @@ class ModelStore:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".copy-*"):
             pid = path.name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
     def pull_local(self, name: str, source_dir: Path) -> PullResult:
@@ -385,16 +386,6 @@ def _path(f: StoredFile) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
