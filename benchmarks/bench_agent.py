@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,79 +50,15 @@ from typing import Any
 import httpx
 import psutil
 
-KEYS = {"miner": "bench-miner", "client": "bench-client"}
+from benchmarks.loopback import KEYS, Coordinator, Cpu, cpu_of, free_port
+
 TINY = {"type": "sleep", "steps": 1, "step_s": 0}
 SLOTS = 4
 P95_MIN_SAMPLES = 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ts(iso: str | None) -> float:
     return datetime.fromisoformat(iso).timestamp() if iso else float("nan")
-
-
-@dataclass(frozen=True)
-class Cpu:
-    """CPU seconds of one process: its own, and its reaped children's."""
-
-    own_s: float
-    children_s: float
-    sys_s: float  # the kernel's part of own_s
-
-
-def cpu_of(pid: int) -> Cpu:
-    """utime+stime and cutime+cstime from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-    return Cpu((utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK, stime / CLK_TCK)
-
-
-class Coordinator:
-    """The reference coordinator in its own process, on a free loopback port."""
-
-    def __init__(self, root: Path, extensions: tuple[str, ...] | None) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, REFCOORD_MINER_KEY=KEYS["miner"],
-                   REFCOORD_CLIENT_KEY=KEYS["client"])
-        argv = [sys.executable, "-m", "agent.coordinator.reference", "--port", "0",
-                "--db", str(root / "coord.db"), "--no-rate-limits"]
-        if extensions is not None:
-            argv += ["--extensions", ",".join(extensions)]
-        self.log = open(root / "coordinator.log", "wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=self.log)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if "reference coordinator on " not in line:
-            self.proc.kill()
-            raise RuntimeError(f"the coordinator did not start: {line!r}; see {root}")
-        self.url = line.split(" on ", 1)[1].strip()
-        self.http = httpx.Client(base_url=self.url, headers={"X-Api-Key": KEYS["client"]},
-                                 timeout=30)
-        self.extensions = tuple(self.http.get("/health").json().get("extensions") or ())
-
-    def submit(self, payload: dict[str, Any]) -> str:
-        resp = self.http.post("/v1/jobs", json={"payload": payload})
-        resp.raise_for_status()
-        return str(resp.json()["job_id"])
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.http.get(f"/v1/jobs/{job_id}").json())
-
-    def close(self) -> None:
-        self.http.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 class Agent:

@@ -41,8 +41,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,8 +54,8 @@ import httpx
 
 from agent.reference.embedded import KEYS_FILE
 from agent.reference.model import EXTENSIONS
+from benchmarks.loopback import KEYS, cpu_of, free_port, status_kib, stop
 
-KEYS = {"miner": "bench-miner", "client": "bench-client"}
 MINER_ID = "bench-logs"
 JOB = r"""
 import sys, time
@@ -77,24 +75,6 @@ print(f"BENCH {t0!r} {t1!r} {n}", file=sys.stderr)
 """
 TARGET_RATIO = 0.9
 TARGET_RSS_MB = 100.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def base_env(root: Path) -> dict[str, str]:
@@ -119,16 +99,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not answer /health within 60 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Node:
@@ -182,16 +152,16 @@ class Node:
     def cpu_s(self) -> tuple[float, float]:
         """CPU seconds (user + system) used so far by the agent and the coordinator."""
         pids = [self.agent.pid, self.coord.pid if self.coord else 0]
-        return tuple(cpu_seconds(pid) if pid else 0.0 for pid in pids)  # type: ignore[return-value]
+        return tuple(cpu_of(pid).own_s if pid else 0.0 for pid in pids)  # type: ignore[return-value]
 
     def hwm_mb(self) -> float:
         return status_kib(self.agent.pid, "VmHWM") * 1024 / 1e6
 
     def close(self) -> None:
         self.http.close()
-        stop(self.agent)
+        stop(self.agent, 60)
         if self.coord is not None:
-            stop(self.coord)
+            stop(self.coord, 60)
         self.log.close()
 
 

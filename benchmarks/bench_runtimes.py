@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,11 +53,11 @@ from typing import Any
 import httpx
 
 from agent.execution.environment import scrubbed_environ
+from benchmarks.loopback import KEYS, Coordinator, stop
 
 TARGET = 0.99
 P95_MIN_PAIRS = 20
 WARMUP_STEPS = 20
-KEYS = {"miner": "bench-miner", "client": "bench-client"}
 RUN_TIMEOUT_S = 1800
 
 # The bare side, in a fresh interpreter: what runtimes.host.run_spec does, minus the agent.
@@ -188,32 +187,6 @@ save_file({"inputs": inputs[:warm].clone()}, f"{data}/warmup.safetensors")
 
 # -- the two sides ------------------------------------------------------------------
 
-class Coordinator:
-    """The reference coordinator in its own process, on a free loopback port."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True)
-        env = dict(os.environ, REFCOORD_MINER_KEY=KEYS["miner"],
-                   REFCOORD_CLIENT_KEY=KEYS["client"])
-        self.log = open(root / "coordinator.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.coordinator.reference", "--port", "0", "--db",
-             str(root / "coord.db"), "--no-rate-limits"],
-            env=env, stdout=subprocess.PIPE, stderr=self.log)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if "reference coordinator on " not in line:
-            self.close()
-            raise RuntimeError(f"the coordinator did not start: {line!r}; see {root}")
-        self.url = line.split(" on ", 1)[1].strip()
-        self.http = httpx.Client(base_url=self.url, headers={"X-Api-Key": KEYS["client"]},
-                                 timeout=30)
-
-    def close(self) -> None:
-        _stop(self.proc, 30)
-        self.log.close()
-
-
 class Daemon:
     """`miner-agent run` in its own process against ``coord``; one slot, default config."""
 
@@ -281,7 +254,7 @@ class Daemon:
         return "fork server: not started (yet)"
 
     def close(self) -> None:
-        _stop(self.proc, 60)
+        stop(self.proc, 60)
         self.log.close()
 
 
@@ -310,16 +283,6 @@ def run_bare(payload: dict[str, Any], root: Path, device: str) -> Run:
 
 def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- measuring and reporting ----------------------------------------------------------
