@@ -69,3 +69,16 @@ def test_bench_logs_tiny_prints_its_method_ratio_and_memory() -> None:
         assert line in out
     for mode in ("core", "extensions", "embedded"):
         assert f"agent peak RSS (VmHWM), {mode}" in out
+
+
+def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
+    # Given the checkout, when the transport benchmark runs one round
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_transport", "--rounds", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then both arms made their calls against the coordinator, and the ratio is printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "method: heartbeat + empty poll" in out
+    assert "agent : median" in out and "httpx : median" in out
+    assert "agent / httpx per round: median" in out and "n=1)" in out
