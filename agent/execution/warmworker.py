@@ -245,6 +245,8 @@ class Worker:
                     pass_fds=pass_fds, start_new_session=True, env=env)
         except OSError as exc:
             parent.close()
+            if info_read is not None:
+                os.close(info_read)
             raise LaunchError(f"cannot start the warm model worker: {exc}") from exc
         finally:
             for fd in (child.detach(), cgroup_fd, info_write):
@@ -298,15 +300,20 @@ class Worker:
               generation: int) -> None:
         reader = sock.makefile("rb")
         why = "its connection closed"
+        broken = False
         try:
             while (frame := _read_frame(reader)) is not None:
                 self._on_frame(frame)
         except (OSError, ValueError) as exc:
-            why = f"its connection broke: {exc}"
+            why, broken = f"its connection broke: {exc}", True
+        except Exception as exc:  # a frame nested past the parser's depth, or a bad field:
+            why, broken = f"it sent an unusable frame: {exc!r}"[:500], True  # never hang
         finally:
             reader.close()
             outbox.put(None)
-        self._gone(generation, why)
+            if broken and generation == self.generation:  # its jobs fail below: stop it
+                self.kill(why)
+            self._gone(generation, why)
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")
