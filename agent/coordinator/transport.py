@@ -359,7 +359,8 @@ class Transport:
 
     def _request_headers(self, auth: bool, headers: Mapping[str, str] | None) -> httpx.Headers:
         """The auth headers (when ``auth``) updated with ``headers``, built once per set."""
-        key = (self._api_key if auth else None, *(headers.items() if headers else ()))
+        key = ((self._api_key, self.miner_id) if auth else None,
+               *(headers.items() if headers else ()))
         merged = self._headers.get(key)
         if merged is None:
             all_headers = {"X-Api-Key": self._api_key, "X-Miner-ID": self.miner_id} \

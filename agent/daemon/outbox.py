@@ -40,6 +40,7 @@ with the true count, so the slot free here is free there too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -47,7 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.clock import wait_event
+from agent.clock import wait_event, within
 from agent.coordinator.capabilities import Capabilities
 from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.retry import RetryPolicy
@@ -72,6 +73,8 @@ TRY_DEADLINE_S = 30.0  # one try of a report: retries of refused connections and
 CATCH_UP_SPACING_S = 1.0  # before a poll, a report is tried again at most this often
 EXPECT_WAIT_S = 1.0  # before a poll, a report still being built is waited for this long
 LIST_FRESH_S = 1.0  # a running list older than this guards no report
+# After a /fail or a drop, polls wait this long at most for the heartbeat that frees the slot
+UNCOUNTED_WAIT_S = 5.0
 
 
 @dataclass
@@ -235,8 +238,9 @@ class Outbox:
             if self.on_uncounted is not None and not (ended is Phase.REPORTED
                                                       and p.report.kind == "result"):
                 # Before anyone polls (catch_up waits for this lock): the slot free here
-                # is free there too, or a poll comes back empty.
-                await self.on_uncounted()
+                # is free there too, or a poll comes back empty. Bounded: in an outage the
+                # beat goes on in the background rather than hold every poll up.
+                await _at_most(self._beat(), UNCOUNTED_WAIT_S)
         if self.on_settled is not None:
             self.on_settled()
 
@@ -324,9 +328,16 @@ class Outbox:
             # The coordinator counts the job in flight until its report lands: the slot,
             # free here, is only free there once a heartbeat says so. Not awaited: in an
             # outage it would hold every report up.
-            beat: asyncio.Future[None] = asyncio.ensure_future(self.on_uncounted())
-            self._beats.add(beat)
-            beat.add_done_callback(self._beats.discard)
+            self._beat()
+
+    def _beat(self) -> asyncio.Future[None]:
+        """Send the heartbeat that tells the coordinator a slot is free (kept alive in
+        ``_beats`` whether or not anyone waits for it)."""
+        assert self.on_uncounted is not None
+        beat: asyncio.Future[None] = asyncio.ensure_future(self.on_uncounted())
+        self._beats.add(beat)
+        beat.add_done_callback(self._beats.discard)
+        return beat
 
     def _end(self, p: Pending, phase: Phase) -> None:
         del self._pending[p.job_id]
@@ -334,6 +345,12 @@ class Outbox:
         if phase is Phase.REPORTED:
             log.info("job %s: reported (%s%s)", p.job_id, p.report.kind,
                      f", try {p.tries}" if p.tries > 1 else "")
+
+
+async def _at_most(beat: asyncio.Future[None], wait_s: float) -> None:
+    """Wait for ``beat`` up to ``wait_s``; it goes on past that."""
+    with contextlib.suppress(TimeoutError):
+        await within(asyncio.shield(beat), wait_s)
 
 
 def _fenced(p: Pending, caps: Capabilities) -> bool:
