@@ -155,6 +155,7 @@ class Journal:
         self._dir_synced = False
         self._flushing = threading.Lock()
         self.flushes = 0  # fdatasync calls made (tests and benchmarks count them)
+        self.closed = False
         self.sync()  # the schema and migrations, before anything relies on them
 
     @property
@@ -164,6 +165,7 @@ class Journal:
 
     def close(self) -> None:
         with self._lock, self._flushing:
+            self.closed = True
             self._flush_pending()
             if self._pending:
                 log.error("journal: %d write(s) never reached the disk (it is full); a "
@@ -181,9 +183,12 @@ class Journal:
         """Return once every write made before this call is on disk.
 
         Callers that come while a flush runs share the next one: however many records
-        wait, it is one ``fdatasync``, in the journal's own worker thread.
+        wait, it is one ``fdatasync``, in the journal's own worker thread. Once the journal
+        is closed (its close checkpointed and flushed everything) it returns at once.
         """
         target = self._written
+        if self.closed:
+            return
         while self._flushed < target:
             if self._flush is None:
                 self._flush = asyncio.create_task(self._flush_now())

@@ -114,6 +114,26 @@ def test_writes_waiting_together_are_flushed_once(tmp_path: Path) -> None:
         journal.close()
 
 
+def test_a_flush_asked_after_close_returns_and_the_record_is_kept(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # Given a record written while the flush thread has already run once
+        journal = Journal(tmp_path / "journal.db")
+        assert journal.accept("job-0", {"job_id": "job-0"}, None)
+        await journal.durable()
+        assert journal.accept("job-1", {"job_id": "job-1"}, None)
+        # When the journal closes (shutdown) before a late caller asks for its flush
+        journal.close()
+        # Then that caller returns (close flushed everything), and the record is there
+        await journal.durable()
+        reopened = Journal(tmp_path / "journal.db")
+        try:
+            assert reopened.get("job-1") is not None
+        finally:
+            reopened.close()
+
+    asyncio.run(scenario())
+
+
 def _write_then_die(path: str, ready: Any) -> None:
     journal = Journal(Path(path))
     journal.accept("job-1", {"job_id": "job-1"}, "lease-1")
