@@ -31,6 +31,7 @@ import logging
 import math
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import httpx
 
 from agent.clock import wait_event
+from agent.coordinator.plainhttp import PlainHTTPTransport
 from agent.coordinator.retry import CallStats, Deadline, RetryPolicy, parse_retry_after
 from agent.errors import AgentError, CoordinatorError
 
@@ -280,6 +282,13 @@ def _transport_error_name(exc: httpx.TransportError) -> str:
     return "transport"
 
 
+def plain_transport() -> PlainHTTPTransport | None:
+    """Our own ``http://`` transport, or None (httpx's) where the environment names a proxy:
+    httpx reads proxies from the environment only when it builds the transport itself."""
+    proxies = urllib.request.getproxies_environment()
+    return None if any(k in proxies for k in ("http", "https", "all")) else PlainHTTPTransport()
+
+
 class Transport:
     """Sends one logical call, retrying as the module docstring says; owns the httpx client."""
 
@@ -299,7 +308,8 @@ class Transport:
         self._read_s = read_timeout_s
         self._stop = asyncio.Event()
         # Auth headers go on each request, not here, so a presigned PUT never carries them.
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), follow_redirects=False)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), follow_redirects=False,
+                                       transport=plain_transport())
         self._urls: dict[str, httpx.URL] = {}
         self._headers: dict[tuple[Any, ...], httpx.Headers] = {}
 
