@@ -329,6 +329,29 @@ def print_steady(s: Steady, quick: bool) -> None:
     print(f"  coordinator calls per job: {sum(s.calls.values()):.2f} ({per})")
 
 
+def describe_filesystem(path: Path) -> str:
+    """The filesystem under ``path``, and for ext4 whether it has a journal: without one,
+    ext4 skips recently deleted inodes one by one when it makes a file (a kernel cost
+    per new file that grows with the rate of deletions; journaled ext4 and XFS do not)."""
+    best = ("?", "?", "?")
+    real = str(path.resolve())
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            device, mount, fstype = line.split()[:3]
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) \
+                    and len(mount) >= len(best[1]):
+                best = (device, mount, fstype)
+    device, mount, fstype = best
+    text = f"{fstype} at {mount} ({device})"
+    if fstype == "ext4":
+        name = Path(device).name
+        journals = [j.name for j in Path("/proc/fs/jbd2").glob("*")] \
+            if Path("/proc/fs/jbd2").is_dir() else []
+        journaled = any(j.startswith(name + "-") for j in journals)
+        text += ", with a journal" if journaled else ", without a journal (see --help of --dir)"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -339,6 +362,10 @@ def main() -> None:
                         help="parts to run, comma-separated (a,b,c,d; b and c run together)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the agent with py-spy during (c) into this file")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the agents' state and job folders go (a temporary "
+                             "folder under it; default: the system's temporary folder): "
+                             "the filesystem there shapes the kernel time of (c)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     n_idle = 5 if args.quick else P95_MIN_SAMPLES
@@ -347,8 +374,9 @@ def main() -> None:
 
     defaults = AgentConfig()
     print(__doc__.split("\n\n", 2)[2].split("``--profile")[0].rstrip())
-    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-agent-", dir=args.dir) as tmp:
         root = Path(tmp)
+        print(f"\nstate and job folders on: {describe_filesystem(root)}")
         if "a" in parts:
             gap = 1.0 if args.quick else 4.0
             print(f"\n== (a) idle latency: created_at -> started, a random idle gap of "
