@@ -9,11 +9,13 @@ job starts in tens of milliseconds instead of the ~2 s a fresh interpreter
 spends importing torch. The server reaps each job and sends its wait status back
 on the request's connection.
 
-Wire format, one JSON line each way: request ``{"spec": PATH, "env": {...},
-"cwd": DIR, "jail": {...} or null, "cgroup": bool}`` with 4 fds (stdin, stdout,
-stderr, events) and a fifth, the job's cgroup directory, when ``cgroup`` is true;
-answers ``{"pid": N}`` with a pidfd of the process (SCM_RIGHTS; N is the pid in
-the server's namespace), then ``{"pid": N, "status": WAITSTATUS}``.
+Wire format, one JSON line each way: request ``{"spec_inline": {...}, "env": {...},
+"cwd": DIR, "jail": {...} or null, "cgroup": bool}`` (at most 64 KiB; a larger spec
+goes as a file, named by ``"spec": PATH`` instead of ``spec_inline``) with 4 fds
+(stdin, stdout, stderr, events) and a fifth, the job's cgroup directory, when
+``cgroup`` is true; answers ``{"pid": N}`` with a pidfd of the process
+(SCM_RIGHTS; N is the pid in the server's namespace), then ``{"pid": N, "status":
+WAITSTATUS}``, or ``{"error": MESSAGE}`` for a request it refuses.
 
 With ``jail``, the server runs inside the node's sandbox and forks the job as PID 1
 of a PID namespace of its own, where it confines itself before any job code runs
@@ -25,6 +27,7 @@ folder that no job can see, so no job can ask for a process of its own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -39,6 +42,8 @@ from runtimes import host, jail, registry
 from runtimes.base import EventChannel
 
 EVENTS_FD = 3
+MAX_REQUEST_BYTES = 1 << 16
+REQUEST_READ_TIMEOUT_S = 10.0
 PRELOAD_EXTRA = ("runtimes.device", "runtimes.trainloop")
 
 
@@ -83,17 +88,21 @@ class ForkServer:
         try:
             self._handle(conn)
         except Exception as exc:  # one bad request must not take the server down
-            _send(conn, {"error": f"{type(exc).__name__}: {exc}"})
+            with contextlib.suppress(OSError):  # nor an agent that hung up meanwhile
+                _send(conn, {"error": f"{type(exc).__name__}: {exc}"})
             conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
-        msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 5)
-        request = json.loads(msg.split(b"\n", 1)[0])
-        want = 5 if request.get("cgroup") else 4
-        if len(fds) != want:
+        line, fds = _receive(conn)
+        try:
+            request = _parse(line)
+            want = 5 if request.get("cgroup") else 4
+            if len(fds) != want:
+                raise ValueError(f"expected {want} file descriptors, got {len(fds)}")
+        except BaseException:
             for fd in fds:
                 os.close(fd)
-            raise ValueError(f"expected {want} file descriptors, got {len(fds)}")
+            raise
         sys.stdout.flush()
         sys.stderr.flush()
         if request.get("jail") is not None:
@@ -170,9 +179,52 @@ class ForkServer:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         _reseed()
-        with open(request["spec"]) as fh:
-            spec = json.load(fh)
+        spec = request.get("spec_inline")
+        if spec is None:
+            with open(request["spec"]) as fh:
+                spec = json.load(fh)
         return host.run_spec(spec)
+
+
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One request line and its descriptors.
+
+    A long line arrives in pieces (the kernel queues about 36 KiB per piece), the
+    descriptors with the first; the rest is read until the newline, within bounds.
+    """
+    msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST_BYTES, 5)
+    if b"\n" in msg:
+        return msg.split(b"\n", 1)[0], fds
+    try:
+        conn.settimeout(REQUEST_READ_TIMEOUT_S)  # the server serves one request at a time
+        while b"\n" not in msg:
+            if len(msg) >= MAX_REQUEST_BYTES:
+                raise ValueError(f"a request over {MAX_REQUEST_BYTES} bytes")
+            more = conn.recv(MAX_REQUEST_BYTES - len(msg))
+            if not more:
+                raise ValueError("the request ended before its newline")
+            msg += more
+        conn.settimeout(None)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg.split(b"\n", 1)[0], fds
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    """A request, checked for what the server relies on before it forks."""
+    request = json.loads(line)
+    if not isinstance(request, dict):
+        raise ValueError("a request must be a JSON object")
+    if "spec_inline" in request:
+        if not isinstance(request["spec_inline"], dict):
+            raise ValueError("spec_inline must be a JSON object")
+    elif not isinstance(request.get("spec"), str):
+        raise ValueError("a request names its spec: spec_inline or spec")
+    if not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
+        raise ValueError("a request carries env (an object) and cwd (a path)")
+    return request
 
 
 def _reseed() -> None:

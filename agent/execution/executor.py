@@ -211,13 +211,11 @@ class JobRun:
 
     async def _run_process(self, runtime: str) -> tuple[int | None, bool]:
         await self._prefetch()
-        spec_path = self.work_dir / ".miner-job.json"
         self.times["requested"] = time.time()
         self.mono["requested"] = time.monotonic()
         spec = {"job": self.job.to_dict(), "package_dir": str(self.folder),
                 "work_dir": str(self.work_dir), "runtime": runtime, "parent_pid": os.getpid(),
                 "t_request": self.times["requested"]}
-        await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
         env = job_environ(self.environ, self._contract_env(), self.gpu_ids,
                           self.job.payload.get("env"))
         fds = self._open_channels()
@@ -226,8 +224,9 @@ class JobRun:
             jail = self.cfg.sandbox.jail(self.folder, self.work_dir, self.job.type,
                                          self.gpu_devices)
         cgroup_fd = self._make_cgroup()
-        request = LaunchRequest(spec_path, self.work_dir, env, fds["stdout"], fds["stderr"],
-                                fds["events"], jail=jail, cgroup_fd=cgroup_fd)
+        request = LaunchRequest(self.work_dir / ".miner-job.json", spec, self.work_dir, env,
+                                fds["stdout"], fds["stderr"], fds["events"], jail=jail,
+                                cgroup_fd=cgroup_fd)
         try:
             self.handle = await self.launcher.launch(request)
         except LaunchError as exc:

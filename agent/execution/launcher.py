@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiofiles
-
 from agent.clock import within
 from agent.config import LauncherKind
 from agent.errors import LaunchError
@@ -32,13 +30,22 @@ from agent.execution.sandbox import SandboxPolicy
 log = logging.getLogger(__name__)
 
 FORKSERVER_START_TIMEOUT_S = 120.0
+# A fork-server request carries the job's spec inline up to this size (the server reads
+# at most 64 KiB of one request); a larger one goes as a file, and the request names it.
+INLINE_REQUEST_MAX_BYTES = 48 << 10
 
 
 @dataclass
 class LaunchRequest:
-    """What a launcher needs to start one job's process."""
+    """What a launcher needs to start one job's process.
+
+    ``spec`` is what the job's process runs. A launcher whose process reads it from a
+    file writes it to ``spec_path`` first (:meth:`write_spec`); the fork server sends it
+    in its request instead, unless it is large.
+    """
 
     spec_path: Path
+    spec: dict[str, Any]
     cwd: Path
     env: dict[str, str]
     stdout_fd: int
@@ -46,6 +53,18 @@ class LaunchRequest:
     events_fd: int
     jail: dict[str, Any] | None = None  # the job's namespaces (runtimes.jail), in a sandbox
     cgroup_fd: int | None = None  # the job's cgroup directory, joined before any job code
+
+    async def write_spec(self, *others: tuple[Path, dict[str, Any]]) -> None:
+        """Write the spec to ``spec_path`` (and ``others``, path and object): one thread hop."""
+        try:
+            await asyncio.to_thread(_write_json, ((self.spec_path, self.spec), *others))
+        except OSError as exc:
+            raise LaunchError(f"cannot write the job's spec: {exc}") from exc
+
+
+def _write_json(files: tuple[tuple[Path, dict[str, Any]], ...]) -> None:
+    for path, obj in files:
+        path.write_text(json.dumps(obj))
 
 
 class ProcessHandle(Protocol):
@@ -93,6 +112,7 @@ class SpawnLauncher:
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         if self.sandbox is not None and request.jail is not None:
             return await self._launch_jailed(request, self.sandbox)
+        await request.write_spec()
         env = dict(request.env)
         env["MINER_EVENTS_FD"] = str(request.events_fd)
         pass_fds = [request.events_fd]
@@ -114,8 +134,7 @@ class SpawnLauncher:
         order = {"spec": str(request.spec_path), "jail": request.jail,
                  "events_fd": request.events_fd, "cgroup_fd": request.cgroup_fd}
         order_path = request.spec_path.with_name(".miner-jail.json")
-        async with aiofiles.open(order_path, "w") as fh:
-            await fh.write(json.dumps(order))
+        await request.write_spec((order_path, order))
         info_read, info_write = os.pipe()
         pass_fds = [request.events_fd, info_write]
         if request.cgroup_fd is not None:
@@ -229,8 +248,9 @@ class ForkServerLauncher:
 
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         await self.start()
+        message = await self._message(request)
         try:
-            sock = self._send(request)
+            sock = self._send(request, message)
         except OSError as exc:
             raise LaunchError(f"fork server request failed: {exc}") from exc
         try:
@@ -254,20 +274,34 @@ class ForkServerLauncher:
             reader.feed_data(rest)
         return _ForkHandle(pid, reader, writer)
 
-    def _send(self, request: LaunchRequest) -> socket.socket:
+    async def _message(self, request: LaunchRequest) -> bytes:
+        """The request line: the spec inline when it is small, else the path of its file.
+
+        Inline, a job starts with no file written and no thread hop; a large payload
+        would not fit the server's read, so it goes as a file as the spawn's does.
+        """
+        msg: dict[str, Any] = {"spec_inline": request.spec, "cwd": str(request.cwd),
+                               "env": {**request.env, "MINER_EVENTS_FD": "3"},
+                               "jail": request.jail if self.sandbox is not None else None,
+                               "cgroup": request.cgroup_fd is not None}
+        line = (json.dumps(msg) + "\n").encode()
+        if len(line) <= INLINE_REQUEST_MAX_BYTES:
+            return line
+        await request.write_spec()
+        del msg["spec_inline"]
+        msg["spec"] = str(request.spec_path)
+        return (json.dumps(msg) + "\n").encode()
+
+    def _send(self, request: LaunchRequest, message: bytes) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.sock_path))
-            msg = {"spec": str(request.spec_path), "cwd": str(request.cwd),
-                   "env": {**request.env, "MINER_EVENTS_FD": "3"},
-                   "jail": request.jail if self.sandbox is not None else None,
-                   "cgroup": request.cgroup_fd is not None}
             fds = [os.open(os.devnull, os.O_RDONLY), request.stdout_fd, request.stderr_fd,
                    request.events_fd]
             if request.cgroup_fd is not None:
                 fds.append(request.cgroup_fd)
             try:
-                socket.send_fds(sock, [(json.dumps(msg) + "\n").encode()], fds)
+                socket.send_fds(sock, [message], fds)
             finally:
                 os.close(fds[0])
             sock.setblocking(False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 
+import pytest
+
 from agent.errors import Outcome
-from agent.execution.executor import ExecutorConfig, JobRun
-from agent.execution.launcher import AutoLauncher, ForkServerLauncher
+from agent.execution.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.launcher import INLINE_REQUEST_MAX_BYTES, AutoLauncher, ForkServerLauncher
 from tests.agent.conftest import PY, make_job
 
 ISOLATION = r"""
@@ -75,3 +78,96 @@ def test_broken_fork_server_falls_back_to_spawn(tmp_path: Path) -> None:
     runs = run_many(launcher, tmp_path / "out", 1)
     # Then the job still runs, through a plain spawn
     assert runs[0].handle is not None and runs[0].handle.via == "spawn"
+
+
+ARGV_LENGTH = "import sys; print(len(sys.argv[1]))"
+
+
+@pytest.mark.parametrize("size", [1_000, 40_000, 100_000])
+def test_fork_server_spec_goes_inline_unless_it_is_large(tmp_path: Path, size: int) -> None:
+    # Given a job whose payload carries `size` bytes, its work dir kept after it ran
+    # (40 kB reaches the server in two pieces; 100 kB is past what one request may hold)
+    job = make_job({"type": "command", "argv": [PY, "-c", ARGV_LENGTH, "x" * size]})
+
+    async def main() -> JobReport:
+        launcher = ForkServerLauncher()
+        try:
+            return await JobRun(job, ExecutorConfig(tmp_path, keep_work_dir=True),
+                                launcher).run()
+        finally:
+            await launcher.close()
+
+    report = asyncio.run(main())
+    # Then it ran in the fork server and saw its whole payload
+    assert report.outcome == Outcome.COMPLETED, report
+    assert report.output["exit"]["via"] == "forkserver"
+    assert (tmp_path / "job_t1/logs/stdout.log").read_text() == f"{size}\n"
+    # And its spec became a file only when the request could not carry it
+    large = size > INLINE_REQUEST_MAX_BYTES
+    assert (tmp_path / ".work/t1/.miner-job.json").exists() is large
+    assert (tmp_path / ".work/t1").is_dir()
+
+
+def send_raw(sock_path: Path, line: bytes) -> socket.socket:
+    """A raw request to the fork server, with the four descriptors a job's request has."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(sock_path))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(4)]
+    try:
+        socket.send_fds(sock, [line], fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return sock
+
+
+def ask(sock_path: Path, line: bytes) -> dict[str, object]:
+    with send_raw(sock_path, line) as sock:
+        answer: dict[str, object] = json.loads(sock.makefile("rb").readline())
+    return answer
+
+
+async def open_fds_settle(pid: int, count: int) -> int:
+    """The number of descriptors ``pid`` holds, once it is back to ``count`` (or 5 s on)."""
+    for _ in range(100):
+        now = len(os.listdir(f"/proc/{pid}/fd"))
+        if now == count:
+            break
+        await asyncio.sleep(0.05)
+    return now
+
+
+def test_fork_server_refuses_a_bad_request_and_serves_the_next(tmp_path: Path) -> None:
+    # Given a running fork server
+    bad = [b'{"spec_inline": [1, 2], "env": {}, "cwd": "/"}\n',
+           b'{"spec_inline": "{}", "env": {}, "cwd": "/"}\n',
+           b'{"env": {}, "cwd": "/"}\n', b"[1, 2]\n", b"not json\n"]
+
+    async def main() -> tuple[list[dict[str, object]], int, int, JobReport]:
+        launcher = ForkServerLauncher()
+        try:
+            await launcher.start()
+            server = int(str(launcher.info["pid"]))
+            before = len(os.listdir(f"/proc/{server}/fd"))
+            # When it gets requests whose spec is not an object, or no request at all,
+            # and two from an agent that hangs up (after its line, halfway through it)
+            answers = [ask(launcher.sock_path, line) for line in bad]
+            for line in (b"not json\n", b'{"spec_inline": {'):
+                send_raw(launcher.sock_path, line).close()
+            after = await open_fds_settle(server, before)
+            job = make_job({"type": "command", "argv": [PY, "-c", "print('next')"]})
+            report = await JobRun(job, ExecutorConfig(tmp_path), launcher).run()
+        finally:
+            await launcher.close()
+        return answers, before, after, report
+
+    answers, before, after, report = asyncio.run(main())
+    # Then each bad request gets an error answer, and keeps none of its descriptors
+    assert all("error" in a and "pid" not in a for a in answers), answers
+    assert "spec_inline must be a JSON object" in str(answers[0]["error"])
+    assert after == before
+    # And the server goes on serving: the next job runs in it
+    assert report.outcome == Outcome.COMPLETED, report
+    assert report.output["exit"]["via"] == "forkserver"
+    assert (tmp_path / "job_t1/logs/stdout.log").read_text() == "next\n"

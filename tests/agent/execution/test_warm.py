@@ -273,7 +273,7 @@ def test_lru_and_idle_eviction_and_another_job_on_the_gpu_stops_the_worker(
             reports.append(await on_gpu0("e", "one"))
             alive_before = node.pool.workers["gpu0"].alive
             # When a job of another type is launched on GPU 0
-            request = LaunchRequest(tmp_path / "spec.json", tmp_path, {}, -1, -1, -1)
+            request = LaunchRequest(tmp_path / "spec.json", {}, tmp_path, {}, -1, -1, -1)
             answer = await node.pool.guard(Recording(), (0,)).launch(request)
             return reports, alive_before, answer
         finally:
