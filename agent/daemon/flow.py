@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from agent.config import AgentConfig
@@ -23,7 +24,7 @@ from agent.daemon.hooks import HookFailed, JobHooks
 from agent.daemon.journal import Journal, Phase
 from agent.daemon.outbox import Outbox
 from agent.daemon.release import Release, ReleaseGate
-from agent.daemon.report import Report, build_report
+from agent.daemon.report import Report, build_report, small_reads
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
@@ -270,11 +271,13 @@ class JobFlow:
                      upload: dict[str, Any] | None = None) -> Report:
         """Build the report once, journal it with its uploads to do, and ship the logs'
         last bytes. The outbox sends it (:meth:`submit`)."""
-        # build_report reads the result text and both log tails: one thread hop, not the loop
-        rep = await asyncio.to_thread(
-            build_report, report, gpu_count=gpu_count, location=None, lease_id=lease_id,
-            max_text_bytes=self.cfg.max_result_text_bytes,
-            log_tail_bytes=self.cfg.log_tail_bytes)
+        bounds = {"max_text_bytes": self.cfg.max_result_text_bytes,
+                  "log_tail_bytes": self.cfg.log_tail_bytes}
+        build = partial(build_report, report, gpu_count=gpu_count, location=None,
+                        lease_id=lease_id, **bounds)
+        # A tiny job's report is built on the loop: a thread hop would cost more than its
+        # reads. Large (or odd) files are read in a thread.
+        rep = build() if small_reads(report.folder, **bounds) else await asyncio.to_thread(build)
         if extra_metrics:
             rep.body["metrics"].update(extra_metrics)
         self.journal.set_phase(report.job_id, Phase.FINISHED, outcome=report.outcome.value,

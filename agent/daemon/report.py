@@ -9,6 +9,8 @@ coordinator's signed receipt.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from agent.execution.executor import JobReport
 from agent.layout import RESULT_TEXT, STREAMS, log_path
 
 MAX_MANIFEST_ENTRIES = 2000
+SMALL_READS_MAX_BYTES = 64 << 10
 _THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_s")
 
 
@@ -57,6 +60,31 @@ def read_text(path: Path, limit: int) -> tuple[str, bool]:
     except OSError:
         return "", False
     return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+
+
+def small_reads(folder: Path | None, *, max_text_bytes: int, log_tail_bytes: int) -> bool:
+    """Whether :func:`build_report` reads so little that the event loop may do it.
+
+    Its reads are the result text and both log tails, each bounded; together they
+    must stay under ``SMALL_READS_MAX_BYTES``. Only regular files count as small: a
+    job may leave a FIFO or a link to a device in its package, whose read would wait.
+    """
+    if folder is None:
+        return True
+    total = 0
+    reads = [(folder / RESULT_TEXT, max_text_bytes)]
+    reads += [(log_path(folder, s), log_tail_bytes) for s in STREAMS]
+    for path, limit in reads:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        total += min(info.st_size, limit)
+    return total <= SMALL_READS_MAX_BYTES
 
 
 def receipt_metrics(output: dict[str, Any], gpu_count: int) -> dict[str, Any]:
