@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import Outcome
-from agent.execution.capture import tail_bytes
+from agent.execution.capture import open_regular, tail_bytes
 from agent.execution.executor import JobReport
 from agent.layout import RESULT_TEXT, STREAMS, log_path
 
@@ -55,7 +55,7 @@ class Report:
 
 def read_text(path: Path, limit: int) -> tuple[str, bool]:
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             data = fh.read(limit + 1)
     except OSError:
         return "", False

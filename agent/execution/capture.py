@@ -18,10 +18,12 @@ import fcntl
 import logging
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -221,13 +223,30 @@ class LineTail:
         return [rest] if rest else []
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` open for reading if it is a regular file, else OSError.
+
+    A job writes its own package: where a log or its result text should be, it may
+    leave a FIFO (a read would wait forever) or a link to ``/dev/zero`` (a read would
+    never end). Neither is followed nor read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def tail_bytes(path: Path, max_bytes: int) -> str:
     """The last ``max_bytes`` of a log as text (for reports), cut at a line start."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - max_bytes))
-            data = fh.read()
+            data = fh.read(max_bytes)
     except OSError:
         return ""
     if size > max_bytes:

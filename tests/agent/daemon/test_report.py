@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.daemon.report import SMALL_READS_MAX_BYTES, small_reads
+from agent.daemon.report import SMALL_READS_MAX_BYTES, read_text, small_reads
+from agent.execution.capture import tail_bytes
 
 BOUNDS = {"max_text_bytes": 256 << 10, "log_tail_bytes": 8 << 10}
 
@@ -52,3 +53,23 @@ def test_what_a_job_left_that_is_not_a_regular_file_is_read_in_a_thread(tmp_path
     # Then neither read is made on the loop (either could wait, or never end)
     assert not small_reads(fifo, **BOUNDS)
     assert not small_reads(device, **BOUNDS)
+
+
+def test_a_fifo_or_a_device_link_in_the_package_reads_as_empty_at_once(
+        tmp_path: Path) -> None:
+    # Given a job that left a FIFO as its result text and /dev/zero as its stdout log
+    folder = package(tmp_path)
+    (folder / "result.txt").unlink()
+    os.mkfifo(folder / "result.txt")
+    (folder / "logs/stdout.log").unlink()
+    (folder / "logs/stdout.log").symlink_to("/dev/zero")
+    # Then neither is read (a read would wait, or never end), in a thread or not
+    assert read_text(folder / "result.txt", 1 << 20) == ("", False)
+    assert tail_bytes(folder / "logs/stdout.log", 1 << 20) == ""
+    assert tail_bytes(folder / "logs/stderr.log", 8) == "line\n"
+
+
+def test_a_log_tail_reads_at_most_its_bound(tmp_path: Path) -> None:
+    folder = package(tmp_path, log=1 << 20)
+    tail = tail_bytes(folder / "logs/stdout.log", 1000)
+    assert 0 < len(tail) <= 1000 and tail.startswith("line\n")
