@@ -36,7 +36,7 @@ from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
 from agent.execution.outcome import Verdict, classify, disk_full, signal_name
-from agent.execution.package import PackageInfo, write_package
+from agent.execution.package import InlineSeals, PackageInfo, write_package
 from agent.execution.prefetch import find_inputs, prefetch
 from agent.execution.sandbox import SandboxPolicy
 from agent.jobs import Job
@@ -69,6 +69,7 @@ class ExecutorConfig:
     limits: Limits = field(default_factory=Limits)
     max_output_bytes: int | None = None  # the package's size cap (max_job_output_mb)
     quota_check_s: float = 0.25
+    inline_seals: InlineSeals = field(default_factory=InlineSeals)  # shared by its runs
 
 
 @dataclass
@@ -578,7 +579,12 @@ class JobRun:
         if output["cancel"] is not None:
             # The package is written once; "packaged" is when that write begins.
             output["cancel"]["packaged_at"] = iso(time.time())
-        info = await asyncio.to_thread(self._seal_and_clean, output)
+        if self.cfg.inline_seals.allowed(self.folder):
+            began = time.perf_counter()
+            info = self._seal_and_clean(output)
+            self.cfg.inline_seals.took(time.perf_counter() - began)
+        else:
+            info = await asyncio.to_thread(self._seal_and_clean, output)
         if info is not None:
             output = info.output
         log.info("job %s: %s%s", self.job.job_id, verdict.outcome.value,
@@ -587,7 +593,8 @@ class JobRun:
                          verdict.error_message, bool(output["partial"]), output, info)
 
     def _seal_and_clean(self, output: dict[str, Any]) -> PackageInfo | None:
-        """Seal the package, then drop the job's cgroup and scratch: one thread hop."""
+        """Seal the package, then drop the job's cgroup and scratch: one thread hop, or
+        none for a tiny package (:class:`InlineSeals`)."""
         try:
             info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip)
         except (OSError, PackageError) as exc:
@@ -596,7 +603,7 @@ class JobRun:
         if self.cgroup is not None:
             self.cgroup.remove()
         if not self.cfg.keep_work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+            remove_scratch(self.work_dir)
         return info
 
     async def _report_without_process(self, code: str, message: str) -> JobReport:
@@ -628,6 +635,19 @@ def runtime_for(job_type: str, extra: Mapping[str, str],
             f"{', '.join(sorted(allowed)) or 'none'} (config field allowed_job_types, "
             "MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
     return path
+
+
+def remove_scratch(work_dir: Path) -> None:
+    """Remove a job's scratch folder: two rmdirs where the job left it empty (most do),
+    else the whole tree (``rmtree`` never follows a link the job left)."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(work_dir / ".home")
+        os.rmdir(work_dir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def folder_bytes(folder: Path, stop_above: int | None = None) -> int:
