@@ -417,11 +417,13 @@ class JobRun:
 
         Once the leader is reaped its pid may be another process's: its descendants
         are no longer looked up (an orphan is not the pid's child any more anyway),
-        which also spares a scan of /proc at the end of every job.
+        which also spares a scan of /proc at the end of every job. Nor is the cgroup
+        killed then: ``kill_and_wait`` comes next, and kills only a cgroup that is not
+        empty (a write to ``cgroup.kill`` every job otherwise).
         """
         if self.handle is None:
             return
-        if sig == signal.SIGKILL and self.cgroup is not None:
+        if sig == signal.SIGKILL and self.cgroup is not None and not leader_gone:
             self.cgroup.kill()
         pid = self.handle.pid
         descendants: list[psutil.Process] = []
