@@ -10,6 +10,9 @@ Prints:
 - log capture: a child printing short lines through the capture path versus the same
   child writing straight to a file, timed until every byte is in the file and checked
   byte for byte on disk (target >= 0.9x);
+- the capture's own CPU for a job that flushes every line (print(flush=True),
+  PYTHONUNBUFFERED): the hub as it runs, pausing 1 ms to let a chatty pipe gather,
+  against the same hub with the pause off (set in this process only), in pairs;
 - package hashing: the agent's hashing against a plain hashlib loop over the same
   files on one thread each (target >= 0.9x); the agent's threaded manifest and its full
   seal (zip and hash in one pass) are reported apart, never in that ratio;
@@ -33,9 +36,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from agent.errors import CancelReason
+from agent.execution import capture as capture_module
+from agent.execution.capture import StreamCapture, make_pipe
 from agent.execution.executor import ExecutorConfig, JobRun
 from agent.execution.launcher import ForkServerLauncher, Launcher, SpawnLauncher
 from agent.execution.package import build_manifest, sha256_file, write_package
@@ -221,6 +227,54 @@ def log_capture(root: Path, lines: int, pairs: int) -> LogFigures:
     return LogFigures(ratios, exact, len(kept["direct"]))
 
 
+FLUSHING = """for i in range({n}):
+    print(f"line {{i}} of a chatty job", flush=True)
+"""
+
+
+def _count_read(box: list[int], _stream: str, _size: int) -> None:
+    box[0] += 1
+
+
+def flushing_capture(root: Path, lines: int, pairs: int) -> dict[str, list[float]]:
+    """This process's CPU (the capture hub's) per MiB of a line-flushing job, and its
+    reads per MiB, with the hub's batching pause as shipped and with it off."""
+    root.mkdir(parents=True, exist_ok=True)
+    shipped = capture_module.BATCH_S
+    figures: dict[str, list[float]] = {}
+    try:
+        for pair in range(pairs):
+            for arm in alternate(pair, ["batched", "unbatched"]):
+                capture_module.BATCH_S = shipped if arm == "batched" else 0.0
+                reads = [0]
+                read_fd, write_fd = make_pipe()
+                capture = StreamCapture("stdout", read_fd, root / f"{arm}-{pair}.log",
+                                        partial(_count_read, reads))
+                c0 = cpu_s()
+                capture.start()
+                proc = subprocess.Popen([sys.executable, "-c", FLUSHING.format(n=lines)],
+                                        stdout=write_fd)
+                os.close(write_fd)
+                proc.wait()
+                capture.join(30)
+                mib = capture.size / (1 << 20)
+                figures.setdefault(f"{arm} cpu", []).append((cpu_s() - c0) * 1000 / mib)
+                figures.setdefault(f"{arm} reads", []).append(reads[0] / mib)
+    finally:
+        capture_module.BATCH_S = shipped
+    return figures
+
+
+def _print_flushing(f: dict[str, list[float]], lines: int) -> None:
+    print(f"\nlog capture of a job that flushes every line ({lines:,} lines): this "
+          "process's CPU (the hub's) per MiB, the hub's 1 ms pause on and off, alternating")
+    for arm in ("batched", "unbatched"):
+        print(f"  {arm:<9}: {spread(f[f'{arm} cpu'], ' ms/MiB')}, "
+              f"reads {statistics.median(f[f'{arm} reads']):,.0f}/MiB")
+    ratios = [a / b for a, b in zip(f["batched cpu"], f["unbatched cpu"], strict=True)]
+    print(f"  batched / unbatched CPU per pair: {spread(ratios, 'x')}")
+
+
 # -- hashing ----------------------------------------------------------------------------------
 def _hashlib_loop(paths: list[Path]) -> list[str]:
     digests = []
@@ -370,6 +424,8 @@ def main() -> None:
         cancel = cancel_latency(root / "cancel", s.cancel_runs, step_s)
         _print_start_cancel(start, cancel, step_s, s.torch)
         _print_logs(log_capture(root / "logs", s.lines, s.pairs), s.lines)
+        flush_lines = max(1000, s.lines // 4)
+        _print_flushing(flushing_capture(root / "flushing", flush_lines, s.pairs), flush_lines)
         _print_hashing(hashing(root / "hash", s.hash_mib, s.hash_files, max(3, s.pairs)))
         tiny = cpu_per_tiny_job(root / "tiny", s.tiny_jobs, s.tiny_rounds)
     print(f"\nexecution-side CPU per tiny job (sleep, 1 step, no torch; {s.tiny_jobs} jobs in "

@@ -6,10 +6,17 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, StreamCapture, make_pipe
+from agent.execution.capture import (
+    BATCH_AFTER_S,
+    BATCH_S,
+    DEFAULT_MAX_LOG_BYTES,
+    StreamCapture,
+    make_pipe,
+)
 
 # Each writer prints its own numbered records in small, uneven writes, so many pipes
 # are ready at once and any loss, duplication or reordering shows in the file.
@@ -118,3 +125,29 @@ def test_a_symlink_planted_at_the_log_path_is_never_written_through(tmp_path: Pa
     # Then the outside file is untouched; the output was dropped, not written through
     assert outside.read_bytes() == b"keep me\n"
     assert capture.size == 0 and capture.dropped == len(b"evil\n")
+
+
+def test_a_line_flushing_job_is_moved_in_batches_not_line_by_line(tmp_path: Path) -> None:
+    # Given a job that flushes every line (PYTHONUNBUFFERED, print(flush=True), tqdm)
+    lines = 100_000
+    script = (f"for i in range({lines}):\n"
+              "    print(f'line {i} of a chatty job', flush=True)\n")
+    moves = [0]
+
+    def count(_name: str, _size: int) -> None:
+        moves[0] += 1
+
+    capture, write_fd = _start(tmp_path / "out.log", on_data=count)
+    began = time.monotonic()
+    proc = _spawn(write_fd, "-c", script)
+    # When it has finished
+    assert proc.wait(60) == 0
+    assert capture.join(10)
+    elapsed = time.monotonic() - began
+    # Then every line is there, in order, moved in at most one read per pause (plus one
+    # per quiet gap): not one wake-up per line
+    assert (tmp_path / "out.log").read_bytes() == b"".join(
+        b"line %d of a chatty job\n" % i for i in range(lines))
+    passes_allowed = elapsed / BATCH_S + elapsed / BATCH_AFTER_S + 2
+    assert moves[0] <= passes_allowed, (moves[0], passes_allowed)
+    assert moves[0] < lines / 10
