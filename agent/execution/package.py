@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import stat
+import statistics
 import time
 import zipfile
 from collections import deque
@@ -399,14 +400,20 @@ class InlineSeals:
     (GIL hand-offs and context switches around each of the seal's ~25 system calls, the
     hop's own wake-ups), where the seal takes ~0.5 ms of CPU. Handing only its two
     fsyncs to a thread was dearer still (two hops). Only a package of a few small files
-    qualifies (:func:`small_folder`), and as its fsyncs then hold the loop, a seal that
-    took longer than ``slow_s`` (a slow disk) sends every seal to the thread for
-    ``backoff_s``.
+    qualifies (:func:`small_folder`), and as its fsyncs then hold the loop, a slow disk
+    sends every seal to the thread for ``backoff_s``: when the median of the last
+    ``window`` seals took longer than ``slow_s``, or one took longer than ``stall_s``.
+    One seal past ``slow_s`` is not enough: on a busy node the loop's thread is
+    preempted for 20-30 ms now and then, which says nothing about the disk, and a
+    switch on each such blip would put every tiny job back on the dearer path.
     """
 
-    def __init__(self, slow_s: float = 0.02, backoff_s: float = 300.0) -> None:
+    def __init__(self, slow_s: float = 0.02, backoff_s: float = 300.0, *, window: int = 5,
+                 stall_s: float = 0.25) -> None:
         self.slow_s = slow_s
+        self.stall_s = stall_s
         self.backoff_s = backoff_s
+        self._recent: deque[float] = deque(maxlen=window)
         self._thread_until = 0.0
 
     def allowed(self, folder: Path) -> bool:
@@ -414,10 +421,15 @@ class InlineSeals:
 
     def took(self, seconds: float) -> None:
         """How long an inline seal held the loop."""
-        if seconds > self.slow_s:
+        self._recent.append(seconds)
+        full = len(self._recent) == self._recent.maxlen
+        if seconds > self.stall_s or (full and statistics.median(self._recent) > self.slow_s):
             self._thread_until = time.monotonic() + self.backoff_s
-            log.info("sealing a package took %.0f ms on the event loop: packages are "
-                     "sealed in a thread for the next %.0f s", seconds * 1000, self.backoff_s)
+            log.info("sealing a package took %.0f ms on the event loop (median of the last "
+                     "%d: %.0f ms): packages are sealed in a thread for the next %.0f s",
+                     seconds * 1000, len(self._recent),
+                     statistics.median(self._recent) * 1000, self.backoff_s)
+            self._recent.clear()
 
 
 def small_folder(folder: Path, max_entries: int = 32, max_bytes: int = 256 << 10) -> bool:

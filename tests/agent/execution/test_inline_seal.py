@@ -66,12 +66,30 @@ def test_a_package_past_the_bounds_is_sealed_in_a_thread(tmp_path: Path) -> None
 
 
 def test_a_slow_seal_sends_the_next_ones_to_a_thread(tmp_path: Path) -> None:
-    # Given seals that count any time on the loop as slow
-    seals = InlineSeals(slow_s=0.0, backoff_s=60)
+    # Given seals that count any time on the loop as slow, judged on the last one
+    seals = InlineSeals(slow_s=0.0, backoff_s=60, window=1)
     # When a tiny job is sealed on the loop
     assert seal_thread(tmp_path / "a", TINY, seals) == (Outcome.COMPLETED, True)
     # Then the next tiny one goes to a thread
     assert seal_thread(tmp_path / "b", TINY, seals) == (Outcome.COMPLETED, False)
+
+
+def test_one_blip_keeps_seals_on_the_loop_but_a_slow_run_or_a_stall_does_not(
+        tmp_path: Path) -> None:
+    (tmp_path / "out.txt").write_text("x")
+    # One seal past slow_s among fast ones: a preempted loop, not a slow disk
+    seals = InlineSeals(slow_s=0.02, window=5, stall_s=0.25)
+    for took in (0.001, 0.030, 0.001, 0.002, 0.001, 0.001):
+        seals.took(took)
+    assert seals.allowed(tmp_path)
+    # Most of the last five slow: the disk is, and the seals go to a thread
+    for took in (0.030, 0.040, 0.025):
+        seals.took(took)
+    assert not seals.allowed(tmp_path)
+    # A single stall past stall_s is enough on its own
+    stalled = InlineSeals(slow_s=0.02, window=5, stall_s=0.25)
+    stalled.took(0.3)
+    assert not stalled.allowed(tmp_path)
 
 
 def test_small_folder_stops_at_the_first_sign_of_more(tmp_path: Path) -> None:
