@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # writes kept in memory while the disk is full; older ones are dropped
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 CHECKPOINT_BYTES = 4 << 20  # the write-ahead log is copied into the database past this
+SIZE_EVERY = 16  # flushes between looks at the log's size (and whether it is still there)
 WAL_KEEP_BYTES = 1 << 20
 BACKSTOP_PAGES = 5000  # about 20 MiB of log
 DONE_PHASES = ("reported", "dropped", "rejected")  # a package of these may be pruned
@@ -128,9 +129,10 @@ def _add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> No
 class Journal:
     """A small, synchronous, thread-safe store; every call is one short transaction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, checkpoint_bytes: int = CHECKPOINT_BYTES) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.checkpoint_bytes = checkpoint_bytes
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._pending: list[tuple[str, tuple[Any, ...]]] = []  # writes the full disk refused
@@ -146,6 +148,8 @@ class Journal:
         _add_columns(self._db, ADDED_COLUMNS)
         self.boot_id = current_boot_id()
         self.wal_path = Path(f"{path}-wal")
+        self._wal_fd: int | None = None  # kept open by the flushing thread (_flush_log)
+        self._until_size = 0  # flushes left before the next look at the log's size
         self._written = 0  # writes committed to the log so far
         self._flushed = 0  # of those, how many a flush has made durable
         self._flush: asyncio.Task[None] | None = None
@@ -175,6 +179,7 @@ class Journal:
                 self._flusher.shutdown(wait=False)  # idle: every flush is done (lock held)
             if self._checkpointer is not None:
                 self._checkpointer.close()
+            self._close_wal()
             # The last connection's close checkpoints the log, flushing it and the database.
             self._db.close()
 
@@ -214,25 +219,45 @@ class Journal:
     def _flush_log(self) -> None:
         """fdatasync the write-ahead log (any descriptor of the file flushes its pages),
         then checkpoint it once it is large. A failed flush is logged, never raised: the
-        agent goes on, and a power loss may lose what it held."""
+        agent goes on, and a power loss may lose what it held.
+
+        The log's descriptor stays open between flushes, and its size is looked at every
+        ``SIZE_EVERY`` flushes: each system call here hands the GIL back and forth with
+        the event loop, and on a busy node each such hand-over is a context switch.
+        SQLite removes the log only when its last connection closes, and this journal's
+        own stays open until :meth:`close`; a log found removed all the same is opened
+        afresh and flushed at once.
+        """
         self.flushes += 1
         try:
-            fd = os.open(self.wal_path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
+            if self._wal_fd is None:
+                self._wal_fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
+                self._until_size = 0
+            os.fdatasync(self._wal_fd)
+            self._until_size -= 1
+            if self._until_size > 0:
+                return
+            self._until_size = SIZE_EVERY
+            info = os.fstat(self._wal_fd)
         except FileNotFoundError:
             return  # no log: every commit is checkpointed into the database, flushed
         except OSError as exc:
             log.error("journal: flushing its log failed (%s); a power loss may lose the "
                       "latest records", exc)
             return
+        if info.st_nlink == 0:  # removed behind our back: the live log is another file
+            self._close_wal()
+            self._flush_log()
+            return
         if not self._dir_synced:  # the log's own name, once
             self._dir_synced = _fsync_dir(self.path.parent)
-        if size > CHECKPOINT_BYTES:
+        if info.st_size > self.checkpoint_bytes:
             self._checkpoint()
+
+    def _close_wal(self) -> None:
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     def _locked_flush(self) -> None:
         with self._flushing:  # the worker's flush and a blocking sync() never overlap

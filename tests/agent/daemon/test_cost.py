@@ -114,6 +114,38 @@ def test_writes_waiting_together_are_flushed_once(tmp_path: Path) -> None:
         journal.close()
 
 
+def test_the_log_is_flushed_through_one_descriptor_and_checkpointed_past_its_bound(
+        tmp_path: Path) -> None:
+    # Given a journal whose log is copied into the database past 64 KiB
+    journal = Journal(tmp_path / "journal.db", checkpoint_bytes=64 << 10)
+    big = {"job_id": "x", "payload": {"blob": "y" * 4000}}
+
+    async def scenario() -> None:
+        # When hundreds of jobs' records are written, each awaited as durable
+        for n in range(300):
+            assert journal.accept(f"job-{n}", big, None)
+            await journal.durable()
+            if n == 0:
+                fd = journal._wal_fd
+        # Then every flush went through the one descriptor opened at the first
+        assert fd is not None and journal._wal_fd == fd
+        assert os.path.samestat(os.fstat(fd), os.stat(journal.wal_path))
+
+    try:
+        asyncio.run(scenario())
+        # And the log was checkpointed and started over rather than growing to ~1.2 MB
+        # of records (a look at its size every SIZE_EVERY flushes)
+        assert journal.wal_path.stat().st_size < 400 << 10
+    finally:
+        journal.close()
+    # And what was written is all there after a reopen
+    reopened = Journal(tmp_path / "journal.db")
+    try:
+        assert reopened.get("job-299") is not None and reopened.get("job-0") is not None
+    finally:
+        reopened.close()
+
+
 def test_a_flush_asked_after_close_returns_and_the_record_is_kept(tmp_path: Path) -> None:
     async def scenario() -> None:
         # Given a record written while the flush thread has already run once
