@@ -34,6 +34,7 @@ stacks for a flame graph.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -52,7 +53,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.loopback import KEYS, Coordinator, Cpu, cpu_of, free_port
+from benchmarks.loopback import KEYS, Coordinator, Cpu, cpu_of, free_port, thread_switches
 
 TINY = {"type": "sleep", "steps": 1, "step_s": 0}
 SLOTS = 4
@@ -202,6 +203,8 @@ class Steady:
     idle_agent_s: float  # what the idle agent spent in as long a time, included above
     idle_window_s: float
     calls: dict[str, float]  # coordinator calls per job, by endpoint
+    reference_ms: float  # this machine's speed just before the round (reference_ms())
+    switches: dict[str, tuple[float, float]]  # context switches per job, by thread group
 
 
 def snapshot(agent: Agent, coord: Coordinator, fs_pid: int | None) -> dict[str, Cpu]:
@@ -218,16 +221,39 @@ def idle_rate(agent: Agent, window_s: float) -> float:
     return (cpu_of(agent.pid).own_s - before) / window_s
 
 
+def reference_ms(repeat: int = 3) -> float:
+    """CPU milliseconds of a fixed piece of Python work much like the agent's own (JSON,
+    dicts, strings, small objects), fastest of ``repeat``, in this benchmark's process
+    while the agent idles. This VM's speed drifts by 2x from day to day (a neighbour's
+    load); the figure puts rounds measured on different days side by side."""
+    body = {"job_id": "j" * 32, "payload": {"type": "sleep", "steps": 1, "args": list(range(20))},
+            "constraints": {"gpus": 0, "tags": {"zone": "a"}}, "metrics": {"units": 1.5}}
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.process_time()
+        for i in range(4000):
+            text = json.dumps(body)
+            back = json.loads(text)
+            back["n"] = f"{i}:{back['job_id'][:8]}"
+            sorted(back.items(), key=lambda kv: kv[0])
+        best = min(best, time.process_time() - began)
+    return best * 1000
+
+
 def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> Steady:
     fs_pid = agent.fork_server()
     rate = idle_rate(agent, 3.0)
+    reference = reference_ms()
     spy = start_profile(agent.pid, profile)
     calls = agent.calls()
+    switched = thread_switches(agent.pid)
     before, t0 = snapshot(agent, coord, fs_pid), time.monotonic()
     ids = [coord.submit(TINY) for _ in range(n)]  # ahead: the 4 slots stay full
     for job_id in ids:
         agent.wait(job_id)
     after, wall = snapshot(agent, coord, fs_pid), time.monotonic() - t0
+    switches = {k: ((v[0] - switched[k][0]) / n, (v[1] - switched[k][1]) / n)
+                for k, v in thread_switches(agent.pid).items()}
     stop_profile(spy, profile)
     calls = {k: (v - calls.get(k, 0.0)) / n for k, v in agent.calls().items() if k}
     first = ts(agent.output(ids[0])["started_at"])
@@ -238,7 +264,7 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
                   after["agent"].sys_s - before["agent"].sys_s,
                   after["agent"].children_s - before["agent"].children_s, fs, jobs,
                   after["coord"].own_s - before["coord"].own_s, rate * wall,
-                  last - first if last > first else wall, calls)
+                  last - first if last > first else wall, calls, reference, switches)
 
 
 def start_profile(pid: int, path: Path | None) -> subprocess.Popen[bytes] | None:
@@ -275,10 +301,24 @@ def run_steady(root: Path, n: int, rounds: int, profile: Path | None) -> list[St
     agent = Agent(root / "steady", coord, cpu_slots=SLOTS)
     try:
         warm(agent, 2 * SLOTS)
-        return [steady(agent, coord, n, profile if i == 0 else None) for i in range(rounds)]
+        runs = [steady(agent, coord, n, profile if i == 0 else None) for i in range(rounds)]
+        print_agent_notes(agent)
+        return runs
     finally:
         agent.close()
         coord.close()
+
+
+def print_agent_notes(agent: Agent) -> None:
+    """What the agent itself said it changed, or warned about, during the rounds: a mode
+    it switched to (a seal sent to a thread) changes what a job costs."""
+    lines = agent.log_path.read_text(errors="replace").splitlines()
+    notes = [line for line in lines if " WARNING " in line or " ERROR " in line
+             or "in a thread for the next" in line]
+    print(f"  the agent's log during (b)/(c): {len(lines)} lines, {len(notes)} warnings or "
+          "mode switches" + (":" if notes else ""))
+    for line in notes[:5]:
+        print(f"    {line[:200]}")
 
 
 # -- (d) cancel latency -----------------------------------------------------------------
@@ -333,6 +373,10 @@ def print_steady(runs: list[Steady], quick: bool) -> None:
               f" ms/job ({r.agent_sys_s * 1000 / r.jobs:.2f} ms of it in the kernel)")
     print(f"  median {statistics.median(per_job):.2f} ms/job ({per_job[0]:.2f}-{per_job[-1]:.2f}, "
           f"n={len(runs)} rounds)  target <= 5 ms")
+    refs = sorted(r.reference_ms for r in runs)
+    print(f"  this machine's speed: a reference piece of Python work took {refs[0]:.0f}-"
+          f"{refs[-1]:.0f} ms of CPU before the rounds (reference_ms(); the "
+          "table in docs/performance.md gives its own): compare days at a like reference")
     print(f"  the others, {'the middle round' if len(runs) % 2 else 'round 1'}:")
     print(f"    idle agent's timers in as long (included): {s.idle_agent_s * ms:6.2f} ms/job")
     print(f"    fork server itself                        : {s.fork_server_s * ms:6.2f} ms/job")
@@ -341,6 +385,9 @@ def print_steady(runs: list[Steady], quick: bool) -> None:
     print(f"    coordinator (separate process, not counted): {s.coordinator_s * ms:6.2f} ms/job")
     per = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s.calls.items()) if v)
     print(f"    coordinator calls per job: {sum(s.calls.values()):.2f} ({per})")
+    print("    agent's context switches per job, voluntary + involuntary (each a thread "
+          "wake-up or preemption): " + ", ".join(
+              f"{k} {v[0]:.1f} + {v[1]:.1f}" for k, v in s.switches.items()))
 
 
 def describe_filesystem(path: Path) -> str:

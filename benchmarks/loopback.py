@@ -43,6 +43,24 @@ def cpu_of(pid: int) -> Cpu:
     return Cpu((utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK, stime / CLK_TCK)
 
 
+def thread_switches(pid: int) -> dict[str, tuple[int, int]]:
+    """Voluntary and involuntary context switches of a process's main thread ("main")
+    and of its other threads together ("others"), from /proc/PID/task/*/status. A
+    thread that ended meanwhile drops out of "others"; the agent's threads live long."""
+    out = {"main": (0, 0), "others": (0, 0)}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        values = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        key = "main" if task.name == str(pid) else "others"
+        was = out[key]
+        out[key] = (was[0] + int(values["voluntary_ctxt_switches"]),
+                    was[1] + int(values["nonvoluntary_ctxt_switches"]))
+    return out
+
+
 def status_kib(pid: int, field: str) -> int:
     """A ``kB`` field of /proc/PID/status (``VmHWM``, ``VmRSS``); 0 where absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
