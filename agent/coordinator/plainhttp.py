@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import h11
@@ -89,6 +89,17 @@ class _Connection:
                         await self.writer.drain()
             wire.append(self.h11.send(h11.EndOfMessage()) or b"")
             self.writer.write(b"".join(wire))
+            await self.writer.drain()
+
+    async def send_prepared(self, head: h11.Request, body: bytes | None,
+                            timeout_s: float | None) -> None:
+        """A request whose head is built and checked already, body in memory: one write."""
+        wire = self.h11.send(head) or b""
+        if body:
+            wire += self.h11.send(h11.Data(data=body)) or b""
+        wire += self.h11.send(h11.EndOfMessage()) or b""
+        async with asyncio.timeout(timeout_s):
+            self.writer.write(wire)
             await self.writer.drain()
 
     async def next_event(self, timeout_s: float | None) -> Any:
@@ -163,10 +174,23 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
             if self._fallback is None:
                 self._fallback = httpx.AsyncHTTPTransport()
             return await self._fallback.handle_async_request(request)
+        timeouts = request.extensions.get("timeout") or {}
+        return await self._exchange((request.url.host, request.url.port or 80), timeouts,
+                                    lambda conn: conn.send(request, timeouts.get("write")))
+
+    async def send_prepared(self, key: tuple[str, int], head: h11.Request, body: bytes | None,
+                            timeouts: Mapping[str, float | None]) -> httpx.Response:
+        """One request to ``key`` (host, port) without an :class:`httpx.Request`: the
+        caller built and checked ``head`` (method, target, every header, Content-Length
+        among them) and keeps it for the next call of its kind. The answer is as
+        :meth:`handle_async_request` gives it, but has no ``request`` set."""
+        return await self._exchange(key, timeouts, lambda conn: conn.send_prepared(
+            head, body, timeouts.get("write")))
+
+    async def _exchange(self, key: tuple[str, int], timeouts: Mapping[str, float | None],
+                        send: Callable[[_Connection], Awaitable[None]]) -> httpx.Response:
         if self._closed:
             raise RuntimeError("the transport is closed")
-        timeouts = request.extensions.get("timeout") or {}
-        key = (request.url.host, request.url.port or 80)
         try:
             async with asyncio.timeout(timeouts.get("pool")):
                 await self._slots.acquire()
@@ -175,7 +199,7 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
         conn: _Connection | None = None
         try:
             conn = self._idle_for(key) or await self._connect(key, timeouts.get("connect"))
-            await conn.send(request, timeouts.get("write"))
+            await send(conn)
             head = await conn.read_head(timeouts.get("read"))
         except BaseException as exc:
             if conn is not None:

@@ -29,6 +29,7 @@ import enum
 import json as jsonlib
 import logging
 import math
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -36,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 import httpx
 
 from agent.clock import wait_event
@@ -62,6 +64,10 @@ _JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 # heartbeat's, the poll's) is parsed once, not on every call. Emptied when full, so the
 # per-job paths cannot grow it.
 _CACHE_SIZE = 64
+# A relative path sent as it is, by httpx and by the lean lane alike (no percent sign,
+# dot segment, query or "//" authority to normalise): job ids of letters, digits, "-",
+# "_" and "~" keep their calls on the lane; any other path goes through httpx.
+_LEAN_PATH = re.compile(r"/[A-Za-z0-9_~-][A-Za-z0-9_~/-]*")
 
 
 class AuthError(CoordinatorError):
@@ -308,10 +314,21 @@ class Transport:
         self._read_s = read_timeout_s
         self._stop = asyncio.Event()
         # Auth headers go on each request, not here, so a presigned PUT never carries them.
+        plain = plain_transport()
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), follow_redirects=False,
-                                       transport=plain_transport())
+                                       transport=plain)
         self._urls: dict[str, httpx.URL] = {}
         self._headers: dict[tuple[Any, ...], httpx.Headers] = {}
+        # The lean lane (plain http to the coordinator, no proxy): a call's head is built
+        # as httpx would build it, once per kind, and sent without an httpx.Request.
+        base = self._http.base_url
+        self._lane = plain if plain is not None and base.scheme == "http" else None
+        self._lane_key = (base.host, base.port or 80)
+        self._base_path = base.raw_path  # ends in "/"
+        self._origin = str(base.copy_with(raw_path=b"/"))[:-1]  # for the log: no path
+        self._protos: dict[tuple[Any, ...], list[tuple[bytes, bytes]]] = {}
+        self._heads: dict[tuple[Any, ...], h11.Request] = {}
+        self._targets: dict[tuple[Any, ...], bytes] = {}
 
     def __repr__(self) -> str:
         return f"Transport(base_url={str(self._http.base_url)!r}, miner_id={self.miner_id!r}, " \
@@ -381,6 +398,59 @@ class Transport:
                 self._headers.clear()
             self._headers[key] = merged
         return merged
+
+    def _lean_target(self, url: str, params: Mapping[str, str | int] | None) -> bytes | None:
+        """The request target the lean lane sends for ``url`` and ``params``, exactly as
+        httpx would, or None where the call goes through httpx (an absolute URL, a path
+        that httpx would normalise or quote, a cookie to send)."""
+        if self._lane is None or self._http.is_closed or self._http.cookies or \
+                not _LEAN_PATH.fullmatch(url):
+            return None
+        if not params:
+            return self._base_path + url[1:].encode()
+        key = (url, *params.items())
+        target = self._targets.get(key)
+        if target is None:
+            merged = self._url(url)
+            assert isinstance(merged, httpx.URL)  # relative: merged with the base URL
+            target = merged.copy_merge_params(params).raw_path
+            if len(self._targets) >= _CACHE_SIZE:
+                self._targets.clear()
+            self._targets[key] = target
+        return target
+
+    def _lean_head(self, method: str, target: bytes, auth: bool,
+                   headers: Mapping[str, str] | None, body: bytes | None) -> h11.Request:
+        """The request's head as httpx builds it (its default headers, Host, the call's
+        own, Content-Length), checked by h11 once per method, target, size and header set."""
+        size = None if body is None else len(body)
+        extra = ((self._api_key, self.miner_id) if auth else None,
+                 *(headers.items() if headers else ()))
+        key = (method, target, size, extra)
+        head = self._heads.get(key)
+        if head is not None:
+            return head
+        # httpx puts the length of a body first among the headers when it has none to
+        # send ("0", a POST's), and last when it has: the model takes the same shape
+        shape = None if body is None else b"x" if body else b""
+        proto = self._protos.get((method, shape, extra))
+        if proto is None:
+            model = self._http.build_request(method, self._url("/"), content=shape,
+                                             headers=self._request_headers(auth, headers))
+            proto = list(model.headers.raw)
+            if len(self._protos) >= _CACHE_SIZE:
+                self._protos.clear()
+            self._protos[(method, shape, extra)] = proto
+        fields = proto
+        if body:  # the model's length, 1, says this body's size
+            length = str(size).encode()
+            fields = [(name, length if name.lower() == b"content-length" else value)
+                      for name, value in proto]
+        head = h11.Request(method=method, target=target, headers=fields)
+        if len(self._heads) >= _CACHE_SIZE:
+            self._heads.clear()
+        self._heads[key] = head
+        return head
 
     def _timeout(self, deadline: Deadline, read_s: float | None = None) -> dict[str, float]:
         """The attempt's timeouts, as httpx's ``timeout`` request extension holds them."""
@@ -456,10 +526,18 @@ class Transport:
         body = content() if callable(content) else content
         started = time.monotonic()
         try:
-            request = self._http.build_request(
-                method, self._url(url), content=body, headers=all_headers, params=params,
-                extensions={"timeout": self._timeout(deadline, read_s)})
-            streamed = await self._send(request)
+            target = self._lean_target(url, params) \
+                if body is None or isinstance(body, bytes) else None
+            if target is not None:
+                assert body is None or isinstance(body, bytes)
+                streamed = await self._send_lean(
+                    method, url, self._lean_head(method, target, auth, headers, body), body,
+                    self._timeout(deadline, read_s))
+            else:
+                request = self._http.build_request(
+                    method, self._url(url), content=body, headers=all_headers, params=params,
+                    extensions={"timeout": self._timeout(deadline, read_s)})
+                streamed = await self._send(request)
             try:
                 resp = await self._read_capped(streamed, endpoint)
             finally:
@@ -509,6 +587,21 @@ class Transport:
                             resp.http_version, resp.status_code, resp.reason_phrase)
         return resp
 
+    async def _send_lean(self, method: str, url: str, head: h11.Request, body: bytes | None,
+                         timeouts: dict[str, float]) -> httpx.Response:
+        """The lean lane's send: what :meth:`_send` does, less the httpx.Request (its URL
+        parse, header merges and checks cost more than the rest of a loopback call)."""
+        assert self._lane is not None
+        resp = await self._lane.send_prepared(self._lane_key, head, body, timeouts)
+        if "Set-Cookie" in resp.headers:  # the jar wants the request; later calls send it
+            resp.request = self._http.build_request(method, self._url(url))
+            self._http.cookies.extract_cookies(resp)
+        if _HTTPX_LOG.isEnabledFor(logging.INFO):
+            _HTTPX_LOG.info('HTTP Request: %s %s%s "%s %d %s"', method, self._origin,
+                            head.target.decode(),
+                            resp.http_version, resp.status_code, resp.reason_phrase)
+        return resp
+
     async def _read_capped(self, streamed: httpx.Response, endpoint: str) -> httpx.Response:
         """The answer with its body read, at most ``limits.max_bytes`` of it (decoded).
 
@@ -542,8 +635,12 @@ class Transport:
         body = b"".join(chunks)[:cap]
         headers = [(k, v) for k, v in streamed.headers.multi_items()
                    if k.lower() not in _WIRE_HEADERS]
+        try:
+            request: httpx.Request | None = streamed.request
+        except RuntimeError:  # the lean lane's answers have none
+            request = None
         return httpx.Response(streamed.status_code, headers=headers, content=body,
-                              request=streamed.request, extensions=streamed.extensions)
+                              request=request, extensions=streamed.extensions)
 
     def _raise_if_final_error(self, resp: httpx.Response, endpoint: str, attempt: int,
                               not_registered: frozenset[int], accept: frozenset[int]) -> None:

@@ -164,3 +164,107 @@ def test_an_httpx_without_the_router_falls_back_to_its_own_send(
 
     # Then both go through httpx's own send, answered as usual
     assert asyncio.run(flow()) == (200, 204)
+
+
+class HeadServer:
+    """An HTTP/1.1 server on loopback that records each request as it came: the request
+    line, every header in order, and the body."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[tuple[str, str]], bytes]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                owner.seen.append((self.requestline, list(self.headers.items()), body))
+                answer = b'{"status":"ok"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            do_GET = do_POST = do_PUT = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    ("POST", "/v1/miners/heartbeat", {"json": HEARTBEAT}),
+    ("POST", "/v1/miners/poll", {"json": {}}),
+    ("POST", "/v1/miners/poll", {"json": {"max_wait_seconds": 15}}),
+    ("GET", "/v1/miners/m-1/jobs", {"params": {"job_status": "running", "limit": 100}}),
+    ("POST", "/v1/miners/m-1/jobs/job_7-a~b/result", {"json": {"result": {"x": "é"}}}),
+    ("POST", "/v1/miners/m-1/jobs/job_7-a~b/fail", {}),
+    ("PUT", "/v1/jobs/j-1/logs", {"content": b"\x00raw", "params": {"offset": 3},
+                                  "headers": {"Content-Type": "application/octet-stream"}}),
+    ("GET", "/v1/miners/m-1/jobs/%2E%2E/x", {"auth": False}),  # through httpx: quoted
+]
+
+
+@pytest.mark.parametrize("prefix", ["", "/coord"])
+def test_the_lean_lane_sends_what_httpx_would_byte_for_byte(prefix: str) -> None:
+    # Given a recording server, and one transport on the lean lane and one made to send
+    # every call through httpx
+    server = HeadServer()
+
+    async def calls(lean: bool) -> list[tuple[str, list[tuple[str, str]], bytes]]:
+        t = Transport(server.url + prefix, "key-1", "m-1", connect_timeout_s=2,
+                      read_timeout_s=2, policy=RetryPolicy(), stats=CallStats())
+        if not lean:
+            t._lane = None
+        server.seen.clear()
+        try:
+            for method, path, kwargs in CALLS * 2:  # the second time from its caches
+                resp = await t.request(path.rsplit("/", 1)[-1], method, path, deadline_s=5,
+                                       **kwargs)
+                assert resp.json() == {"status": "ok"}
+        finally:
+            await t.aclose()
+        return list(server.seen)
+
+    try:
+        # When both make the same calls
+        lean, plain = asyncio.run(calls(True)), asyncio.run(calls(False))
+    finally:
+        server.close()
+    # Then the server saw the same request lines, headers (in order) and bodies
+    assert len(lean) == 2 * len(CALLS)
+    assert lean == plain
+    assert lean[0][0] == f"POST {prefix}/v1/miners/heartbeat HTTP/1.1"
+    assert ("X-Api-Key", "key-1") in lean[0][1] and lean[3][0].endswith(
+        "/jobs?job_status=running&limit=100 HTTP/1.1")
+
+
+def test_calls_on_the_lean_lane_build_no_httpx_request(core: ReferenceCoordinator) -> None:
+    async def flow() -> int:
+        async with miner(core) as client:
+            await client.register(GPU_CAPS, 1)
+            built = 0
+            real = client._t._http.build_request
+
+            def counted(*args: Any, **kwargs: Any) -> httpx.Request:
+                nonlocal built
+                built += 1
+                return real(*args, **kwargs)
+
+            client._t._http.build_request = counted  # type: ignore[method-assign]
+            for _ in range(3):
+                await client.heartbeat(0)
+                await client.poll()
+            return built
+
+    # The first heartbeat and poll build one model request each (their headers); the
+    # rest reuse them
+    assert asyncio.run(flow()) <= 2
