@@ -85,6 +85,13 @@ def test_a_sized_answer_is_read_up_to_the_cap_exactly(core: ReferenceCoordinator
         asyncio.run(answer(size - 1))
 
 
+def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """An HTTP/1.1 server on loopback in a daemon thread, and its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 class CookieServer:
     """An HTTP/1.1 server on loopback whose first answer sets a cookie; records each
     request's Cookie header."""
@@ -111,9 +118,7 @@ class CookieServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.url = serve(Handler)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -191,9 +196,7 @@ class HeadServer:
 
             do_GET = do_POST = do_PUT = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.url = serve(Handler)
 
     def close(self) -> None:
         self.server.shutdown()
