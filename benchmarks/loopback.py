@@ -53,7 +53,7 @@ def thread_switches(pid: int) -> dict[str, tuple[int, int]]:
             status = (task / "status").read_text()
         except OSError:
             continue
-        values = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        values = status_fields(status)
         key = "main" if task.name == str(pid) else "others"
         was = out[key]
         out[key] = (was[0] + int(values["voluntary_ctxt_switches"]),
@@ -61,12 +61,15 @@ def thread_switches(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
+def status_fields(text: str) -> dict[str, str]:
+    """The fields of a /proc/.../status text, by name, values as written."""
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
 def status_kib(pid: int, field: str) -> int:
     """A ``kB`` field of /proc/PID/status (``VmHWM``, ``VmRSS``); 0 where absent."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+    value = status_fields(Path(f"/proc/{pid}/status").read_text()).get(field)
+    return int(value.split()[0]) if value else 0
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:

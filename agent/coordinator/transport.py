@@ -384,10 +384,14 @@ class Transport:
         self._urls[url] = merged
         return merged
 
+    def _header_set(self, auth: bool, headers: Mapping[str, str] | None) -> tuple[Any, ...]:
+        """What sets a call's headers apart: the credentials it carries, and its own."""
+        return ((self._api_key, self.miner_id) if auth else None,
+                *(headers.items() if headers else ()))
+
     def _request_headers(self, auth: bool, headers: Mapping[str, str] | None) -> httpx.Headers:
         """The auth headers (when ``auth``) updated with ``headers``, built once per set."""
-        key = ((self._api_key, self.miner_id) if auth else None,
-               *(headers.items() if headers else ()))
+        key = self._header_set(auth, headers)
         merged = self._headers.get(key)
         if merged is None:
             all_headers = {"X-Api-Key": self._api_key, "X-Miner-ID": self.miner_id} \
@@ -424,8 +428,7 @@ class Transport:
         """The request's head as httpx builds it (its default headers, Host, the call's
         own, Content-Length), checked by h11 once per method, target, size and header set."""
         size = None if body is None else len(body)
-        extra = ((self._api_key, self.miner_id) if auth else None,
-                 *(headers.items() if headers else ()))
+        extra = self._header_set(auth, headers)
         key = (method, target, size, extra)
         head = self._heads.get(key)
         if head is not None:
@@ -522,7 +525,6 @@ class Transport:
                        params: Mapping[str, str | int] | None, deadline: Deadline,
                        auth: bool, read_s: float | None = None
                        ) -> tuple[httpx.Response | None, str | None]:
-        all_headers = self._request_headers(auth, headers)
         body = content() if callable(content) else content
         started = time.monotonic()
         try:
@@ -535,7 +537,8 @@ class Transport:
                     self._timeout(deadline, read_s))
             else:
                 request = self._http.build_request(
-                    method, self._url(url), content=body, headers=all_headers, params=params,
+                    method, self._url(url), content=body,
+                    headers=self._request_headers(auth, headers), params=params,
                     extensions={"timeout": self._timeout(deadline, read_s)})
                 streamed = await self._send(request)
             try:
