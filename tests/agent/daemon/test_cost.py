@@ -7,6 +7,7 @@ of jobs takes, against a real coordinator on loopback and a real journal on disk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -109,6 +110,100 @@ def test_writes_waiting_together_are_flushed_once(tmp_path: Path) -> None:
             await journal.durable()
             assert journal.flushes == flushes + 1
 
+        asyncio.run(scenario())
+    finally:
+        journal.close()
+
+
+def test_a_canceled_waiter_leaves_the_flush_to_the_others(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+
+    async def scenario() -> None:
+        # Given a record and a flush held up in the flushing thread (its lock taken)
+        assert journal.accept("job-0", {"job_id": "job-0"}, None)
+        journal._flushing.acquire()
+        try:
+            first = asyncio.create_task(journal.durable())
+            second = asyncio.create_task(journal.durable())
+            await asyncio.sleep(0.05)
+            # When one waiter is canceled while the flush is under way
+            first.cancel()
+            await asyncio.sleep(0.05)
+            assert not second.done()
+        finally:
+            journal._flushing.release()
+        # Then the other still gets the flush they shared, and the canceled one is canceled
+        await asyncio.wait_for(second, 10)
+        assert first.cancelled()
+        assert journal.flushes >= 2  # the one at open, and this one
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        journal.close()
+
+
+def test_a_flush_left_behind_by_a_closed_loop_holds_up_no_later_caller(
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        # Given a caller whose loop ends while its flush waits in the flushing thread
+        journal._flushing.acquire()
+
+        async def gives_up() -> None:
+            assert journal.accept("job-0", {"job_id": "job-0"}, None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(journal.durable(), 0.05)
+
+        asyncio.run(gives_up())
+
+        async def later() -> None:
+            # When another loop writes and waits while that old flush is still held up
+            assert journal.accept("job-1", {"job_id": "job-1"}, None)
+            asyncio.get_running_loop().call_later(0.05, journal._flushing.release)
+            await asyncio.wait_for(journal.durable(), 10)
+
+        # Then it gets its own flush once the thread is free (the old loop's answer is
+        # dropped, not raised in the thread), and the records are on disk
+        asyncio.run(later())
+        assert journal._flushed >= journal._written
+        assert journal._flusher is not None and journal._flusher.is_alive()
+    finally:
+        journal.close()
+
+
+def test_a_flush_that_raises_fails_its_waiters_and_the_next_one_works(
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    real = journal._locked_flush
+    calls = []
+
+    def broken_once() -> None:  # fault injection: _flush_log itself only logs errors
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("flush broke")
+        real()
+
+    journal._locked_flush = broken_once  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        # Given a flush that raises in the flushing thread
+        assert journal.accept("job-0", {"job_id": "job-0"}, None)
+        waiters = [asyncio.create_task(journal.durable()) for _ in range(2)]
+        # Then each waiter sees the error (the record is not taken as durable)
+        for waiter in waiters:
+            try:
+                await asyncio.wait_for(waiter, 10)
+            except RuntimeError as exc:
+                assert str(exc) == "flush broke"
+            else:
+                raise AssertionError("a failed flush was taken as done")
+        assert journal._flushed < journal._written
+        # And the next caller gets a working flush from the same thread
+        await asyncio.wait_for(journal.durable(), 10)
+        assert journal._flushed >= journal._written and len(calls) == 2
+
+    try:
         asyncio.run(scenario())
     finally:
         journal.close()
