@@ -356,11 +356,15 @@ async def _receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
 def _pid_of_pidfd(fd: int) -> int | None:
     """The pid a pidfd names, in our PID namespace (``/proc/self/fdinfo``)."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as fh:
-            for line in fh:
-                if line.startswith("Pid:"):
-                    value = int(line.split()[1])
-                    return value if value > 0 else None
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(info, 4096)
+        finally:
+            os.close(info)
+        for line in text.splitlines():
+            if line.startswith(b"Pid:"):
+                value = int(line.split()[1])
+                return value if value > 0 else None
     except (OSError, ValueError, IndexError):
         pass
     return None
