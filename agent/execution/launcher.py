@@ -167,23 +167,62 @@ def _read_all(fd: int) -> bytes:
 
 
 class _ForkHandle:
-    via = "forkserver"
+    """A job the fork server started: its exit status comes as one line on the socket.
 
-    def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    The socket is read as it is (a reader callback, no asyncio stream): a transport,
+    protocol, reader and writer for one short line cost the loop more than the line.
+    """
+
+    via = "forkserver"
+    LINE_MAX = 1 << 16
+
+    def __init__(self, pid: int, sock: socket.socket, buffered: bytes = b""):
         self.pid = pid
-        self._reader = reader
-        self._writer = writer
+        self._sock = sock
+        self._buffer = bytearray(buffered)  # kept across a canceled wait()
         self._status: int | None = None
 
     async def wait(self) -> int:
         if self._status is None:
-            line = await self._reader.readline()
-            self._writer.close()
+            line = await self._line()
+            self._sock.close()
             if not line:  # the server died: its PDEATHSIG took the job with it
                 self._status = -9
             else:
                 self._status = os.waitstatus_to_exitcode(json.loads(line)["status"])
         return self._status
+
+    async def _line(self) -> bytes:
+        """The first line of the answer; what came before the end if it ends first."""
+        while b"\n" not in self._buffer and len(self._buffer) <= self.LINE_MAX:
+            try:
+                chunk = self._sock.recv(self.LINE_MAX)
+            except BlockingIOError:
+                await _readable(self._sock)
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return bytes(self._buffer)
+            self._buffer += chunk
+        line, _, _ = bytes(self._buffer).partition(b"\n")
+        return line
+
+
+async def _readable(sock: socket.socket) -> None:
+    """Return once ``sock`` has something to read (or is closed at the other end)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 class ForkServerLauncher:
@@ -269,10 +308,7 @@ class ForkServerLauncher:
         for fd in fds:  # the pid as we see it (the server may live in another PID namespace)
             pid = _pid_of_pidfd(fd) or pid
             os.close(fd)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        if rest:
-            reader.feed_data(rest)
-        return _ForkHandle(pid, reader, writer)
+        return _ForkHandle(pid, sock, rest)
 
     async def _message(self, request: LaunchRequest) -> bytes:
         """The request line: the spec inline when it is small, else the path of its file.
