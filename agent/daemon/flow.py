@@ -39,6 +39,7 @@ from agent.node.metrics import AgentMetrics
 log = logging.getLogger(__name__)
 # What refuses a job before its process starts: reported as the job's failure, no package.
 REFUSALS = (InvalidJob, NoCapacity, LaunchError, UnsupportedConstraint, HookFailed)
+START_FLUSH_S = 1.0  # a started job's records are on disk within this (see JobFlow._run)
 
 
 async def _no_drain(reason: str) -> None:
@@ -201,9 +202,12 @@ class JobFlow:
             run.cancel(active.cancel_reason)
         self.journal.set_phase(job.job_id, Phase.RUNNING, package_dir=str(run.folder))
         try:
-            # Its records on disk before its process exists (one flush for every job
-            # starting now): a crash from here on finds the job in the journal.
-            await self.journal.durable()
+            # Its records are committed: an agent crash from here on finds the job in
+            # the journal. They reach the disk within START_FLUSH_S (usually sooner, with
+            # another job's report), not before the process starts: a job's start waits
+            # for no disk, and a power loss that takes them is put right at the next
+            # start from the coordinator's list of our jobs (Recovery.recover).
+            self.journal.durable_within(START_FLUSH_S)
             return await run.run()
         finally:
             try:

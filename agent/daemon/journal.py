@@ -15,9 +15,11 @@ sent once more, never rebuilt.
 Durability, grouped: every write is committed to the write-ahead log at once (a SIGKILL
 at any point leaves a state the next start can resume from), and :meth:`Journal.durable`
 flushes it for a power loss: one ``fdatasync`` for all who wait meanwhile, in the
-journal's own thread, never on the event loop. The daemon awaits it before a job's
-process starts and before a report or upload leaves; other records (``reported``, log
-offsets, tries) reach the disk with the next flush. That thread also checkpoints.
+journal's own thread, never on the event loop. The daemon awaits it before a report or
+upload leaves; a started job's records are flushed within a second
+(:meth:`Journal.durable_within`: usually by the next report's flush), and other records
+(``reported``, log offsets, tries) reach the disk with the next flush. That thread also
+checkpoints.
 
 Retention: a finished job's package is pruned (by age or by the size cap, see
 :mod:`agent.daemon.recovery`) while its row stays, marked ``pruned_at``, with its outcome
@@ -165,6 +167,8 @@ class Journal:
         # Its own thread, fed by a queue: a flush never waits behind other work in the
         # loop's pool (see _flusher_main).
         self._requests: queue.SimpleQueue[_FlushRequest | None] = queue.SimpleQueue()
+        self._flush_timer: asyncio.TimerHandle | None = None  # see durable_within
+        self._flush_timer_loop: asyncio.AbstractEventLoop | None = None
         self._flusher: threading.Thread | None = None
         self._checkpointer: sqlite3.Connection | None = None  # the worker's own connection
         self._dir_synced = False
@@ -186,6 +190,9 @@ class Journal:
                 log.error("journal: %d write(s) never reached the disk (it is full); a "
                           "restart sees older job phases and re-ships some log lines",
                           len(self._pending))
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()  # close flushes everything itself
+                self._flush_timer = None
             if self._flusher is not None:
                 self._requests.put(None)  # it ends once the flush it may be in is done
             if self._checkpointer is not None:
@@ -211,6 +218,28 @@ class Journal:
             if flush is None or flush.get_loop() is not loop:  # (a loop that went away)
                 flush = self._request_flush(loop)
             await asyncio.shield(flush)  # a canceled caller leaves the flush to the rest
+
+    def durable_within(self, delay_s: float) -> None:
+        """Have every write made so far on disk within ``delay_s``, without waiting.
+
+        A flush that someone awaits meanwhile covers them (with many jobs, the next
+        job's report comes first); else one is made when the time is up. A timer already
+        set covers them too (callers pass one delay, so it is due no later).
+        """
+        if self.closed or self._flushed >= self._written:
+            return
+        loop = asyncio.get_running_loop()
+        if self._flush_timer is not None and self._flush_timer_loop is loop:
+            return
+        self._flush_timer = loop.call_later(delay_s, self._flush_if_behind, loop)
+        self._flush_timer_loop = loop  # (a timer of a loop that went away never fires)
+
+    def _flush_if_behind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_timer = None
+        if self.closed or self._flushed >= self._written:
+            return
+        flush = self._request_flush(loop)
+        flush.add_done_callback(_log_failed_flush)
 
     def _request_flush(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Ask the flushing thread for one flush of every write made so far.
@@ -535,6 +564,12 @@ class Journal:
             self._write("DELETE FROM log_offsets WHERE job_id = ?", (job_id,))
             self._write("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return ids
+
+
+def _log_failed_flush(flush: asyncio.Future[None]) -> None:
+    """A flush nobody awaits (:meth:`Journal.durable_within`): its error is only logged."""
+    if not flush.cancelled() and flush.exception() is not None:
+        log.error("journal: a timed flush failed: %r", flush.exception())
 
 
 def _fsync_dir(path: Path) -> bool:

@@ -27,7 +27,7 @@ from agent.daemon.report import Report
 from agent.daemon.retention import MIB, Retention
 from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
-from agent.errors import InvalidJob, Outcome, PackageError
+from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
 from agent.execution.package import PackageInfo, read_sealed, write_package
 from agent.jobs import Job, valid_job_id
@@ -43,6 +43,9 @@ from agent.layout import (
 )
 
 log = logging.getLogger(__name__)
+LIST_DEADLINE_S = 30.0
+UNRECORDED = ("the agent restarted and had no record of this job (lost to a power loss "
+              "just after it started); it is not running on this node")
 
 
 class Recovery:
@@ -84,6 +87,7 @@ class Recovery:
             # The crash may have come before or during the upload: it is done now.
             upload = upload_plan(report, _job_or_none(record.job), session.caps)
             await self.flow.finish(report, record.lease_id, 0, upload=upload)
+        await self._fail_unrecorded()
         for record in self.journal.in_phase(Phase.FINISHED):
             if record.report is not None:
                 self.flow.submit(record.job_id, Report.from_dict(record.report),
@@ -93,7 +97,36 @@ class Recovery:
                           record.job_id)
                 self.journal.set_phase(record.job_id, Phase.REJECTED)
 
-    def _package_leftovers(self, job_id: str, raw: dict[str, Any]) -> JobReport:
+    async def _fail_unrecorded(self) -> None:
+        """Jobs the coordinator says run here that the journal has no record of.
+
+        A job's records reach the disk within a second of its start, not before it
+        (see JobFlow._run): a power loss in that second takes them, and the coordinator
+        would wait for the job until it times out. Each such job is failed now as
+        ``agent_restart``, with a package of whatever its folder holds. A coordinator
+        that cannot list them leaves them to its timeouts (said in the log).
+        """
+        try:
+            listed = await self.flow.client.running_jobs(deadline_s=LIST_DEADLINE_S)
+        except CoordinatorError as exc:
+            log.warning("cannot ask the coordinator which jobs it thinks run here (%s); one "
+                        "whose record a power loss took stays running there until it times "
+                        "out", exc)
+            return
+        for job_id in sorted(listed):
+            if self.journal.get(job_id) is not None:
+                continue
+            log.warning("job %s: the coordinator says it runs here, but this node has no "
+                        "record of it (lost to a power loss?); failing it as agent_restart",
+                        job_id)
+            raw = {"job_id": job_id}
+            self.journal.accept(job_id, raw, None)
+            report = self._package_leftovers(job_id, raw, UNRECORDED)
+            await self.flow.finish(report, None, 0)
+
+    def _package_leftovers(self, job_id: str, raw: dict[str, Any],
+                           message: str = "the agent restarted while the job was running",
+                           ) -> JobReport:
         if not valid_job_id(job_id):  # refused before it ran: nothing on disk to package
             return JobReport(job_id, Outcome.FAILED, "invalid_job", "malformed job id", False,
                              {"status": "failed", "metrics": {}}, None)
@@ -107,9 +140,7 @@ class Recovery:
         partial = any((folder / ARTIFACTS_DIR).iterdir()) or (folder / RESULT_TEXT).exists()
         output = {"job_id": job_id, "type": (raw.get("payload") or {}).get("type"),
                   "status": Outcome.FAILED.value, "partial": partial, "progress": {},
-                  "metrics": {}, "error": {"code": "agent_restart",
-                                           "message": "the agent restarted while the job "
-                                                      "was running"}}
+                  "metrics": {}, "error": {"code": "agent_restart", "message": message}}
         try:
             write_package(folder, output)
         except (OSError, PackageError) as exc:

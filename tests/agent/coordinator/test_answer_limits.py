@@ -42,7 +42,10 @@ class FakeCoordinator:
     def __init__(self) -> None:
         self.script: list[tuple[bytes, dict[str, str]]] = []
         self.paths: list[str] = []
-        self.running: set[str] = set()  # what the miner's running-jobs list says
+        # What the miner's running-jobs list says, of the jobs a poll has handed out (a
+        # real coordinator lists no job before it is handed out)
+        self.running: set[str] = set()
+        self.handed: list[bytes] = []
         self.bodies: dict[str, Any] = {}
         self.lock = threading.Lock()
         owner = self
@@ -67,11 +70,14 @@ class FakeCoordinator:
             self.bodies[req.path] = json.loads(sent or b"null")
             scripted = self.script.pop(0) if req.path == "/v1/miners/poll" and self.script \
                 else None
+            if scripted is not None:
+                self.handed.append(scripted[0])
+            listed = [{"job_id": j} for j in sorted(self.running)
+                      if any(f'"job_id": "{j}"'.encode() in body for body in self.handed)]
         if req.path == "/v1/miners/poll" and scripted is None:
             req.send_response(204)
             req.end_headers()
             return
-        listed = [{"job_id": j} for j in sorted(self.running)]
         body, headers = scripted or (json.dumps({"status": "ok", "jobs": listed}).encode(), {})
         req.send_response(200)
         req.send_header("Content-Type", "application/json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.execution.verify import verify
@@ -182,5 +184,45 @@ def test_malformed_job_from_the_coordinator_fails_cleanly(
         assert client.job(good)["status"] == "completed"
         assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
         assert "Traceback" not in agent.log()
+    finally:
+        coord.stop()
+
+
+def test_a_job_the_coordinator_lists_but_the_journal_lost_is_failed_at_start(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a core coordinator that handed miner-1 a job, and that job's folder with what
+    # it wrote before a power loss took its record (the journal never had it flushed)
+    coord = start_coordinator(tmp_path / "coord", extensions=())
+    try:
+        client = Client(coord)
+        job_id = client.submit({"type": "sleep", "steps": 5, "step_s": 0})
+        miner = httpx.Client(base_url=coord.base_url, timeout=10,
+                             headers={"X-Api-Key": MINER_KEY, "X-Miner-ID": "miner-1"})
+        with miner:
+            miner.post("/v1/miners/register", json={"capabilities": {"gpus": []},
+                                                    "concurrency": 1, "region": None}
+                       ).raise_for_status()
+            handed = miner.post("/v1/miners/poll", json={})
+        assert handed.status_code == 200 and handed.json()["job_id"] == job_id
+        folder = tmp_path / "state/jobs" / f"job_{job_id}"
+        (folder / "artifacts").mkdir(parents=True)
+        (folder / "artifacts/step-1.json").write_text('{"step": 1}')
+        # When an agent starts on that node with no record of the job
+        agent = AgentProcess(coord.base_url, tmp_path / "state")
+        agents.append(agent)
+        # Then the coordinator sees it failed as agent_restart, saying why
+        job = client.wait_status(job_id, "failed", timeout=60)
+        assert job["error"]["code"] == "agent_restart", job
+        assert "no record of this job" in job["error"]["message"]
+        agent.wait_log("has no record of it")
+        # And its package holds what the job wrote, checksums and all
+        assert (folder / "output.json").exists()
+        assert verify(folder).ok
+        output = json.loads((folder / "output.json").read_text())
+        assert output["partial"] is True
+        assert [f["path"] for f in output["files"]] == ["artifacts/step-1.json"]
+        # And the agent goes on serving
+        after = client.submit({"type": "sleep", "steps": 1, "step_s": 0})
+        client.wait_status(after, "completed", timeout=60)
     finally:
         coord.stop()
