@@ -101,6 +101,12 @@ class Agent:
             r'^miner_agent_coordinator_request_duration_seconds_count\{endpoint="([^"]+)"\} '
             r'(\S+)$', text, re.M)} | {"": 0.0}
 
+    def journal_flushes(self) -> float | None:
+        """The journal's fdatasync calls so far (None from an agent without the metric)."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        found = re.search(r"^miner_agent_journal_flushes_total (\S+)$", text, re.M)
+        return float(found[1]) if found else None
+
     def registered(self) -> str:
         for line in self.log_path.read_text(errors="replace").splitlines():
             if "registered as" in line:
@@ -205,6 +211,7 @@ class Steady:
     calls: dict[str, float]  # coordinator calls per job, by endpoint
     reference_ms: float  # this machine's speed just before the round (reference_ms())
     switches: dict[str, tuple[float, float]]  # context switches per job, by thread group
+    flushes: float | None  # journal flushes (fdatasync) per job
 
 
 def snapshot(agent: Agent, coord: Coordinator, fs_pid: int | None) -> dict[str, Cpu]:
@@ -246,6 +253,7 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
     reference = reference_ms()
     spy = start_profile(agent.pid, profile)
     calls = agent.calls()
+    flushed = agent.journal_flushes()
     switched = thread_switches(agent.pid)
     before, t0 = snapshot(agent, coord, fs_pid), time.monotonic()
     ids = [coord.submit(TINY) for _ in range(n)]  # ahead: the 4 slots stay full
@@ -256,6 +264,8 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
                 for k, v in thread_switches(agent.pid).items()}
     stop_profile(spy, profile)
     calls = {k: (v - calls.get(k, 0.0)) / n for k, v in agent.calls().items() if k}
+    flushed_after = agent.journal_flushes()
+    flushes = (flushed_after - flushed) / n if flushed is not None and flushed_after else None
     first = ts(agent.output(ids[0])["started_at"])
     last = max(ts(coord.job(j)["finished_at"]) for j in ids[-2 * SLOTS:])
     fs = (after["fs"].own_s - before["fs"].own_s) if fs_pid else 0.0
@@ -264,7 +274,8 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
                   after["agent"].sys_s - before["agent"].sys_s,
                   after["agent"].children_s - before["agent"].children_s, fs, jobs,
                   after["coord"].own_s - before["coord"].own_s, rate * wall,
-                  last - first if last > first else wall, calls, reference, switches)
+                  last - first if last > first else wall, calls, reference, switches,
+                  flushes)
 
 
 def start_profile(pid: int, path: Path | None) -> subprocess.Popen[bytes] | None:
@@ -385,6 +396,8 @@ def print_steady(runs: list[Steady], quick: bool) -> None:
     print(f"    coordinator (separate process, not counted): {s.coordinator_s * ms:6.2f} ms/job")
     per = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s.calls.items()) if v)
     print(f"    coordinator calls per job: {sum(s.calls.values()):.2f} ({per})")
+    if s.flushes is not None:
+        print(f"    journal flushes (fdatasync) per job: {s.flushes:.2f}")
     print("    agent's context switches per job, voluntary + involuntary (each a thread "
           "wake-up or preemption): " + ", ".join(
               f"{k} {v[0]:.1f} + {v[1]:.1f}" for k, v in s.switches.items()))

@@ -113,6 +113,7 @@ class Agent:
         self.warm = WarmPool(WarmSettings(cfg.state_dir / "warm", cfg.model_memory_budget_mb,
                                           cfg.model_idle_s)) if cfg.warm_models else None
         self.metrics = AgentMetrics()
+        self.metrics.count_journal_flushes(lambda: self.journal.flushes)
         self.client.stats.observer = self.metrics.coordinator_call
         self.notifier = Notifier.from_env(unset=True)  # jobs never inherit NOTIFY_SOCKET
         self.session = Session.core(self.client, cfg.coordinator_url)

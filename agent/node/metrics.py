@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
@@ -49,6 +49,16 @@ class _WithoutCreated(Collector):
             # collect() builds fresh families on each call, so trimming them is safe
             family.samples = [s for s in family.samples if not s.name.endswith("_created")]
             yield family
+
+
+class _ReadCounter(Collector):
+    """A counter whose value something else keeps, read at each scrape (no cost between)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, value=self._read())
 
 
 def render(registry: CollectorRegistry) -> bytes:
@@ -102,6 +112,12 @@ class AgentMetrics:
             ("power_w", self.gpu_power, 1.0),
         )
         self._gpus: set[GpuKey] = set()
+
+    def count_journal_flushes(self, read: Callable[[], float]) -> None:
+        """``miner_agent_journal_flushes_total``: the journal's ``fdatasync`` calls, as
+        ``read`` tells them at each scrape."""
+        self.registry.register(_ReadCounter(
+            "miner_agent_journal_flushes", "Journal flushes to disk (fdatasync)", read))
 
     def job_finished(self, outcome: str, duration_s: float) -> None:
         """Count one job's outcome (an :class:`agent.errors.Outcome` value) and run time."""

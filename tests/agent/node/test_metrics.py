@@ -50,6 +50,8 @@ def test_agent_metrics_scraped_over_http() -> None:
     m.coordinator_call("heartbeat", 0.02, ok=True)
     m.coordinator_call("heartbeat", 3.0, ok=False)
     m.set_running(2)
+    flushes = [7]
+    m.count_journal_flushes(lambda: flushes[0])
     m.update_gpus({"gpus": [{"index": 0, "uuid": "GPU-a", "util_gpu_pct": 97, "mem_used_mb": 2,
                              "mem_total_mb": 80, "temp_c": 61, "power_w": 612.3}]})
     # When Prometheus scrapes the endpoint
@@ -72,6 +74,9 @@ def test_agent_metrics_scraped_over_http() -> None:
     latency = "miner_agent_coordinator_request_duration_seconds_count"
     assert _value(text, latency, endpoint="heartbeat") == 2
     assert _value(text, "miner_agent_jobs_running") == 2
+    assert _value(text, "miner_agent_journal_flushes_total") == 7
+    flushes[0] = 9  # read at each scrape, never copied
+    assert _value(render(m.registry).decode(), "miner_agent_journal_flushes_total") == 9
     assert _value(text, "miner_agent_gpu_power_watts", gpu="0", uuid="GPU-a") == 612.3
     assert _value(text, "miner_agent_gpu_memory_used_bytes", gpu="0", uuid="GPU-a") == 2 * 2**20
     assert "# TYPE miner_agent_job_duration_seconds histogram" in text
