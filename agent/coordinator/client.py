@@ -307,7 +307,9 @@ class CoordinatorClient:
             params={"job_status": "running", "limit": limit},
             deadline_s=self._deadline("running_jobs", deadline_s))
         jobs = _list(self._object(resp, "running_jobs"), "jobs", "running_jobs")
-        return {str(j.get("job_id", j.get("id"))) for j in jobs if isinstance(j, dict)}
+        ids = (j.get("job_id", j.get("id")) for j in jobs if isinstance(j, dict))
+        # An entry without a usable id names no job (never the job "None")
+        return {str(i) for i in ids if isinstance(i, str | int) and not isinstance(i, bool)}
 
     async def result(self, job_id: str, result: Mapping[str, Any],
                      metrics: Mapping[str, Any] | None = None, lease_id: str | None = None,

@@ -301,3 +301,26 @@ def test_daemon_fails_broken_jobs_by_id_and_skips_the_rest(fake: FakeCoordinator
     assert all(valid_job_id(p.split("/")[3]) for p in fake.job_paths()), fake.paths
     assert not [p for p in fake.paths if not p.startswith("/v1/miners/")], fake.paths
     assert agent.log().count("poll answer skipped") == 7
+
+
+def test_running_list_entries_without_a_usable_id_name_no_job(fake: FakeCoordinator) -> None:
+    # Given a running list whose entries carry ids of every shape, or none
+    body = (b'{"jobs": [{"job_id": "a-1"}, {"id": 7}, {}, {"job_id": null}, '
+            b'{"job_id": true}, {"job_id": ["x"]}, 5, "b-2"]}')
+
+    def listed(req: BaseHTTPRequestHandler) -> None:
+        req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        req.send_response(200)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    fake.answer = listed  # type: ignore[method-assign]
+
+    async def call() -> set[str]:
+        async with _client(fake) as client:
+            return await client.running_jobs()
+
+    # When the agent reads it, Then only the string and integer ids name jobs (a start's
+    # look would otherwise fail a job called "None")
+    assert asyncio.run(call()) == {"a-1", "7"}
