@@ -334,6 +334,8 @@ class Journal:
 
     def _locked_flush(self) -> None:
         with self._flushing:  # the worker's flush and a blocking sync() never overlap
+            if self.closed:  # close flushed everything; the log may be gone
+                return
             self._flush_log()
 
     def _checkpoint(self) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,27 @@ def test_a_record_awaited_as_durable_survives_a_sigkill(tmp_path: Path) -> None:
         assert record.lease_id == "lease-1"
     finally:
         journal.close()
+
+
+def test_a_flush_still_queued_at_close_opens_nothing_after_it(tmp_path: Path) -> None:
+    # Given a journal whose flushing thread has run, and a reader (such as `miner-agent
+    # status`) that keeps the log file there past the journal's close
+    journal = Journal(tmp_path / "journal.db")
+    reader = sqlite3.connect(tmp_path / "journal.db")
+    try:
+        reader.execute("SELECT count(*) FROM jobs").fetchall()
+        assert journal.accept("job-0", {"job_id": "job-0"}, None)
+        asyncio.run(journal.durable())
+        # When the journal closes, and a flush asked for before then runs after it
+        journal.close()
+        assert journal.wal_path.exists()
+        journal._locked_flush()  # what the thread does with a request still queued
+        # Then it opens nothing (close flushed everything), and the record is there
+        assert journal._wal_fd is None
+    finally:
+        reader.close()
+    reopened = Journal(tmp_path / "journal.db")
+    try:
+        assert reopened.get("job-0") is not None
+    finally:
+        reopened.close()
