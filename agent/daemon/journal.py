@@ -130,9 +130,9 @@ def _add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> No
 
 @dataclass(frozen=True)
 class _FlushRequest:
-    """One flush asked of the flushing thread: every write up to ``upto``."""
+    """One flush asked of the flushing thread: every write up to ``upto``, its outcome
+    for ``future`` (on the loop that asked)."""
 
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     upto: int
 
@@ -254,7 +254,7 @@ class Journal:
             self._flusher = threading.Thread(target=self._flusher_main, name="journal-flush",
                                              daemon=True)
             self._flusher.start()
-        self._requests.put(_FlushRequest(loop, flush, self._written))
+        self._requests.put(_FlushRequest(flush, self._written))
         return flush
 
     def _flusher_main(self) -> None:
@@ -266,7 +266,7 @@ class Journal:
             except BaseException as exc:  # noqa: BLE001 - handed to the waiters
                 error = exc
             try:
-                request.loop.call_soon_threadsafe(self._flushed_to, request, error)
+                request.future.get_loop().call_soon_threadsafe(self._flushed_to, request, error)
             except RuntimeError:
                 pass  # that loop is closed: nobody waits for this flush any more
 

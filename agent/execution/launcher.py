@@ -167,11 +167,8 @@ def _read_all(fd: int) -> bytes:
 
 
 class _ForkHandle:
-    """A job the fork server started: its exit status comes as one line on the socket.
-
-    The socket is read as it is (a reader callback, no asyncio stream): a transport,
-    protocol, reader and writer for one short line cost the loop more than the line.
-    """
+    """A job the fork server started: its exit status comes as one line on the socket
+    (read as :func:`_readable` says)."""
 
     via = "forkserver"
     LINE_MAX = 1 << 16
@@ -195,10 +192,10 @@ class _ForkHandle:
     async def _line(self) -> bytes:
         """The first line of the answer; what came before the end if it ends first."""
         while b"\n" not in self._buffer and len(self._buffer) <= self.LINE_MAX:
+            await _readable(self._sock)  # (the line comes when the job ends)
             try:
                 chunk = self._sock.recv(self.LINE_MAX)
             except BlockingIOError:
-                await _readable(self._sock)
                 continue
             except OSError:
                 chunk = b""
@@ -210,7 +207,11 @@ class _ForkHandle:
 
 
 async def _readable(sock: socket.socket) -> None:
-    """Return once ``sock`` has something to read (or is closed at the other end)."""
+    """Return once ``sock`` has something to read (or is closed at the other end).
+
+    The fork server's socket is read this way, not through an asyncio stream: a
+    transport, protocol, reader and writer a job cost the loop more than its two
+    short answers."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -364,29 +365,13 @@ class ForkServerLauncher:
 
 async def _receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     """The fork server's first answer, and the descriptor sent with it."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[tuple[bytes, list[int]]] = loop.create_future()
-
-    def readable() -> None:
+    while True:
+        await _readable(sock)
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
         except BlockingIOError:
-            return
-        except OSError as exc:
-            if not done.done():
-                done.set_exception(exc)
-            return
-        if not done.done():
-            done.set_result((data, fds))
-        else:
-            for fd in fds:
-                os.close(fd)
-
-    loop.add_reader(sock.fileno(), readable)
-    try:
-        return await done
-    finally:
-        loop.remove_reader(sock.fileno())
+            continue
+        return data, fds
 
 
 def _pid_of_pidfd(fd: int) -> int | None:
