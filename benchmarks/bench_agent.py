@@ -94,18 +94,16 @@ class Agent:
                 if p.cmdline()[1:3] == ["-m", "runtimes.forkserver"]]  # not its bwrap
         return kids[0].pid if kids else None
 
-    def calls(self) -> dict[str, float]:
-        """Coordinator calls made so far, by endpoint (the agent's Prometheus counts)."""
+    def counts(self) -> tuple[dict[str, float], float | None]:
+        """From one scrape of the agent's Prometheus metrics: coordinator calls made so
+        far, by endpoint, and the journal's fdatasync calls (None from an agent without
+        that metric)."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        return {m[1]: float(m[2]) for m in re.finditer(
+        calls = {m[1]: float(m[2]) for m in re.finditer(
             r'^miner_agent_coordinator_request_duration_seconds_count\{endpoint="([^"]+)"\} '
             r'(\S+)$', text, re.M)} | {"": 0.0}
-
-    def journal_flushes(self) -> float | None:
-        """The journal's fdatasync calls so far (None from an agent without the metric)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
         found = re.search(r"^miner_agent_journal_flushes_total (\S+)$", text, re.M)
-        return float(found[1]) if found else None
+        return calls, float(found[1]) if found else None
 
     def registered(self) -> str:
         for line in self.log_path.read_text(errors="replace").splitlines():
@@ -252,8 +250,7 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
     rate = idle_rate(agent, 3.0)
     reference = reference_ms()
     spy = start_profile(agent.pid, profile)
-    calls = agent.calls()
-    flushed = agent.journal_flushes()
+    calls, flushed = agent.counts()
     switched = thread_switches(agent.pid)
     before, t0 = snapshot(agent, coord, fs_pid), time.monotonic()
     ids = [coord.submit(TINY) for _ in range(n)]  # ahead: the 4 slots stay full
@@ -263,9 +260,10 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
     switches = {k: ((v[0] - switched[k][0]) / n, (v[1] - switched[k][1]) / n)
                 for k, v in thread_switches(agent.pid).items()}
     stop_profile(spy, profile)
-    calls = {k: (v - calls.get(k, 0.0)) / n for k, v in agent.calls().items() if k}
-    flushed_after = agent.journal_flushes()
-    flushes = (flushed_after - flushed) / n if flushed is not None and flushed_after else None
+    calls_after, flushed_after = agent.counts()
+    calls = {k: (v - calls.get(k, 0.0)) / n for k, v in calls_after.items() if k}
+    flushes = ((flushed_after - flushed) / n
+               if flushed is not None and flushed_after is not None else None)
     first = ts(agent.output(ids[0])["started_at"])
     last = max(ts(coord.job(j)["finished_at"]) for j in ids[-2 * SLOTS:])
     fs = (after["fs"].own_s - before["fs"].own_s) if fs_pid else 0.0

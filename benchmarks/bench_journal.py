@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.daemon.journal import Journal, Phase
+from benchmarks.bench_core import alternate, spread
 
 BLOCK = 200  # durable writes a block
 
@@ -74,17 +74,15 @@ async def measure(journal: Journal, rounds: int) -> dict[str, list[tuple[float, 
             await _block(journal, flush)
         figures: dict[str, list[tuple[float, ...]]] = {name: [] for name in arms}
         for r in range(rounds):
-            order = ("journal", "executor") if r % 2 == 0 else ("executor", "journal")
-            for name in order:
+            for name in alternate(r, list(arms)):
                 figures[name].append(await _block(journal, arms[name]))
         return figures
     finally:
         pool.shutdown()
 
 
-def _spread(values: list[float]) -> str:
-    return (f"median {statistics.median(values) * 1e6:.0f} us "
-            f"({min(values) * 1e6:.0f}-{max(values) * 1e6:.0f}, n={len(values)})")
+def _us(values: list[float]) -> str:
+    return spread([v * 1e6 for v in values], " us", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,14 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             journal.close()
     for name, values in figures.items():
         process, thread, wall = (list(v) for v in zip(*values, strict=True))
-        print(f"  {name:8}: process CPU {_spread(process)}; loop thread {_spread(thread)}; "
-              f"wall {_spread(wall)}")
+        print(f"  {name:8}: process CPU {_us(process)}; loop thread {_us(thread)}; "
+              f"wall {_us(wall)}")
     for i, label in ((0, "process CPU"), (1, "loop thread CPU")):
         ratios = [a[i] / b[i] for a, b in zip(figures["journal"], figures["executor"],
                                               strict=True)]
-        print(f"  journal / executor, {label}, per round: median "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, "
-              f"n={len(ratios)})")
+        print(f"  journal / executor, {label}, per round: {spread(ratios, 'x')}")
     return 0
 
 

@@ -12,7 +12,7 @@ import gzip
 import json
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,18 @@ class FakeCoordinator:
             req.wfile.write(body)
         except OSError:  # the agent hung up past its limit, as it should
             pass
+
+    def answer_all_with(self, body_for: Callable[[str], bytes]) -> None:
+        """From now on, answer every call 200 with ``body_for(its path)``, nothing else."""
+        def fixed(req: BaseHTTPRequestHandler) -> None:
+            req.rfile.read(int(req.headers.get("Content-Length") or 0))
+            body = body_for(req.path)
+            req.send_response(200)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            req.wfile.write(body)
+
+        self.answer = fixed  # type: ignore[method-assign]
 
     def poll_with(self, body: bytes, **headers: str) -> None:
         self.script.append((body, headers))
@@ -248,21 +260,9 @@ def test_heartbeat_and_list_answers_of_the_wrong_shape_are_typed_errors(
                 await client.running_jobs()
 
     # Given answers of the right syntax but the wrong shape
-    original = fake.answer
-
-    def wrong_shape(req: BaseHTTPRequestHandler) -> None:
-        body = b'{"cancel": 5}' if req.path.endswith("heartbeat") else b'{"jobs": 5}'
-        req.rfile.read(int(req.headers.get("Content-Length") or 0))
-        req.send_response(200)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
-
-    fake.answer = wrong_shape  # type: ignore[method-assign]
-    try:
-        asyncio.run(calls())
-    finally:
-        fake.answer = original  # type: ignore[method-assign]
+    fake.answer_all_with(lambda path: b'{"cancel": 5}' if path.endswith("heartbeat")
+                         else b'{"jobs": 5}')
+    asyncio.run(calls())
 
 
 # -- the daemon ---------------------------------------------------------------------
@@ -308,14 +308,7 @@ def test_running_list_entries_without_a_usable_id_name_no_job(fake: FakeCoordina
     body = (b'{"jobs": [{"job_id": "a-1"}, {"id": 7}, {}, {"job_id": null}, '
             b'{"job_id": true}, {"job_id": ["x"]}, 5, "b-2"]}')
 
-    def listed(req: BaseHTTPRequestHandler) -> None:
-        req.rfile.read(int(req.headers.get("Content-Length") or 0))
-        req.send_response(200)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
-
-    fake.answer = listed  # type: ignore[method-assign]
+    fake.answer_all_with(lambda _path: body)
 
     async def call() -> set[str]:
         async with _client(fake) as client:
