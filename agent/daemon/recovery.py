@@ -44,6 +44,7 @@ from agent.layout import (
 
 log = logging.getLogger(__name__)
 LIST_DEADLINE_S = 30.0
+LIST_LIMIT = 100  # jobs the start's look asks for, and the most it fails
 UNRECORDED = ("the agent restarted and had no record of this job (lost to a power loss "
               "just after it started); it is not running on this node")
 
@@ -107,15 +108,24 @@ class Recovery:
         that cannot list them leaves them to its timeouts (said in the log).
         """
         try:
-            listed = await self.flow.client.running_jobs(deadline_s=LIST_DEADLINE_S)
+            listed = await self.flow.client.running_jobs(limit=LIST_LIMIT,
+                                                          deadline_s=LIST_DEADLINE_S)
         except CoordinatorError as exc:
             log.warning("cannot ask the coordinator which jobs it thinks run here (%s); one "
                         "whose record a power loss took stays running there until it times "
                         "out", exc)
             return
-        for job_id in sorted(listed):
-            if self.journal.get(job_id) is not None:
-                continue
+        bad = sorted(j for j in listed if not valid_job_id(j))
+        if bad:  # an id that cannot name a folder or a URL path is never one of ours
+            log.warning("the coordinator lists %d job id(s) no job can have as running "
+                        "here (%.80r...); ignored", len(bad), bad[0])
+        unknown = sorted(j for j in listed if valid_job_id(j) and self.journal.get(j) is None)
+        if len(unknown) > LIST_LIMIT:  # more than it was asked for: a broken coordinator
+            log.warning("the coordinator lists %d jobs this node has no record of, past the "
+                        "%d asked for; failing the first %d", len(unknown), LIST_LIMIT,
+                        LIST_LIMIT)
+            unknown = unknown[:LIST_LIMIT]
+        for job_id in unknown:
             log.warning("job %s: the coordinator says it runs here, but this node has no "
                         "record of it (lost to a power loss?); failing it as agent_restart",
                         job_id)

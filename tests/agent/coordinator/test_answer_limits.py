@@ -46,6 +46,7 @@ class FakeCoordinator:
         # real coordinator lists no job before it is handed out)
         self.running: set[str] = set()
         self.handed: list[bytes] = []
+        self.claimed: set[str] = set()  # listed whether handed out or not (it lies)
         self.bodies: dict[str, Any] = {}
         self.lock = threading.Lock()
         owner = self
@@ -74,6 +75,7 @@ class FakeCoordinator:
                 self.handed.append(scripted[0])
             listed = [{"job_id": j} for j in sorted(self.running)
                       if any(f'"job_id": "{j}"'.encode() in body for body in self.handed)]
+            listed += [{"job_id": j} for j in sorted(self.claimed)]
         if req.path == "/v1/miners/poll" and scripted is None:
             req.send_response(204)
             req.end_headers()
@@ -317,3 +319,30 @@ def test_running_list_entries_without_a_usable_id_name_no_job(fake: FakeCoordina
     # When the agent reads it, Then only the string and integer ids name jobs (a start's
     # look would otherwise fail a job called "None")
     assert asyncio.run(call()) == {"a-1", "7"}
+
+
+@pytest.mark.slow
+def test_a_start_fails_at_most_what_it_asked_for_of_the_jobs_a_coordinator_claims(
+        fake: FakeCoordinator, tmp_path: Path) -> None:
+    from tests.agent.daemon.helpers import AgentProcess
+
+    # Given a coordinator that claims 150 jobs run on this node (it was asked for 100),
+    # none ever handed out, and ids that name no folder or path
+    fake.claimed = {f"claim-{n:03d}" for n in range(150)} | {"../evil", "a/b", "x" * 200}
+    # When a fresh agent starts there and runs until there is no work
+    agent = AgentProcess(fake.base_url, tmp_path / "state", burst=True)
+    try:
+        code = agent.wait(120)
+    finally:
+        agent.stop()
+    # Then it failed the first 100 it asked for as agent_restart, and no more
+    assert code == 0, agent.log()[-4000:]
+    failed = sorted(p.split("/")[3] for p in fake.job_paths() if p.endswith("/fail"))
+    assert failed == [f"claim-{n:03d}" for n in range(100)]
+    assert {fake.bodies[f"/v1/miners/{j}/fail"]["error_code"] for j in failed} == {
+        "agent_restart"}
+    # ... no request and no folder named a bad id, and it said why in its log
+    assert all(valid_job_id(p.split("/")[3]) for p in fake.job_paths()), fake.paths
+    assert sorted(p.name for p in (tmp_path / "state/jobs").iterdir()
+                  if p.is_dir()) == [f"job_claim-{n:03d}" for n in range(100)]
+    assert "no job can have" in agent.log() and "past the 100 asked for" in agent.log()
