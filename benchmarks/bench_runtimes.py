@@ -13,7 +13,9 @@ runtime on a built-in MLP over a safetensors input file), each pair runs:
 - job: the same payload submitted over HTTP to the reference coordinator (a separate
   process), run by the real daemon (``miner-agent run``, a separate process: default
   config, fork server, sandbox on where bubblewrap exists, one slot), read back from
-  the package's ``output.json``.
+  the package's ``output.json``. While the job runs, the benchmark's client looks at
+  its status every 0.25 s (``WAIT_POLL_S``): at a look every 20 ms, the client's and the
+  coordinator's CPU for those calls came out of the job's share of a small host.
 
 The figure on both sides is the runtime's own ``samples_per_s``, which times the loop
 only (training: first to last step; batch inference: first batch to the last part
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
           f"launcher {args.launcher}) ==")
     print("method: per pair, a fresh `python` running the runtime's run(ctx) (bare) and the "
           "same payload submitted to `miner-agent run` via the reference coordinator (job), "
-          "order alternating; figure: the runtime's samples/s (loop only); ratio job/bare "
+          f"order alternating, the client looking at a running job every {WAIT_POLL_S} s; "
+          "figure: the runtime's samples/s (loop only); ratio job/bare "
           f"per pair, median with quartiles and range; target >= {TARGET}x")
     if mode == "tiny":
         print("tiny: a check of the harness; the figures and ratios mean nothing at this size")
