@@ -28,6 +28,7 @@ folder that no job can see, so no job can ask for a process of its own.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -255,6 +256,21 @@ def preload() -> dict[str, Any]:
     return {"preload_s": round(time.perf_counter() - t0, 3), "runtimes_failed": failed}
 
 
+def freeze_preloaded() -> None:
+    """Put what the preload left alive out of the cyclic collector's reach.
+
+    A forked job shares the server's pages until it writes to them, and a collection
+    in the job writes to the header of every object it walks. Unfrozen, a job's first
+    full collection walked the ~290k objects torch's import leaves and copied their
+    pages: 200-230 ms of CPU and 72 MB of private memory per job here; frozen, 0.1 ms
+    and 0.2 MB (``tests/agent/execution/test_launcher.py`` checks it). Collected first,
+    so no garbage is kept for good. What Python's ``gc.freeze`` documentation advises
+    for a process that forks without exec.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:
     if len(sys.argv) != 3:
         print("usage: python -m runtimes.forkserver SOCKET|fd:N PARENT_PID (started by "
@@ -265,6 +281,7 @@ def main() -> None:
     host.die_with_parent(parent or None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
     info = preload()
+    freeze_preloaded()
     if where.startswith("fd:"):
         server = ForkServer(socket.socket(fileno=int(where[3:])))
     else:

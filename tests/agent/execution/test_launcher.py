@@ -72,6 +72,26 @@ def test_python_runtime_runs_inside_the_forked_process(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_forked_jobs_collection_leaves_the_servers_pages_shared(tmp_path: Path) -> None:
+    # Given a job forked from the torch-preloaded server that runs a full collection
+    async def main() -> JobReport:
+        launcher = ForkServerLauncher()
+        try:
+            cfg = ExecutorConfig(tmp_path, extra_runtimes={
+                "gc_probe": "tests.agent.execution.gc_probe:run"})
+            return await JobRun(make_job({"type": "gc_probe"}), cfg, launcher).run()
+        finally:
+            await launcher.close()
+
+    report = asyncio.run(main())
+    assert report.outcome == Outcome.COMPLETED, report
+    metrics = report.output["metrics"]
+    # Then the objects the preload left are frozen, out of the collector's walk, and
+    # the collection copied next to none of the server's pages (unfrozen: ~70 MB here)
+    assert metrics["frozen"] > 1000
+    assert metrics["copied_kb"] < 16 << 10
+
+
 def test_broken_fork_server_falls_back_to_spawn(tmp_path: Path) -> None:
     # Given a fork server that cannot start (its interpreter has no standard library)
     launcher = AutoLauncher(env={"PATH": os.environ["PATH"], "PYTHONHOME": "/nonexistent"})
