@@ -82,3 +82,19 @@ def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
     assert "method: heartbeat + empty poll" in out
     assert "agent : median" in out and "httpx : median" in out
     assert "agent / httpx per round: median" in out and "n=1)" in out
+
+
+@pytest.mark.slow
+def test_bench_fork_prints_both_arms_and_their_ratio() -> None:
+    # Given the checkout, when the fork benchmark runs two pairs
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fork", "--pairs", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then its method, both arms' figures (n=2 each) and the per-pair ratio are printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "arms' order alternating" in out and "objects left alive; 2 pairs" in out
+    for arm in ("frozen   : ", "unfrozen : "):
+        line = next(x for x in out.splitlines() if x.startswith(arm))
+        assert line.count("n=2)") == 3, line
+    assert "collection CPU frozen/unfrozen per pair: median " in out
