@@ -273,7 +273,10 @@ class ForkServerLauncher:
             await self._stop_server()
             raise LaunchError("the fork server did not start (see the agent's stderr)")
         self.info = json.loads(line)
-        log.info("fork server ready in %.2f s (pid %s)", time.perf_counter() - t0, self._proc.pid)
+        huge = self.info.get("huge_pages_mb")
+        log.info("fork server ready in %.2f s (pid %s; %s)", time.perf_counter() - t0,
+                 self._proc.pid, f"{huge} MB of it in 2 MiB pages, which makes a fork cheaper"
+                 if huge is not None else self.info.get("huge_pages", "no huge pages"))
 
     def _listen(self) -> socket.socket:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

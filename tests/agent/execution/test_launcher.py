@@ -92,6 +92,41 @@ def test_a_forked_jobs_collection_leaves_the_servers_pages_shared(tmp_path: Path
     assert metrics["copied_kb"] < 16 << 10
 
 
+def _kernel_collapses() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            never = "[never]" in fh.read()
+    except OSError:
+        return False
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return not never and (major, minor) >= (6, 1)
+
+
+@pytest.mark.skipif(not _kernel_collapses(), reason="needs MADV_COLLAPSE (Linux 6.1+) and THP")
+def test_the_fork_server_backs_its_memory_with_huge_pages(tmp_path: Path) -> None:
+    # Given the torch-preloaded fork server, started for a job
+    async def main() -> dict[str, object]:
+        launcher = ForkServerLauncher()
+        try:
+            report = await JobRun(make_job({"type": "sleep", "steps": 1, "step_s": 0}),
+                                  ExecutorConfig(tmp_path), launcher).run()
+            assert report.outcome == Outcome.COMPLETED, report
+            info = dict(launcher.info)
+            with open(f"/proc/{info['pid']}/smaps_rollup") as fh:
+                info["smaps"] = fh.read()
+            return info
+        finally:
+            await launcher.close()
+
+    info = asyncio.run(main())
+    # Then it said how much of its memory it put in 2 MiB pages, and the kernel agrees
+    # (its anonymous memory after torch's import is ~200 MB)
+    assert int(str(info["huge_pages_mb"])) >= 32, info
+    huge_kb = next(int(line.split()[1]) for line in str(info["smaps"]).splitlines()
+                   if line.startswith("AnonHugePages:"))
+    assert huge_kb >= 32 << 10
+
+
 def test_broken_fork_server_falls_back_to_spawn(tmp_path: Path) -> None:
     # Given a fork server that cannot start (its interpreter has no standard library)
     launcher = AutoLauncher(env={"PATH": os.environ["PATH"], "PYTHONHOME": "/nonexistent"})
