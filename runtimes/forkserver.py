@@ -262,8 +262,9 @@ def freeze_preloaded() -> None:
     A forked job shares the server's pages until it writes to them, and a collection
     in the job writes to the header of every object it walks. Unfrozen, a job's first
     full collection walked the ~290k objects torch's import leaves and copied their
-    pages: 200-230 ms of CPU and 72 MB of private memory per job here; frozen, 0.1 ms
-    and 0.2 MB (``tests/agent/execution/test_launcher.py`` checks it). Collected first,
+    pages: 170-260 ms of CPU and 72 MB of private memory per job here; frozen, 0.04 ms
+    and 0.1 MB (``benchmarks/bench_fork.py``; ``tests/agent/execution/test_launcher.py``
+    checks it). Collected first,
     so no garbage is kept for good. What Python's ``gc.freeze`` documentation advises
     for a process that forks without exec.
     """
