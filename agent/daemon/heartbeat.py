@@ -51,6 +51,8 @@ class HeartbeatLoop:
         self.owed_leases = owed_leases
         self._now = asyncio.Event()
         self._beat_asked = False
+        self._replanned = asyncio.Event()  # a lease came in (see _beat_once)
+        self._carried: dict[str, str] = {}  # the leases the latest beat left with
         held.on_lease = self.replan  # a job with a short lease shortens the wait at once
 
     def wake(self) -> None:
@@ -61,11 +63,12 @@ class HeartbeatLoop:
     def replan(self) -> None:
         """Work out the wait again (a lease came in), beating only if it is already due."""
         self._now.set()
+        self._replanned.set()
 
     async def run(self) -> None:
         while True:
             self._beat_asked = False  # a wake during the beat asks for the next one
-            await self.beat()
+            await self._beat_once()
             beaten = time.monotonic()
             while not self._beat_asked:
                 left = beaten + self.every_s() - time.monotonic()
@@ -74,13 +77,48 @@ class HeartbeatLoop:
                 self._now.clear()
                 await wait_event(self._now, left)
 
+    async def _beat_once(self) -> None:
+        """One beat; started over if it outlasts the shortest lease held's third.
+
+        A beat that left with no lease may wait out a long retry (a ``Retry-After``, an
+        outage) with the leases it left with; a lease that comes in meanwhile would be
+        renewed only once it gave up. Past a third of that lease it is started over,
+        carrying the leases held now (its own retries end in time, see :meth:`beat`).
+        """
+        while True:
+            started = time.monotonic()
+            beat = asyncio.ensure_future(self.beat())
+            try:
+                while True:
+                    self._replanned.clear()
+                    left = started + self.every_s() - time.monotonic()
+                    if left <= 0:
+                        if self._leases().keys() - self._carried.keys():
+                            break  # a lease it does not carry would wait on it
+                        left = self.every_s()  # nothing new: it ends by its own deadline
+                    replanned = asyncio.ensure_future(self._replanned.wait())
+                    try:
+                        await asyncio.wait({beat, replanned}, timeout=left,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        replanned.cancel()
+                    if beat.done():
+                        beat.result()
+                        return
+            finally:
+                if not beat.done():
+                    beat.cancel()
+            log.info("heartbeat: started over to carry a lease that came in meanwhile")
+
     async def beat(self) -> None:
-        sent = self._leases()
+        sent = self._carried = self._leases()
         try:
+            # Its retries end in time for the shortest lease held (a third of it): a
+            # failed beat is followed by a fresh one, with the leases held by then.
             answer = await self.client.heartbeat(len(self.held), self.metadata(),
                                                  leases=sent or None,
                                                  status=self.status(),
-                                                 deadline_s=self.interval_s)
+                                                 deadline_s=self.every_s())
         except NotRegistered:
             await self.reregister("heartbeat 404")
             return

@@ -131,6 +131,35 @@ def test_leases_are_renewed_in_time_and_a_lost_one_stops_its_attempt(
         coord.stop()
 
 
+def test_a_lease_that_comes_in_while_heartbeats_are_refused_is_renewed_once_they_answer(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given 3 s leases, an agent whose heartbeat interval is 30 s, and a coordinator that
+    # refuses its heartbeats with "retry after 10 s": a beat is waiting out its retry
+    coord = start_coordinator(tmp_path, lease_ttl_s=3.0)
+    try:
+        client = Client(coord)
+        coord.faults.rate_limit(10.0, count=100_000, paths=("/v1/miners/heartbeat",))
+        agent = AgentProcess(coord.base_url, tmp_path / "state", heartbeat_interval_s=30,
+                             progress_interval_s=30)
+        agents.append(agent)
+        agent.wait_log("registered as")
+        wait_until(lambda: coord.faults.arrived("/v1/miners/heartbeat") >= 1, 30)
+        # When a job comes in (its lease lapses unless a beat carries it within 3 s)
+        # and the heartbeats are answered again half a second after it started
+        job_id = client.submit({"type": "sleep", "steps": 60, "step_s": 0.1})
+        agent.wait_log(f"job {job_id}: started")
+        time.sleep(0.5)
+        coord.faults.clear()
+        # Then a fresh beat, not the one waiting 10 s, renewed it: one attempt, one report
+        job = client.wait_status(job_id, "completed", timeout=60)
+        assert job["attempts"] == 1, agent.log()[-3000:]
+        assert len(client.receipts(job_id)) == 1
+        assert "lease lost" not in agent.log()
+        assert "heartbeat: started over to carry a lease" in agent.log()
+    finally:
+        coord.stop()
+
+
 def test_embedded_default_run_submit_status(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
