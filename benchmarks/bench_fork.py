@@ -51,7 +51,7 @@ class Sample:
     job_cpu_ms: float
 
 
-def _private_dirty_kb() -> int:
+def private_dirty_kb() -> int:
     with open("/proc/self/smaps_rollup") as fh:
         for line in fh:
             if line.startswith("Private_Dirty:"):
@@ -66,11 +66,11 @@ def fork_one() -> Sample:
     if pid == 0:  # the job
         try:
             os.close(read_end)
-            before = _private_dirty_kb()
+            before = private_dirty_kb()
             started = time.process_time()
             gc.collect()
             spent = time.process_time() - started
-            os.write(write_end, json.dumps([spent, _private_dirty_kb() - before]).encode())
+            os.write(write_end, json.dumps([spent, private_dirty_kb() - before]).encode())
         finally:
             os._exit(0)
     os.close(write_end)

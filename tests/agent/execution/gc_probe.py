@@ -5,16 +5,10 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-
-def _private_dirty_kb() -> int:
-    with open("/proc/self/smaps_rollup") as fh:
-        for line in fh:
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1])
-    return 0
+from benchmarks.bench_fork import private_dirty_kb
 
 
 def run(ctx: Any) -> None:
-    before = _private_dirty_kb()
+    before = private_dirty_kb()
     gc.collect()
-    ctx.set_metrics(frozen=gc.get_freeze_count(), copied_kb=_private_dirty_kb() - before)
+    ctx.set_metrics(frozen=gc.get_freeze_count(), copied_kb=private_dirty_kb() - before)
