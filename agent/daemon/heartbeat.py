@@ -27,6 +27,8 @@ from agent.errors import CancelReason, CoordinatorError
 
 log = logging.getLogger(__name__)
 
+MIN_LEASE_BEAT_S = 0.25  # the shortest wait between beats that a lease can ask for
+
 
 class HeartbeatLoop:
     """Beats every ``interval_s`` (or sooner, see :meth:`every_s`) until canceled."""
@@ -141,6 +143,10 @@ class HeartbeatLoop:
         return {**owed, **self.held.leases()}
 
     def every_s(self) -> float:
-        """The configured interval, or a third of the shortest lease held, if shorter."""
+        """The configured interval, or a third of the shortest lease held, if shorter.
+
+        Never under ``MIN_LEASE_BEAT_S`` for a lease: a coordinator that hands out a
+        lease of a millisecond would otherwise get beats as fast as the loop can send.
+        """
         ttls = [a.lease_ttl_s for a in self.held if a.lease_ttl_s]
-        return min([self.interval_s, *(t / 3 for t in ttls)])
+        return min([self.interval_s, *(max(t / 3, MIN_LEASE_BEAT_S) for t in ttls)])

@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -237,6 +238,28 @@ def test_huge_lease_ttl_inside_range_is_not_believed(fake: FakeCoordinator) -> N
     fake.poll_with(_job("ttl-2", lease={"id": "l2", "ttl_s": 1e300}))
     polled = asyncio.run(_poll(fake))
     assert polled.problem is None and polled.lease_id == "l2" and polled.lease_ttl_s is None
+
+
+@pytest.mark.slow
+def test_a_lease_of_a_millisecond_does_not_make_the_agent_beat_flat_out(
+        fake: FakeCoordinator, tmp_path: Path) -> None:
+    from tests.agent.daemon.helpers import AgentProcess, wait_until
+
+    # Given a coordinator that hands out a 2 s job under a lease of a millisecond
+    fake.poll_with(_job("tiny-lease", payload={"type": "sleep", "steps": 20, "step_s": 0.1},
+                        lease={"id": "l1", "ttl_s": 0.001}))
+    fake.running = {"tiny-lease"}
+    agent = AgentProcess(fake.base_url, tmp_path / "state", heartbeat_interval_s=30)
+    try:
+        agent.wait_log("job tiny-lease: started")
+        beats = fake.paths.count("/v1/miners/heartbeat")
+        time.sleep(1.5)
+        # Then it beats at most every quarter second while it holds the lease
+        beats = fake.paths.count("/v1/miners/heartbeat") - beats
+        assert 1 <= beats <= 1.5 / 0.25 + 2, beats
+        wait_until(lambda: any(p.endswith("/tiny-lease/result") for p in fake.paths), 30)
+    finally:
+        agent.stop()
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
