@@ -69,6 +69,17 @@ class _Connection:
         with contextlib.suppress(Exception):
             self.writer.close()
 
+    def write(self, data: bytes) -> None:
+        """``data`` to the socket; a connection the peer has closed is a reset.
+
+        asyncio's transport drops a write after the connection is lost (the next drain
+        says so), uvloop's raises ``RuntimeError``: both end as ConnectionResetError,
+        which maps to httpx's WriteError/ReadError like any other reset.
+        """
+        if self.writer.is_closing():
+            raise ConnectionResetError("the coordinator closed the connection")
+        self.writer.write(data)
+
     async def send(self, request: httpx.Request, timeout_s: float | None) -> None:
         """The request, in one write when its body is in memory (each write is a send
         syscall, and on loopback the receiver's side of TCP runs in it too)."""
@@ -84,11 +95,11 @@ class _Connection:
                 async for chunk in request.stream:  # type: ignore[union-attr]
                     if chunk:
                         wire.append(self.h11.send(h11.Data(data=chunk)) or b"")
-                        self.writer.write(b"".join(wire))
+                        self.write(b"".join(wire))
                         wire.clear()
                         await self.writer.drain()
             wire.append(self.h11.send(h11.EndOfMessage()) or b"")
-            self.writer.write(b"".join(wire))
+            self.write(b"".join(wire))
             await self.writer.drain()
 
     async def send_prepared(self, head: h11.Request, body: bytes | None,
@@ -99,7 +110,7 @@ class _Connection:
             wire += self.h11.send(h11.Data(data=body)) or b""
         wire += self.h11.send(h11.EndOfMessage()) or b""
         async with asyncio.timeout(timeout_s):
-            self.writer.write(wire)
+            self.write(wire)
             await self.writer.drain()
 
     async def next_event(self, timeout_s: float | None) -> Any:

@@ -117,6 +117,8 @@ class ControlServer:
         except TimeoutError:
             answer = _error(f"no request within {REQUEST_TIMEOUT_S:.0f} s")
         try:
+            if writer.is_closing():  # uvloop raises on a write to a closed transport
+                raise ConnectionResetError("the client closed the connection")
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await within(writer.drain(), REQUEST_TIMEOUT_S)
         except (ConnectionError, TimeoutError):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +17,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from agent.commands.run import new_event_loop
 from agent.coordinator.plainhttp import MAX_HEAD_BYTES, PlainHTTPTransport
 from agent.coordinator.transport import plain_transport
 from agent.reference.coordinator import ReferenceCoordinator
@@ -299,3 +302,44 @@ def test_a_proxy_in_the_environment_leaves_the_job_to_httpx(
     assert isinstance(plain_transport(), PlainHTTPTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert plain_transport() is None
+
+
+@pytest.mark.parametrize("loop_kind", [
+    "asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+        importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))])
+def test_a_reset_in_the_middle_of_a_streamed_upload_is_an_httpx_error(
+        server: Callable[[Handler], str], loop_kind: str) -> None:
+    # A server that reads the head and resets the connection (what a coordinator refusing
+    # a large body does) while the body is still being streamed to it
+    def reset(conn: socket.socket, _n: int) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    url = server(reset)
+
+    async def chunks() -> object:
+        for _ in range(200):
+            yield b"x" * 10_000
+            await asyncio.sleep(0.005)  # the reset arrives between two writes
+
+    async def main() -> BaseException | None:
+        transport = PlainHTTPTransport()
+        async with httpx.AsyncClient(transport=transport) as http:
+            try:
+                await http.put(f"{url}/up", content=chunks())  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the type is what is asserted
+                return exc
+        return None
+
+    # Then the call fails as httpx's write or read error (a reset the client retries or
+    # counts), never uvloop's RuntimeError from a write to a closed transport
+    loop = new_event_loop(loop_kind)
+    try:
+        failure = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert isinstance(failure, httpx.WriteError | httpx.ReadError | httpx.RemoteProtocolError), \
+        repr(failure)
