@@ -25,6 +25,10 @@ coordinator's CPU is not the agent's. Each part prints its method with its figur
     median with the spread: on this 2-core VM one round varies by +-15 % run to run.
 (d) cancel latency: a client's cancel to the job's exit, core (running-list check)
     and with the extensions (heartbeat/progress answers), at the default intervals.
+(e) the daemon's event loop, side by side (--only e): two warm agents, one on asyncio's
+    loop and one on uvloop, each on its own core coordinator, take rounds of 100 tiny
+    jobs (--jobs) in turn (which goes first alternates); the agent process's CPU per job of each
+    pair and their ratio uvloop/asyncio, judged on the median of the pairs (--pairs).
 
 ``--profile FILE`` records the agent process with py-spy during part (c) (250 Hz,
 samples of the thread holding the GIL: Python's CPU, not the kernel's), as collapsed
@@ -34,6 +38,7 @@ stacks for a flame graph.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -323,7 +328,7 @@ def print_agent_notes(agent: Agent) -> None:
     it switched to (a seal sent to a thread) changes what a job costs."""
     lines = agent.log_path.read_text(errors="replace").splitlines()
     notes = [line for line in lines if " WARNING " in line or " ERROR " in line
-             or "in a thread for the next" in line]
+             or "in a thread for the next" in line or "event loop:" in line]
     print(f"  the agent's log during (b)/(c): {len(lines)} lines, {len(notes)} warnings or "
           "mode switches" + (":" if notes else ""))
     for line in notes[:5]:
@@ -361,6 +366,47 @@ def run_cancel(root: Path, arm: str, extensions: tuple[str, ...] | None, n: int,
 
 
 # -- report -------------------------------------------------------------------------------
+# -- (e) the event loop, side by side ------------------------------------------------------
+def agent_cpu_per_job(agent: Agent, n: int) -> float:
+    """ms of the agent process's CPU per tiny job over ``n`` submitted ahead."""
+    before = cpu_of(agent.pid).own_s
+    ids = [agent.coord.submit(TINY) for _ in range(n)]
+    for job_id in ids:
+        agent.wait(job_id)
+    return (cpu_of(agent.pid).own_s - before) * 1000 / n
+
+
+def run_loops(root: Path, pairs: int, n: int) -> None:
+    print(f"\n== (e) the daemon's event loop: {pairs} pairs of {n} tiny jobs, {SLOTS} slots, "
+          "a core coordinator each, arms alternating ==")
+    agents: dict[str, Agent] = {}
+    try:
+        for kind in ("asyncio", "uvloop"):
+            coord = Coordinator(root / f"loop-{kind}" / "coord", ())
+            agents[kind] = Agent(root / f"loop-{kind}", coord, cpu_slots=SLOTS,
+                                 event_loop=kind)
+            warm(agents[kind], 2 * SLOTS)
+        ratios, figures = [], {kind: [] for kind in agents}  # type: ignore[var-annotated]
+        for i in range(pairs):
+            order = ("asyncio", "uvloop") if i % 2 == 0 else ("uvloop", "asyncio")
+            got = {kind: agent_cpu_per_job(agents[kind], n) for kind in order}
+            for kind, ms in got.items():
+                figures[kind].append(ms)
+            ratios.append(got["uvloop"] / got["asyncio"])
+            print(f"  pair {i + 1}: asyncio {got['asyncio']:6.2f}  uvloop {got['uvloop']:6.2f} "
+                  f"ms/job  uvloop/asyncio {ratios[-1]:.3f}")
+        print(f"  median asyncio {statistics.median(figures['asyncio']):.2f}, uvloop "
+              f"{statistics.median(figures['uvloop']):.2f} ms/job; uvloop/asyncio per pair "
+              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}, "
+              f"n={pairs})")
+        for agent in agents.values():
+            print_agent_notes(agent)
+    finally:
+        for agent in agents.values():
+            agent.close()
+            agent.coord.close()
+
+
 def print_steady(runs: list[Steady], quick: bool) -> None:
     s = runs[len(runs) // 2] if len(runs) % 2 else runs[0]
     per_job = sorted(r.agent_s * 1000 / r.jobs for r in runs)
@@ -429,9 +475,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer samples and jobs (says so in the output)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="jobs for (b) and (c) (200; --quick: 40)")
+                        help="jobs for (b) and (c) (200; --quick: 40), for each round of "
+                             "(e) (100)")
     parser.add_argument("--only", default="a,b,c,d",
-                        help="parts to run, comma-separated (a,b,c,d; b and c run together)")
+                        help="parts to run, comma-separated (a,b,c,d,e; b and c run "
+                             "together; e only when named)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs of rounds in (e) (12; --quick: 4)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the agent with py-spy during (c) into this file")
     parser.add_argument("--rounds", type=int, default=None,
@@ -478,6 +528,11 @@ def main() -> None:
             print(f"  extensions (heartbeat every {defaults.heartbeat_interval_s:.0f} s, "
                   f"progress every {defaults.progress_interval_s:.0f} s): "
                   f"{summary(ext_cancel)}")
+        if "e" in parts:
+            if importlib.util.find_spec("uvloop") is None:
+                print("\n(e) not run: uvloop is not installed (pip install uvloop)")
+            else:
+                run_loops(root, args.pairs or (4 if args.quick else 12), args.jobs or 100)
 
 
 if __name__ == "__main__":

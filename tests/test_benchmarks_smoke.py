@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -98,3 +99,19 @@ def test_bench_fork_prints_both_arms_and_their_ratio() -> None:
         line = next(x for x in out.splitlines() if x.startswith(arm))
         assert line.count("n=2)") == 3, line
     assert "collection CPU frozen/unfrozen per pair: median " in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+def test_bench_agent_prints_both_event_loops_side_by_side() -> None:
+    # Given the checkout, when the agent benchmark compares the event loops on one pair
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_agent", "--only", "e",
+                           "--pairs", "1", "--jobs", "10"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    # Then both agents ran on the loop asked for, and the pair's ratio is printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "== (e) the daemon's event loop: 1 pairs of 10 tiny jobs" in out
+    assert "event loop: asyncio" in out and "event loop: uvloop" in out
+    assert "pair 1: asyncio " in out and "uvloop/asyncio per pair" in out and "n=1)" in out

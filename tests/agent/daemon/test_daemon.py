@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import signal
 import subprocess
@@ -16,6 +17,10 @@ from agent.reference.coordinator import ReferenceCoordinator
 from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
 
 pytestmark = pytest.mark.slow
+# The daemon runs on uvloop where installed ("auto"); the stdlib loop is its fallback, and
+# both must serve a job, its report and the signals end to end.
+EVENT_LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
 SLEEP = {"type": "sleep", "steps": 5, "step_s": 0.02, "print_every": 1}
 
 
@@ -33,15 +38,17 @@ def ext(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
     coord.stop()
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_core_job_end_to_end(core: ReferenceCoordinator, tmp_path: Path,
-                             agents: list[AgentProcess]) -> None:
+                             agents: list[AgentProcess], event_loop: str) -> None:
     # Given a core-only coordinator with one job queued
     client = Client(core)
     job_id = client.submit(SLEEP)
-    # When the agent runs until there is no work left
-    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True)
+    # When the agent runs on the event loop asked for until there is no work left
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True, event_loop=event_loop)
     agents.append(agent)
     assert agent.wait(90) == 0, agent.log()
+    assert f"event loop: {event_loop}" in agent.log()
     # Then the coordinator holds one completed result with the package's manifest
     job = client.job(job_id)
     assert job["status"] == "completed", job
@@ -262,12 +269,14 @@ def test_sigkill_mid_report_then_restart_reports_once(core: ReferenceCoordinator
     assert len(client.receipts(job_id)) == 1
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_sigterm_drains_then_second_sigterm_cancels(core: ReferenceCoordinator,
                                                     tmp_path: Path,
-                                                    agents: list[AgentProcess]) -> None:
+                                                    agents: list[AgentProcess],
+                                                    event_loop: str) -> None:
     client = Client(core)
     short = client.submit({"type": "sleep", "steps": 40, "step_s": 0.1})
-    agent = AgentProcess(core.base_url, tmp_path / "state")
+    agent = AgentProcess(core.base_url, tmp_path / "state", event_loop=event_loop)
     agents.append(agent)
     agent.wait_log(f"job {short}: started")
     agent.signal(signal.SIGTERM)
@@ -282,7 +291,7 @@ def test_sigterm_drains_then_second_sigterm_cancels(core: ReferenceCoordinator,
     assert client.job(later)["status"] == "pending"
     # A second agent: two SIGTERMs cancel the running job at once, reported as shutdown
     long = client.submit({"type": "sleep", "steps": 100000, "step_s": 0.01})
-    again = AgentProcess(core.base_url, tmp_path / "state2")
+    again = AgentProcess(core.base_url, tmp_path / "state2", event_loop=event_loop)
     agents.append(again)
     client.wait_status(later, "completed")
     again.wait_log(f"job {long}: started")
