@@ -329,7 +329,7 @@ def print_agent_notes(agent: Agent) -> None:
     lines = agent.log_path.read_text(errors="replace").splitlines()
     notes = [line for line in lines if " WARNING " in line or " ERROR " in line
              or "in a thread for the next" in line or "event loop:" in line]
-    print(f"  the agent's log during (b)/(c): {len(lines)} lines, {len(notes)} warnings or "
+    print(f"  the agent's log during the rounds: {len(lines)} lines, {len(notes)} warnings or "
           "mode switches" + (":" if notes else ""))
     for line in notes[:5]:
         print(f"    {line[:200]}")
