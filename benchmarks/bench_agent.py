@@ -250,6 +250,14 @@ def reference_ms(repeat: int = 3) -> float:
     return best * 1000
 
 
+def run_ahead(agent: Agent, n: int) -> list[str]:
+    """``n`` tiny jobs submitted ahead (the 4 slots stay full), each waited for."""
+    ids = [agent.coord.submit(TINY) for _ in range(n)]
+    for job_id in ids:
+        agent.wait(job_id)
+    return ids
+
+
 def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> Steady:
     fs_pid = agent.fork_server()
     rate = idle_rate(agent, 3.0)
@@ -258,9 +266,7 @@ def steady(agent: Agent, coord: Coordinator, n: int, profile: Path | None) -> St
     calls, flushed = agent.counts()
     switched = thread_switches(agent.pid)
     before, t0 = snapshot(agent, coord, fs_pid), time.monotonic()
-    ids = [coord.submit(TINY) for _ in range(n)]  # ahead: the 4 slots stay full
-    for job_id in ids:
-        agent.wait(job_id)
+    ids = run_ahead(agent, n)
     after, wall = snapshot(agent, coord, fs_pid), time.monotonic() - t0
     switches = {k: ((v[0] - switched[k][0]) / n, (v[1] - switched[k][1]) / n)
                 for k, v in thread_switches(agent.pid).items()}
@@ -365,14 +371,11 @@ def run_cancel(root: Path, arm: str, extensions: tuple[str, ...] | None, n: int,
         coord.close()
 
 
-# -- report -------------------------------------------------------------------------------
 # -- (e) the event loop, side by side ------------------------------------------------------
 def agent_cpu_per_job(agent: Agent, n: int) -> float:
     """ms of the agent process's CPU per tiny job over ``n`` submitted ahead."""
     before = cpu_of(agent.pid).own_s
-    ids = [agent.coord.submit(TINY) for _ in range(n)]
-    for job_id in ids:
-        agent.wait(job_id)
+    run_ahead(agent, n)
     return (cpu_of(agent.pid).own_s - before) * 1000 / n
 
 
@@ -386,7 +389,8 @@ def run_loops(root: Path, pairs: int, n: int) -> None:
             agents[kind] = Agent(root / f"loop-{kind}", coord, cpu_slots=SLOTS,
                                  event_loop=kind)
             warm(agents[kind], 2 * SLOTS)
-        ratios, figures = [], {kind: [] for kind in agents}  # type: ignore[var-annotated]
+        ratios: list[float] = []
+        figures: dict[str, list[float]] = {kind: [] for kind in agents}
         for i in range(pairs):
             order = ("asyncio", "uvloop") if i % 2 == 0 else ("uvloop", "asyncio")
             got = {kind: agent_cpu_per_job(agents[kind], n) for kind in order}
@@ -407,6 +411,7 @@ def run_loops(root: Path, pairs: int, n: int) -> None:
             agent.coord.close()
 
 
+# -- report -------------------------------------------------------------------------------
 def print_steady(runs: list[Steady], quick: bool) -> None:
     s = runs[len(runs) // 2] if len(runs) % 2 else runs[0]
     per_job = sorted(r.agent_s * 1000 / r.jobs for r in runs)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from agent.aio import new_event_loop
 from agent.clock import within
 from agent.commands.options import Sub, config_args, load
 from agent.config import AgentConfig, config_file
@@ -122,32 +123,6 @@ def exit_within(seconds: float, code: int) -> None:
         os._exit(int(code))
 
     threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
-
-
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """The daemon's event loop: ``uvloop`` where it is installed (``auto``) or asked for,
-    else the stdlib's.
-
-    The agent's own CPU per job is mostly event-loop work (selector wake-ups, callbacks,
-    transports); uvloop does it in C on libuv and takes ~5-10 % less of it
-    (docs/performance.md). Nothing in the agent depends on which loop runs it.
-    """
-    log = logging.getLogger(__name__)
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError as exc:
-            if kind == "uvloop":
-                raise ConfigError(f"event_loop = \"uvloop\" but uvloop does not import "
-                                  f"({exc}): pip install uvloop, or set event_loop = "
-                                  "\"auto\" or \"asyncio\"") from None
-            log.info("event loop: asyncio (uvloop is not installed)")
-        else:
-            log.info("event loop: uvloop %s", uvloop.__version__)
-            return uvloop.new_event_loop()
-    else:
-        log.info("event loop: asyncio (event_loop = \"asyncio\")")
-    return asyncio.new_event_loop()
 
 
 def run_bounded(main: Coroutine[Any, Any, int],

@@ -27,6 +27,8 @@ from typing import Any
 import h11
 import httpx
 
+from agent.aio import write_or_reset
+
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CONNECTIONS = 32
 MAX_IDLE = 8
@@ -70,15 +72,7 @@ class _Connection:
             self.writer.close()
 
     def write(self, data: bytes) -> None:
-        """``data`` to the socket; a connection the peer has closed is a reset.
-
-        asyncio's transport drops a write after the connection is lost (the next drain
-        says so), uvloop's raises ``RuntimeError``: both end as ConnectionResetError,
-        which maps to httpx's WriteError/ReadError like any other reset.
-        """
-        if self.writer.is_closing():
-            raise ConnectionResetError("the coordinator closed the connection")
-        self.writer.write(data)
+        write_or_reset(self.writer, data, "coordinator")
 
     async def send(self, request: httpx.Request, timeout_s: float | None) -> None:
         """The request, in one write when its body is in memory (each write is a send

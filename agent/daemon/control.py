@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.aio import write_or_reset
 from agent.clock import within
 from agent.errors import AgentError
 
@@ -117,9 +118,7 @@ class ControlServer:
         except TimeoutError:
             answer = _error(f"no request within {REQUEST_TIMEOUT_S:.0f} s")
         try:
-            if writer.is_closing():  # uvloop raises on a write to a closed transport
-                raise ConnectionResetError("the client closed the connection")
-            writer.write(json.dumps(answer, default=str).encode() + b"\n")
+            write_or_reset(writer, json.dumps(answer, default=str).encode() + b"\n", "client")
             await within(writer.drain(), REQUEST_TIMEOUT_S)
         except (ConnectionError, TimeoutError):
             pass  # the client left: nothing to tell it

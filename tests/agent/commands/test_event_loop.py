@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agent.commands.run import new_event_loop, run_bounded
+from agent.aio import new_event_loop, write_or_reset
+from agent.commands.run import run_bounded
 from agent.errors import ConfigError, ExitCode
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
@@ -75,3 +79,42 @@ def test_a_loop_kind_not_known_is_a_config_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == ExitCode.CONFIG, done.stderr
     assert "event_loop" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    not HAS_UVLOOP, reason="uvloop is not installed"))])
+def test_a_write_to_a_connection_the_peer_reset_is_a_connection_reset(kind: str) -> None:
+    async def main() -> BaseException | None:
+        # A peer that accepts and resets at once; the loop sees the connection go
+        async def reset(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+
+        server = await asyncio.start_server(reset, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionResetError):  # or b"": the peer is gone
+            await reader.read()
+        for _ in range(100):
+            if writer.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        try:
+            write_or_reset(writer, b"late", "test peer")
+        except BaseException as exc:  # noqa: BLE001 - the type is what is asserted
+            return exc
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+        return None
+
+    loop = new_event_loop(kind)
+    try:
+        failure = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # Then either loop says ConnectionResetError (uvloop's own write raises RuntimeError)
+    assert isinstance(failure, ConnectionResetError), repr(failure)
+    assert "test peer closed the connection" in str(failure)

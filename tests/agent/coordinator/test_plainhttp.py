@@ -17,7 +17,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from agent.commands.run import new_event_loop
+from agent.aio import new_event_loop
 from agent.coordinator.plainhttp import MAX_HEAD_BYTES, PlainHTTPTransport
 from agent.coordinator.transport import plain_transport
 from agent.reference.coordinator import ReferenceCoordinator
