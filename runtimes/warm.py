@@ -34,6 +34,7 @@ import json
 import os
 import queue
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -360,8 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     def note(message: str) -> None:
         wire.send({"op": "note", "message": message})
 
-    worker = Worker(wire, ModelCache(budget, idle_s, note),
-                    Path(tempfile.mkdtemp(prefix="warm-job-")), streams)
+    # The jobs' folder: the agent's own scratch for this worker (it names it), so that
+    # nothing is left in the system's temporary folder when the worker is killed.
+    given = os.environ.get("MINER_WARM_JOB_DIR", "")
+    scratch = Path(given) if given else Path(tempfile.mkdtemp(prefix="warm-job-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    worker = Worker(wire, ModelCache(budget, idle_s, note), scratch, streams)
     threading.Thread(target=worker.job_loop, name="warm-jobs", daemon=True).start()
     wire.send({"op": "ready", "pid": os.getpid(), "preload_s": preload_s,
                "budget_mb": budget >> 20, "idle_s": idle_s})
@@ -369,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         frame = wire.receive()
         if frame is None or not worker.dispatch(frame):
             break
+    if not given:
+        shutil.rmtree(scratch, ignore_errors=True)
     host.exit_now(0)
 
 

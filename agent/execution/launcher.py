@@ -13,7 +13,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 from agent.clock import within
 from agent.config import LauncherKind
 from agent.errors import LaunchError
+from agent.execution.cgroups import pid_alive
 from agent.execution.sandbox import SandboxPolicy
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,12 @@ FORKSERVER_START_TIMEOUT_S = 120.0
 # A fork-server request carries the job's spec inline up to this size (the server reads
 # at most 64 KiB of one request); a larger one goes as a file, and the request names it.
 INLINE_REQUEST_MAX_BYTES = 48 << 10
+# The fork server's socket folder, named after the agent that made it: one whose agent
+# was SIGKILLed (no close() ran) is removed by the next agent that starts. Agents before
+# 2026-12-03 named it without the pid; such folders go too once nothing serves there.
+SOCKET_DIR_PREFIX = "miner-fs-"
+_SOCKET_DIR = re.compile(re.escape(SOCKET_DIR_PREFIX) + r"(?:(\d+)-)?[A-Za-z0-9_]+")
+_EMPTY_SOCKET_DIR_GRACE_S = 60.0  # an agent makes the folder before its server binds
 
 
 @dataclass
@@ -235,7 +244,9 @@ class ForkServerLauncher:
         self.sandbox = sandbox
         # The socket's folder is the agent's: no job's sandbox holds it (a job that could
         # reach the server could ask it for a process outside its own jail).
-        self._dir = Path(tempfile.mkdtemp(prefix="miner-fs-", dir=runtime_dir))
+        sweep_socket_dirs(runtime_dir)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-",
+                                          dir=runtime_dir))
         self.sock_path = self._dir / "forkserver.sock"
         self._proc: asyncio.subprocess.Process | None = None
         self._start_lock = asyncio.Lock()
@@ -364,6 +375,62 @@ class ForkServerLauncher:
             return
         proc.kill()
         await proc.wait()
+
+
+def sweep_socket_dirs(runtime_dir: Path | None = None) -> list[Path]:
+    """Remove the fork-server socket folders that agents killed outright left behind.
+
+    A folder is stale when it is ours (same owner), named after an agent pid that is
+    not running (or, an older agent's, after none), holds nothing but the socket, and
+    the socket takes no connection: a live server in another PID namespace sharing
+    this folder keeps its own. A folder with no socket yet is left a minute, the time
+    an agent takes from making it to its server's start. Returns what was removed.
+    """
+    root = Path(runtime_dir or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        match = _SOCKET_DIR.fullmatch(name)
+        if match is None or (match.group(1) is not None and pid_alive(int(match.group(1)))):
+            continue
+        folder = root / name
+        try:
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            entries = os.listdir(folder)
+            if set(entries) - {"forkserver.sock"}:
+                continue  # not a folder as an agent leaves it: not ours to judge
+            if not entries and time.time() - st.st_mtime < _EMPTY_SOCKET_DIR_GRACE_S:
+                continue  # an agent starting right now
+            if entries and _listening(folder / "forkserver.sock"):
+                continue  # a server still serves there
+            for entry in entries:
+                os.unlink(folder / entry)
+            os.rmdir(folder)
+        except OSError:
+            continue
+        removed.append(folder)
+    if removed:
+        log.info("removed %d fork-server socket folder(s) left by agents that were killed: "
+                 "%s", len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _listening(path: Path) -> bool:
+    """Whether a server accepts on ``path`` (never blocks: a full backlog is a server)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(str(path))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return True
 
 
 async def _receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:

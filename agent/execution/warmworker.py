@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import struct
@@ -216,6 +217,9 @@ class Worker:
         assert self._loop is not None
         scratch = self.settings.root / self.key
         (scratch / "cache").mkdir(parents=True, exist_ok=True)
+        jobs_dir = scratch / "job"  # the worker's jobs' folder: fresh for each process
+        shutil.rmtree(jobs_dir, ignore_errors=True)
+        jobs_dir.mkdir(exist_ok=True)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "runtimes.warm", f"fd:{child.fileno()}",
                 "0" if self.sandbox else str(os.getpid())]
@@ -223,7 +227,8 @@ class Worker:
                "TRITON_CACHE_DIR": str(scratch / "cache" / "triton"),
                "TORCHINDUCTOR_CACHE_DIR": str(scratch / "cache" / "inductor"),
                "MINER_WARM_BUDGET_MB": str(self.settings.budget_mb),
-               "MINER_WARM_IDLE_S": str(self.settings.idle_s)}
+               "MINER_WARM_IDLE_S": str(self.settings.idle_s),
+               "MINER_WARM_JOB_DIR": str(jobs_dir)}
         pass_fds = [child.fileno()]
         cgroup_fd = self.cgroup.open_fd() if self.cgroup is not None else None
         if cgroup_fd is not None:

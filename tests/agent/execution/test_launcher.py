@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +229,80 @@ def test_fork_server_refuses_a_bad_request_and_serves_the_next(tmp_path: Path) -
     assert report.outcome == Outcome.COMPLETED, report
     assert report.output["exit"]["via"] == "forkserver"
     assert (tmp_path / "job_t1/logs/stdout.log").read_text() == "next\n"
+
+
+AGENT_KILLED_OUTRIGHT = r"""
+import asyncio, sys
+from pathlib import Path
+from agent.execution.launcher import ForkServerLauncher
+
+async def main():
+    launcher = ForkServerLauncher(runtime_dir=Path(sys.argv[1]))
+    await launcher.start()
+    print(launcher.sock_path, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.run([PY, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_socket_folders_left_by_killed_agents_go_at_the_next_start(tmp_path: Path) -> None:
+    # Given an agent process whose fork server is serving, SIGKILLed (no close() ran)
+    agent = subprocess.Popen([PY, "-c", AGENT_KILLED_OUTRIGHT, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    assert agent.stdout is not None
+    sock = Path(agent.stdout.readline().strip())
+    assert sock.parent.name.startswith(f"miner-fs-{agent.pid}-") and sock.exists()
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    agent.stdout.close()
+    # and folders that are not stale: this live process's, a dead pid's whose socket still
+    # takes connections (a server in another PID namespace), one holding other files
+    live = tmp_path / f"miner-fs-{os.getpid()}-live"
+    live.mkdir()
+    serving = tmp_path / f"miner-fs-{dead_pid()}-serving"
+    serving.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(serving / "forkserver.sock"))
+    listener.listen()
+    foreign = tmp_path / f"miner-fs-{dead_pid()}-other"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours to remove")
+    # and an older agent's folders (no pid in the name): one with a dead socket, one
+    # empty for an hour (stale), one empty just now (an agent starting)
+    legacy = tmp_path / "miner-fs-2qwnj_4j"
+    legacy.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(legacy / "forkserver.sock"))
+    legacy_empty = tmp_path / "miner-fs-4e7at04n"
+    legacy_empty.mkdir()
+    os.utime(legacy_empty, (time.time() - 3600,) * 2)
+    starting = tmp_path / "miner-fs-9a9qal4k"
+    starting.mkdir()
+    # (its fork server dies with it: wait until the socket refuses connections)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(sock)) != 0:
+                break
+        time.sleep(0.02)
+
+    # When the next agent makes its launcher
+    launcher = ForkServerLauncher(runtime_dir=tmp_path)
+    try:
+        # Then the killed agent's folder is gone, and the older agents' stale ones
+        assert not sock.parent.exists()
+        assert not legacy.exists() and not legacy_empty.exists()
+        assert live.exists() and serving.exists() and foreign.exists() and starting.exists()
+        assert launcher.sock_path.parent.name.startswith(f"miner-fs-{os.getpid()}-")
+    finally:
+        listener.close()
+        asyncio.run(launcher.close())
+    assert not launcher.sock_path.parent.exists()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -235,8 +236,14 @@ def test_a_dead_worker_fails_its_job_worker_died_and_the_next_job_gets_a_fresh_o
         fresh = await node.run(job("fresh"))
         return died, fresh, first_pid, node.pool.workers["cpu"].pid
 
+    before = set(Path(tempfile.gettempdir()).glob("warm-job-*"))
     died, fresh, first_pid, second_pid = loop.run(scenario())
     assert (died.outcome, died.error_code) == (Outcome.FAILED, "worker_died")
+    # The killed worker left nothing in the system's temporary folder: its jobs' folder
+    # is the one the agent named, in the worker's own scratch
+    assert set(Path(tempfile.gettempdir()).glob("warm-job-*")) <= before
+    environ = Path(f"/proc/{second_pid}/environ").read_bytes().split(b"\0")
+    assert f"MINER_WARM_JOB_DIR={node.pool.settings.root / 'cpu' / 'job'}".encode() in environ
     assert "fresh worker" in (died.error_message or "")
     assert died.partial  # the text it had reached result.txt
     assert fresh.outcome is Outcome.COMPLETED and metrics(fresh)["model_cached"] is False
