@@ -94,9 +94,16 @@ def worker_spec(ctx: JobContext, spec: TrainSpec, events: Path) -> dict[str, Any
 
 
 def torchrun_command(nproc: int, spec_path: Path) -> list[str]:
-    """The command line that starts ``nproc`` ranks of :mod:`runtimes.ddp_worker`."""
+    """The command line that starts ``nproc`` ranks of :mod:`runtimes.ddp_worker`.
+
+    torchrun's own folder (per-rank log and error-file folders) goes beside the spec, in
+    the job's scratch, which goes with the job: left to itself torchrun makes a
+    ``torchelastic_*`` folder in the temporary folder and never removes it, and
+    without the sandbox's private /tmp that is the node's.
+    """
     return [sys.executable, "-m", "runtimes.ddp", str(os.getpid()), "--standalone",
-            "--nproc_per_node", str(nproc), "-m", "runtimes.ddp_worker", str(spec_path)]
+            "--nproc_per_node", str(nproc), "--log-dir", str(spec_path.parent / "torchelastic"),
+            "-m", "runtimes.ddp_worker", str(spec_path)]
 
 
 def _env() -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,13 @@ def metrics_lines(run: JobRun) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_gloo_ranks_train_and_rank0_reports(run_job: Runner) -> None:
+def test_two_gloo_ranks_train_and_rank0_reports(run_job: Runner, tmp_path: Path) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     run = run_job(RUNTIME, ddp_payload(steps=12, checkpoint_every=6), timeout_s=120)
     finished = run.finished
+    # torchrun's folder is in the job's scratch, not a torchelastic_* left in /tmp
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) <= before
+    assert (tmp_path / "job" / "work" / "ddp" / "torchelastic").is_dir()
     assert finished["outcome"] == "completed", run.stderr[-3000:]
     metrics = finished["metrics"]
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
