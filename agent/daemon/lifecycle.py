@@ -45,7 +45,7 @@ from agent.daemon.held import HeldJobs
 from agent.daemon.journal import Journal
 from agent.daemon.operator import OperatorControls
 from agent.daemon.outbox import Outbox
-from agent.daemon.poll import PollLoop
+from agent.daemon.poll import RELEASE_WAIT_S, PollLoop
 from agent.daemon.recovery import Recovery
 from agent.daemon.release import ReleaseGate
 from agent.daemon.reload import ConfigSource, Reloader, key_now
@@ -166,7 +166,8 @@ class Agent:
         self.reloader = Reloader(source, current=lambda: self.cfg, apply=self._use_config,
                                  client=self.client, register=self._register_again)
         self.control = ControlServer(socket_path(cfg.state_dir), OperatorControls(
-            self.view, self.drains, on_change=self._report_settled).handlers())
+            self.view, self.drains, on_change=self._report_settled,
+            settled=self._poll_released).handlers())
         self.stop_event = asyncio.Event()
         self.hard_stop = asyncio.Event()
         self._register_lock = asyncio.Lock()
@@ -246,6 +247,7 @@ class Agent:
         self.draining = True
         self.wake_poll()  # a held long-poll is abandoned now
         self.wake_heartbeat()
+        await self._poll_released()  # before the log says so: no poll of ours is held
         self.notifier.stopping(status=f"draining {len(self.held)} job(s)")
         log.info("draining: %d job(s) running, up to %.0f s", len(self.held),
                  self.cfg.drain_timeout_s)
@@ -357,6 +359,13 @@ class Agent:
 
     def wake_poll(self) -> None:
         self.polls.wake()
+
+    async def _poll_released(self) -> None:
+        """Until a held poll that a drain or a stop abandoned has closed its connection."""
+        if not await self.polls.released():
+            log.warning("a held poll was still open %.0f s after it was abandoned; a job the "
+                        "coordinator hands it now is leased back after its lease lapses",
+                        RELEASE_WAIT_S)
 
     def _report_settled(self) -> None:
         """The node's state changed (an operator's drain or resume): the heartbeat says

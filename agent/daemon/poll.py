@@ -47,6 +47,7 @@ from agent.errors import CoordinatorError
 
 log = logging.getLogger(__name__)
 DISK_RECHECK_S = 5.0
+RELEASE_WAIT_S = 5.0  # a held poll goes in one loop turn; this bounds a wait on a bug
 
 
 class _Next(enum.Enum):
@@ -97,6 +98,8 @@ class PollLoop:
         self._paused: str | None = None
         self._now = asyncio.Event()
         self._abandon = asyncio.Event()
+        self._no_held = asyncio.Event()  # no held poll in flight
+        self._no_held.set()
 
     def pause_reason(self) -> str | None:
         """Why no job is taken now (low disk), or None while polling."""
@@ -132,6 +135,15 @@ class PollLoop:
         self._now.set()
         if self._stop_asked():
             self._abandon.set()
+
+    async def released(self, timeout_s: float = RELEASE_WAIT_S) -> bool:
+        """Until no held poll is in flight: after a drain, a stop or a pause has woken
+        the loop, its connection is closed when this returns (True; False past
+        ``timeout_s``). Whoever says "no new work" waits for it first: a job submitted
+        after that goes to no poll of ours (docs/protocol-extensions.md, "longpoll")."""
+        # (the transport's close, scheduled as the poll was canceled, runs before the
+        # wake-up of this wait: tests/agent/daemon/test_poll.py checks it on both loops)
+        return await wait_event(self._no_held, timeout_s)
 
     def _stop_asked(self) -> bool:
         return self.draining() or (self.paused is not None and self.paused())
@@ -209,6 +221,7 @@ class PollLoop:
             raise _Abandoned
         call = asyncio.ensure_future(self.client.poll(max_wait_s=wait_s))
         abandon = asyncio.ensure_future(self._abandon.wait())
+        self._no_held.clear()
         try:
             await asyncio.wait({call, abandon}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -218,6 +231,7 @@ class PollLoop:
                 # to a poller that has gone (docs/protocol-extensions.md, "longpoll").
                 call.cancel()
                 await asyncio.wait({call})
+            self._no_held.set()
         if call.cancelled():
             log.debug("held poll abandoned: the agent is draining or paused")
             raise _Abandoned

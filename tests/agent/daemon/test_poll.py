@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 import subprocess
@@ -89,7 +90,9 @@ def test_drain_pause_and_stop_abandon_a_held_poll(tmp_path: Path,
     client.wait_status(running, "running", timeout=60)
     time.sleep(0.3)
     agent.signal(signal.SIGTERM)
-    agent.wait_log("draining")
+    # (the drain's own line, logged once its held poll is gone; the signal's line,
+    # "SIGTERM: draining", comes before the drain has begun)
+    agent.wait_log(r"draining: 1 job\(s\) running")
     # Then the held poll is dropped at once: a job that comes during the drain stays queued
     late = client.submit(QUICK)
     assert stays(lambda: client.job(late)["status"] == "pending", 1.0)
@@ -131,3 +134,71 @@ def test_without_longpoll_the_back_off_is_capped_and_resets_when_a_slot_frees(
     other = client.submit(QUICK)
     client.wait_status(other, "completed", timeout=60)
     coord.stop()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))])
+def test_released_returns_once_the_held_polls_connection_is_closed(kind: str) -> None:
+    # Given a poll loop whose poll a stand-in coordinator holds (a real loopback socket
+    # that reads the request and never answers)
+    import asyncio
+    import socket
+    import threading
+
+    from agent.aio import new_event_loop
+    from agent.coordinator.client import CoordinatorClient
+    from agent.daemon.held import HeldJobs
+    from agent.daemon.poll import PollLoop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    arrived = threading.Event()
+
+    def hold() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        held.append(conn)
+        arrived.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    cfg = load_config(Path("/dev/null"), environ={"MINER_AGENT_POLL_WAIT_S": "30"})
+    stopping = False
+
+    async def main() -> tuple[bool, bytes | None]:
+        port = listener.getsockname()[1]
+        async with CoordinatorClient(f"http://127.0.0.1:{port}", "key", "miner-1") as client:
+            polls = PollLoop(cfg=cfg, client=client, held=HeldJobs(), capacity=1,
+                             accept=lambda _job: None, reregister=lambda _why: asyncio.sleep(0),
+                             draining=lambda: stopping, on_empty=lambda: False,
+                             longpoll=lambda: True)
+            task = asyncio.create_task(polls.run())
+            while not arrived.is_set():
+                await asyncio.sleep(0.01)
+            assert await polls.released(0.2) is False  # held: not released
+            # When the agent stops and wakes the loop
+            nonlocal stopping
+            stopping = True
+            polls.wake()
+            released = await polls.released()
+            # Then by the time released() returns, the coordinator's side sees the end
+            # of the connection (no loop turn of ours needed after it)
+            held[0].setblocking(False)
+            try:
+                seen: bytes | None = held[0].recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                seen = None  # still open
+            await task
+            return released, seen
+
+    loop = new_event_loop(kind)
+    try:
+        released, seen = loop.run_until_complete(main())
+    finally:
+        loop.close()
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert released is True
+    assert seen == b""
