@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from agent.aio import new_event_loop
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun
 from agent.execution.launcher import make_launcher
 from agent.jobs import Job
 from tests.agent.daemon.helpers import AgentProcess, Client
 
 PY = sys.executable
+T = TypeVar("T")
+# The daemon's event loops (agent.aio): the stdlib's, and uvloop where it is installed.
+EVENT_LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+
+
+def run_on_loop(kind: str, main: Coroutine[Any, Any, T]) -> T:
+    """``main`` to its end on a fresh event loop of ``kind`` (as the daemon makes it)."""
+    loop = new_event_loop(kind)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.close()
 
 
 def make_job(payload: dict[str, Any], job_id: str = "t1", **constraints: Any) -> Job:

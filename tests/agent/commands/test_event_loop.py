@@ -17,6 +17,7 @@ import pytest
 from agent.aio import new_event_loop, write_or_reset
 from agent.commands.run import run_bounded
 from agent.errors import ConfigError, ExitCode
+from tests.agent.conftest import EVENT_LOOPS, run_on_loop
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -81,8 +82,7 @@ def test_a_loop_kind_not_known_is_a_config_error(tmp_path: Path) -> None:
     assert "event_loop" in done.stderr
 
 
-@pytest.mark.parametrize("kind", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    not HAS_UVLOOP, reason="uvloop is not installed"))])
+@pytest.mark.parametrize("kind", EVENT_LOOPS)
 def test_a_write_to_a_connection_the_peer_reset_is_a_connection_reset(kind: str) -> None:
     async def main() -> BaseException | None:
         # A peer that accepts and resets at once; the loop sees the connection go
@@ -110,11 +110,7 @@ def test_a_write_to_a_connection_the_peer_reset_is_a_connection_reset(kind: str)
             await server.wait_closed()
         return None
 
-    loop = new_event_loop(kind)
-    try:
-        failure = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    failure = run_on_loop(kind, main())
     # Then either loop says ConnectionResetError (uvloop's own write raises RuntimeError)
     assert isinstance(failure, ConnectionResetError), repr(failure)
     assert "test peer closed the connection" in str(failure)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import socket
 import socketserver
 import struct
@@ -17,10 +16,10 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from agent.aio import new_event_loop
 from agent.coordinator.plainhttp import MAX_HEAD_BYTES, PlainHTTPTransport
 from agent.coordinator.transport import plain_transport
 from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.conftest import EVENT_LOOPS, run_on_loop
 from tests.agent.coordinator.conftest import GPU_CAPS, miner
 
 Handler = Callable[[socket.socket, int], None]
@@ -304,9 +303,7 @@ def test_a_proxy_in_the_environment_leaves_the_job_to_httpx(
     assert plain_transport() is None
 
 
-@pytest.mark.parametrize("loop_kind", [
-    "asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-        importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))])
+@pytest.mark.parametrize("loop_kind", EVENT_LOOPS)
 def test_a_reset_in_the_middle_of_a_streamed_upload_is_an_httpx_error(
         server: Callable[[Handler], str], loop_kind: str) -> None:
     # A server that reads the head and resets the connection (what a coordinator refusing
@@ -336,10 +333,6 @@ def test_a_reset_in_the_middle_of_a_streamed_upload_is_an_httpx_error(
 
     # Then the call fails as httpx's write or read error (a reset the client retries or
     # counts), never uvloop's RuntimeError from a write to a closed transport
-    loop = new_event_loop(loop_kind)
-    try:
-        failure = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    failure = run_on_loop(loop_kind, main())
     assert isinstance(failure, httpx.WriteError | httpx.ReadError | httpx.RemoteProtocolError), \
         repr(failure)

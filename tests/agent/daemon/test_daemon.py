@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import signal
 import subprocess
@@ -14,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from agent.reference.coordinator import ReferenceCoordinator
+from tests.agent.conftest import EVENT_LOOPS
 from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
 
 pytestmark = pytest.mark.slow
 # The daemon runs on uvloop where installed ("auto"); the stdlib loop is its fallback, and
-# both must serve a job, its report and the signals end to end.
-EVENT_LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+# both must serve a job, its report and the signals end to end (EVENT_LOOPS).
 SLEEP = {"type": "sleep", "steps": 5, "step_s": 0.02, "print_every": 1}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.reference.model import EXTENSIONS
+from tests.agent.conftest import EVENT_LOOPS, run_on_loop
 from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
 
 POLL = "/v1/miners/poll"
@@ -136,8 +136,7 @@ def test_without_longpoll_the_back_off_is_capped_and_resets_when_a_slot_frees(
     coord.stop()
 
 
-@pytest.mark.parametrize("kind", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))])
+@pytest.mark.parametrize("kind", EVENT_LOOPS)
 def test_released_returns_once_the_held_polls_connection_is_closed(kind: str) -> None:
     # Given a poll loop whose poll a stand-in coordinator holds (a real loopback socket
     # that reads the request and never answers)
@@ -145,7 +144,6 @@ def test_released_returns_once_the_held_polls_connection_is_closed(kind: str) ->
     import socket
     import threading
 
-    from agent.aio import new_event_loop
     from agent.coordinator.client import CoordinatorClient
     from agent.daemon.held import HeldJobs
     from agent.daemon.poll import PollLoop
@@ -192,11 +190,9 @@ def test_released_returns_once_the_held_polls_connection_is_closed(kind: str) ->
             await task
             return released, seen
 
-    loop = new_event_loop(kind)
     try:
-        released, seen = loop.run_until_complete(main())
+        released, seen = run_on_loop(kind, main())
     finally:
-        loop.close()
         listener.close()
         for conn in held:
             conn.close()
