@@ -87,6 +87,7 @@ class Agent:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--coordinator",
                                       coord.url], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -138,8 +139,14 @@ class Agent:
             time.sleep(0.01)
         return dict(json.loads(path.read_text()))
 
+    def terminate(self) -> None:
+        """SIGTERM once (a second one would cancel running jobs)."""
+        if not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -163,9 +170,10 @@ def summary(values: list[float], unit: str = "ms") -> str:
 
 
 def warm(agent: Agent, n: int = 2) -> None:
-    """The first jobs wait for the fork server's imports: not counted anywhere."""
-    for _ in range(n):
-        agent.wait(agent.coord.submit(TINY))
+    """The first jobs wait for the fork server's imports: not counted anywhere. All are
+    submitted at once: one after another, each would wait out the idle poll's back-off."""
+    for job_id in [agent.coord.submit(TINY) for _ in range(n)]:
+        agent.wait(job_id)
 
 
 # -- (a) idle latency ---------------------------------------------------------------------
@@ -388,7 +396,8 @@ def run_loops(root: Path, pairs: int, n: int) -> None:
             coord = Coordinator(root / f"loop-{kind}" / "coord", ())
             agents[kind] = Agent(root / f"loop-{kind}", coord, cpu_slots=SLOTS,
                                  event_loop=kind)
-            warm(agents[kind], 2 * SLOTS)
+        for agent in agents.values():  # both started at once: their imports overlap
+            warm(agent, 2 * SLOTS)
         ratios: list[float] = []
         figures: dict[str, list[float]] = {kind: [] for kind in agents}
         for i in range(pairs):
@@ -406,6 +415,8 @@ def run_loops(root: Path, pairs: int, n: int) -> None:
         for agent in agents.values():
             print_agent_notes(agent)
     finally:
+        for agent in agents.values():  # both drain at once
+            agent.terminate()
         for agent in agents.values():
             agent.close()
             agent.coord.close()
