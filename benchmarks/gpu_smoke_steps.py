@@ -594,8 +594,6 @@ def _coordinator_constraints(gpus: list[Gpu]) -> dict[str, Any]:
     """What the real coordinator sends: a GPU model, VRAM in GB and a CUDA major; no count."""
     import pynvml
 
-    from agent.node.bench import known_gpu
-
     if not gpus:
         return {"timeout_s": 120}
     pynvml.nvmlInit()
@@ -603,8 +601,10 @@ def _coordinator_constraints(gpus: list[Gpu]) -> dict[str, Any]:
         cuda = int(pynvml.nvmlSystemGetCudaDriverVersion()) // 1000  # 12080 is CUDA 12.8
     finally:
         pynvml.nvmlShutdown()
-    return {"gpu": known_gpu(gpus[0].name) or gpus[0].name, "min_vram_gb": 16,
-            "cuda": str(cuda), "timeout_s": 300}
+    # A substring of the name NVML gives (the scheduler's rule, spaces and case aside):
+    # "H200" of "NVIDIA H200". The spec table's key ("H200 SXM") is no substring of it.
+    return {"gpu": gpus[0].name.removeprefix("NVIDIA ").strip() or gpus[0].name,
+            "min_vram_gb": 16, "cuda": str(cuda), "timeout_s": 300}
 
 
 def _check_daemon_output(c: Checks, output: dict[str, Any], opts: Options) -> None:
@@ -797,6 +797,7 @@ def _check_bench_device(c: Checks, dev: dict[str, Any]) -> str:
 
 # -- 3 and 4. the tests ----------------------------------------------------------------------------
 
+SKIP_LINE = re.compile(r"^SKIPPED \[(\d+)\] \S+: needs two CUDA devices$", re.M)
 _OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 
 
@@ -833,9 +834,13 @@ def step_gputests(opts: Options, c: Checks) -> int | None:
     """The gpu-marked tests: all of them must run (none skipped) and pass."""
     counts = run_pytest(c, "gpu", opts, opts.out / "logs" / "3-gputests-pytest.log")
     if opts.cuda:
-        c(counts.get("passed", 0) > 0 and not counts.get("skipped"),
+        # A test for two GPUs skips on a node with one: that skip is the node's, not a fault
+        log = (opts.out / "logs" / "3-gputests-pytest.log").read_text(errors="replace")
+        excused = sum(int(n) for n in SKIP_LINE.findall(log)) if len(list_gpus()) < 2 else 0
+        skipped = counts.get("skipped", 0) - excused
+        c(counts.get("passed", 0) > 0 and skipped <= 0,
           f"every gpu test ran on the GPU ({counts.get('passed', 0)} passed, "
-          f"{counts.get('skipped', 0)} skipped)")
+          f"{counts.get('skipped', 0)} skipped, {excused} of them for want of a second GPU)")
     c.headline = c.figures.get("summary", "").strip("= ")
     return None
 

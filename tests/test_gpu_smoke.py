@@ -13,7 +13,19 @@ from typing import Any
 
 import pytest
 
-from benchmarks.gpu_smoke_steps import STEPS, Checks, Options, check_bench, merge_figures, step_nvml
+from agent.daemon.scheduler import Device, Scheduler, gpu_request
+from agent.jobs import Job
+from benchmarks.gpu_smoke_steps import (
+    SKIP_LINE,
+    STEPS,
+    Checks,
+    Gpu,
+    Options,
+    _coordinator_constraints,
+    check_bench,
+    merge_figures,
+    step_nvml,
+)
 from tests.agent.node.test_telemetry import FakeNvml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +196,28 @@ def test_nvml_step_fails_power_in_the_wrong_unit(
     checks = nvml_step(tmp_path, monkeypatch, PowerInWatts())
     assert checks.failed >= 1
     assert "FAIL  gpu0 power 118 mW" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H200 NVL"])
+def test_the_daemon_steps_job_fits_the_gpu_it_was_shaped_after(
+        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # Given a node whose one GPU NVML names so (the step shapes its job after that GPU)
+    monkeypatch.setitem(sys.modules, "pynvml", OneH200())
+    constraints = _coordinator_constraints([Gpu(0, "GPU-0000", name, 0, 143771 * MIB)])
+    # When the agent's own scheduler places the job on that node
+    job = Job.from_dict({"job_id": "smoke", "payload": {"type": "training"},
+                         "constraints": constraints})
+    sched = Scheduler([Device(0, name, 143771, "GPU-0000", 0)], cuda_version="12.8")
+    placed = sched.reserve("smoke", gpu_request(job, True))
+    # Then it lands on that GPU (the spec table's key, "H200 SXM", named no such GPU)
+    assert placed is not None and placed.cuda_visible_devices == ["GPU-0000"], constraints
+
+
+def test_a_skip_for_want_of_a_second_gpu_is_told_apart() -> None:
+    # pytest -rs lines as step 3's log holds them
+    log = ("SKIPPED [1] tests/agent/node/test_bench.py:301: needs two CUDA devices\n"
+           "SKIPPED [2] tests/agent/execution/test_warm.py:301: needs a CUDA device\n")
+    assert SKIP_LINE.findall(log) == ["1"]
 
 
 def bench_result(bf16: float, mem: float) -> dict[str, Any]:
