@@ -3,7 +3,9 @@
 A test not marked ``gpu`` runs with ``CUDA_VISIBLE_DEVICES=""`` in the environment, so
 the job processes, fork servers and ``python -m agent`` children it starts see no CUDA
 device and behave on a GPU node as they do on CI. NVML ignores the variable, so the
-agent's telemetry still sees the node's GPUs.
+agent's telemetry still sees the node's GPUs, but an agent started so gives its jobs
+none of them (it reads its own ``CUDA_VISIBLE_DEVICES`` as CUDA would): its slots are
+``cpu_slots``, as on CI.
 
 The hiding spans the whole of a test's run, setup and teardown included, so a
 module- or session-scoped fixture first set up for a CPU test (an agent process, say)

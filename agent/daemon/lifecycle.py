@@ -49,7 +49,7 @@ from agent.daemon.poll import RELEASE_WAIT_S, PollLoop
 from agent.daemon.recovery import Recovery
 from agent.daemon.release import ReleaseGate
 from agent.daemon.reload import ConfigSource, Reloader, key_now
-from agent.daemon.scheduler import Device, Scheduler
+from agent.daemon.scheduler import Device, Scheduler, visible_devices
 from agent.daemon.session import Session
 from agent.daemon.shipping import ShipLoop
 from agent.daemon.view import NodeView
@@ -181,7 +181,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> int:
-        if self.telemetry.failure and self.cfg.gpus != ():
+        if self.telemetry.failure and not self._cpu_only_on_purpose:
             log.error("not starting: %s", self.telemetry.failure)
             await self.shutdown()
             return ExitCode.FAILED
@@ -330,7 +330,8 @@ class Agent:
             self.registered_at = time.time()
             log.info("registered as %s with concurrency %d%s; extensions: %s",
                      self.cfg.miner_id, self.scheduler.capacity,
-                     "" if self.telemetry.has_gpus else " (CPU-only: no GPU found)",
+                     "" if self.scheduler.devices else " (CPU-only: no GPU found)"
+                     if not self.telemetry.has_gpus else " (CPU-only: no GPU left to jobs)",
                      self.session.caps.describe())
 
     def _session(self) -> Session:
@@ -438,11 +439,33 @@ class Agent:
         return (f"{state}: {len(self.held)}/{self.scheduler.capacity} slots busy, "
                 f"coordinator {self.cfg.coordinator_url}")
 
+    @property
+    def _cpu_only_on_purpose(self) -> bool:
+        """`gpus = []`, or no `gpus` and the agent started with CUDA_VISIBLE_DEVICES
+        naming none ("" or -1): an NVML that cannot start is then no reason to stop."""
+        if self.cfg.gpus is not None:
+            return self.cfg.gpus == ()
+        spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return spec is not None and spec.split(",")[0].strip() in ("", "-1")
+
     def _make_scheduler(self) -> Scheduler:
-        devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid, g.minor)
-                   for g in self.telemetry.inventory()
-                   if self.cfg.gpus is None or g.index in self.cfg.gpus]
         inventory = self.telemetry.inventory()
+        devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid, g.minor)
+                   for g in inventory if self.cfg.gpus is None or g.index in self.cfg.gpus]
+        spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if spec is not None and self.cfg.gpus is None:
+            # The agent's own CUDA_VISIBLE_DEVICES narrows the GPUs it gives jobs (NVML
+            # ignores the variable; each job's is set anew); config `gpus` wins over it.
+            devices, notes = visible_devices(spec, devices,
+                                             os.environ.get("CUDA_DEVICE_ORDER"))
+            for note in notes:
+                log.warning("%s", note)
+            log.info("CUDA_VISIBLE_DEVICES=%r in the agent's environment: %d of %d GPU(s) "
+                     "used%s", spec, len(devices), len(inventory),
+                     f" ({', '.join(str(d.index) for d in devices)})" if devices else "")
+        elif spec is not None:
+            log.info("CUDA_VISIBLE_DEVICES in the agent's environment is not read: config "
+                     "`gpus` names the GPUs")
         cuda = inventory[0].cuda_driver_version or "" if inventory else ""
         return Scheduler(devices, self.cfg.jobs_per_gpu, self.cfg.cpu_slots, cuda_version=cuda)
 

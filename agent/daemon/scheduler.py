@@ -40,6 +40,43 @@ class Device:
     minor: int | None = None  # /dev/nvidia<minor>, from NVML
 
 
+def visible_devices(spec: str, devices: list[Device],
+                    cuda_device_order: str | None = None) -> tuple[list[Device], list[str]]:
+    """The devices ``CUDA_VISIBLE_DEVICES=spec`` (set for the agent itself) leaves it, read
+    as CUDA reads it, and what an operator should hear about the reading.
+
+    Entries are comma-separated NVML indices or UUIDs (``GPU-...``; a unique prefix
+    will do), in the order given; the first entry that names no device (``-1``, an
+    unknown index, a repeat, a ``MIG-`` instance this agent cannot schedule) ends the
+    list, as it does for CUDA. ``""`` leaves none: the node runs CPU-only. CUDA numbers
+    devices fastest first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; NVML by PCI bus: on
+    a node of mixed models, indices are named ambiguous.
+    """
+    chosen: list[Device] = []
+    notes: list[str] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry == "":
+            break
+        if entry.lstrip("+-").isdigit():
+            found = [d for d in devices if d.index == int(entry)]
+        else:
+            found = [d for d in devices if d.uuid and d.uuid.lower().startswith(entry.lower())]
+        if len(found) != 1 or found[0] in chosen:
+            if entry != "-1":
+                notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} names "
+                             f"{'several' if len(found) > 1 else 'no'} GPU of this agent's"
+                             f"{' (a repeat)' if found and found[0] in chosen else ''}: "
+                             "it and the entries after it are left out, as CUDA does")
+            break
+        chosen.append(found[0])
+    if (any(e.strip().lstrip("+-").isdigit() for e in spec.split(",")) and chosen
+            and cuda_device_order != "PCI_BUS_ID" and len({d.name for d in devices}) > 1):
+        notes.append("CUDA_VISIBLE_DEVICES gives indices on a node of mixed GPU models: "
+                     "read as NVML's (PCI bus order), which CUDA's fastest-first order may "
+                     "not match; give UUIDs, or set CUDA_DEVICE_ORDER=PCI_BUS_ID")
+    return chosen, notes
+
+
 @dataclass(frozen=True)
 class Assignment:
     """What one job holds: GPU indices (empty for a CPU job) and their names."""

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.scheduler import Device, GpuRequest, NoCapacity, Scheduler, gpu_request
+from agent.daemon.scheduler import (
+    Device,
+    GpuRequest,
+    NoCapacity,
+    Scheduler,
+    gpu_request,
+    visible_devices,
+)
 from agent.jobs import Job
 
 GPUS = [Device(0, "A100", 40960), Device(1, "A100", 81920), Device(2, "L4", 23034)]
@@ -126,3 +133,32 @@ def test_an_impossible_gpu_job_fails_even_while_the_node_is_busy() -> None:
     assert s.reserve("busy", GpuRequest(1)) is not None
     with pytest.raises(NoCapacity, match="at least 81920 MiB"):
         s.reserve("big", GpuRequest(1, min_vram_mb=81920))
+
+
+MIXED = [Device(0, "NVIDIA H100 80GB HBM3", 81559, "GPU-8a1c0000-aaaa", 7),
+         Device(1, "NVIDIA GeForce RTX 4090", 24564, "GPU-8a2d0000-bbbb", 6),
+         Device(2, "NVIDIA H100 80GB HBM3", 81559, "GPU-ffff0000-cccc", 5)]
+
+
+@pytest.mark.parametrize(("spec", "indices", "said"), [
+    ("", [], None),                                 # CPU-only on purpose
+    ("-1", [], None),
+    ("GPU-ffff0000-cccc,GPU-8a1c", [2, 0], None),   # UUIDs, a unique prefix, in that order
+    ("gpu-8A2D", [1], None),
+    ("2, 0", [2, 0], "mixed GPU models"),           # indices: NVML's, said to be ambiguous
+    ("0,7,1", [0], "'7' names no GPU"),             # CUDA stops at the first bad entry
+    ("GPU-8,1", [], "'GPU-8' names several"),
+    ("1,1,0", [1], "(a repeat)"),
+    ("MIG-5c3b,0", [], "'MIG-5c3b' names no GPU"),
+])
+def test_the_agents_own_cuda_visible_devices_is_read_as_cuda_reads_it(
+        spec: str, indices: list[int], said: str | None) -> None:
+    chosen, notes = visible_devices(spec, MIXED)
+    assert [d.index for d in chosen] == indices
+    assert (said is None and notes == []) or any(said in n for n in notes), notes
+
+
+def test_indices_on_a_node_of_one_model_or_in_pci_order_are_not_ambiguous() -> None:
+    same = [MIXED[0], MIXED[2]]
+    assert visible_devices("2,0", same) == ([MIXED[2], MIXED[0]], [])
+    assert visible_devices("1", MIXED, "PCI_BUS_ID") == ([MIXED[1]], [])
