@@ -105,7 +105,36 @@ def _pick_device(wanted: Any) -> tuple[torch.device, Literal["cuda", "cpu"], lis
     reason = cpu_reason()
     if wanted == "cuda":
         raise JobFailed("no_capacity", f"the payload asked for CUDA but {reason}")
+    given = gpus_given()
+    if given:
+        # The agent gave this job GPUs (and bills their time): the CPU in their place
+        # would be a silent, many times slower run. A node fault, said as one.
+        raise JobFailed("gpu_unavailable", f"this job was given GPU(s) {','.join(given)} but "
+                        f"{reason}{cuda_init_error()}; on the node: `miner-agent doctor`, and "
+                        "a CUDA build of torch")
     return torch.device("cpu"), "cpu", ["cpu"], reason
+
+
+def gpus_given() -> list[str]:
+    """The devices CUDA_VISIBLE_DEVICES names, up to an entry that names none."""
+    given: list[str] = []
+    for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","):
+        entry = entry.strip()
+        if entry in ("", "-1", "none", "NoDevFiles"):
+            break
+        given.append(entry)
+    return given
+
+
+def cuda_init_error() -> str:
+    """What CUDA's initialisation says when it fails (torch's own words), or ""."""
+    if torch.version.cuda is None:
+        return ""
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - only its words are wanted
+        return f" (CUDA says: {str(exc).strip()[:300]})"
+    return ""
 
 
 def cpu_reason() -> str:

@@ -53,6 +53,23 @@ def test_cpu_fallback_says_why_in_an_event_and_the_metrics(tmp_path, monkeypatch
     assert "running on CPU" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not NO_CUDA, reason="needs a node where CUDA cannot start")
+@pytest.mark.parametrize("visible", ["GPU-8a1c0000-aaaa", "0,1"])
+def test_a_job_given_a_gpu_it_cannot_use_fails_rather_than_run_on_the_cpu(
+        tmp_path, monkeypatch, visible):
+    # Given a job the agent gave GPUs to, in a process where CUDA cannot start
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    ctx, _ = make_ctx(tmp_path)
+    # When it asks for the best device there is, Then it fails as a node fault, saying
+    # which GPUs and why, instead of running many times slower on the CPU
+    with pytest.raises(JobFailed) as failed:
+        dev.select_device(ctx, {"device": "auto"})
+    assert failed.value.code == "gpu_unavailable"
+    assert visible in str(failed.value) and dev.cpu_reason() in str(failed.value)
+    # and asking for the CPU outright still runs there
+    assert dev.select_device(ctx, {"device": "cpu"}).kind == "cpu"
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="checks the CPU fallback")
 def test_cpu_precisions(tmp_path):
     ctx, _ = make_ctx(tmp_path)
