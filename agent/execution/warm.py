@@ -146,7 +146,7 @@ class WarmPool:
                             exc.strerror or exc)
         self.settings.root.mkdir(parents=True, exist_ok=True)
         return Worker(key, self.settings, env, cfg.sandbox, cgroup,
-                      run_kwargs.get("gpu_devices") if key != "cpu" else None)
+                      run_kwargs.get("gpu_devices") if key != "cpu" else [])
 
     def guard(self, launcher: Launcher, gpu_indices: tuple[int, ...] | list[int]) -> Launcher:
         """``launcher``, making the warm workers on these GPUs go before each launch."""

@@ -21,6 +21,7 @@ from agent.errors import CancelReason, Outcome
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun
 from agent.execution.launcher import LaunchRequest, SpawnLauncher
 from agent.execution.warm import WarmPool, WarmRun, WarmSettings
+from agent.execution.warmworker import only_gpus
 from agent.jobs import Job
 from tests.runtimes.test_inference import tiny_tokenizer
 
@@ -322,3 +323,23 @@ def test_on_a_gpu_the_worker_keeps_the_model_in_vram_and_lets_go_for_another_job
     assert metrics(warm)["peak_cuda_allocated_mb"] > 0
     # And the worker was gone (its CUDA context with it) once another job needed the GPU
     assert not alive
+
+
+def test_the_cpu_worker_keeps_no_gpu_device_node_and_a_gpu_worker_only_its_own(
+        tmp_path: Path) -> None:
+    # Given a node's warm pool, and the sandbox's command line on a node of two GPUs
+    node = Node(tmp_path, {})
+    node.run_for(job("c"))  # a CPU job: the CPU worker (made, not started)
+    node.pool.run_for(job("g"), node.cfg, (1,), gpu_ids=["GPU-1"], environ=dict(os.environ),
+                      created_at=time.time(), gpu_devices=["/dev/nvidia1"])
+    argv = ["bwrap", "--dev-bind", "/dev/nvidia0", "/dev/nvidia0", "--dev-bind",
+            "/dev/nvidia1", "/dev/nvidia1", "--dev-bind", "/dev/nvidiactl", "/dev/nvidiactl",
+            "--dev-bind", "/dev/nvidia-uvm", "/dev/nvidia-uvm", "--", "python"]
+
+    def bound(worker: str) -> list[str]:
+        kept = only_gpus(argv, node.pool.workers[worker].gpu_devices)
+        return [kept[i + 1] for i, a in enumerate(kept) if a == "--dev-bind"]
+
+    # Then the CPU worker sees no GPU, the GPU 1 worker only GPU 1 (control nodes stay)
+    assert bound("cpu") == ["/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert bound("gpu1") == ["/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
