@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -77,6 +78,33 @@ def check_nvml(tel: Telemetry) -> Check:
                      "check the lost GPU with nvidia-smi -q; the agent runs without it")
     return Check("nvidia driver", "OK", f"{len(gpus)} GPU(s): {names}; driver "
                  f"{gpus[0].driver_version}, CUDA {gpus[0].cuda_driver_version}")
+
+
+NVIDIA_NODES = ("nvidiactl", "nvidia-uvm")  # every CUDA process opens both
+
+
+def check_device_nodes(gpu_count: int, dev: str = "/dev") -> Check:
+    """The device nodes CUDA opens beside a GPU's own, present before anything here
+    uses CUDA: the sandbox binds only nodes that exist when the agent starts it, and
+    the unit's NoNewPrivileges= keeps a job's CUDA from running the setuid
+    nvidia-modprobe that would create /dev/nvidia-uvm on first use."""
+    if gpu_count == 0:
+        return Check("nvidia devices", "OK", "no GPU: none needed")
+    missing = []
+    for name in NVIDIA_NODES:
+        try:
+            if not stat.S_ISCHR(os.stat(os.path.join(dev, name)).st_mode):
+                missing.append(name)
+        except OSError:
+            missing.append(name)
+    if missing:
+        return Check("nvidia devices", "FAIL",
+                     "missing: " + ", ".join(f"{dev}/{n}" for n in missing) + "; every "
+                     "sandboxed job would fail with gpu_unavailable",
+                     "as root: nvidia-modprobe -u -c=0 (loads nvidia-uvm, creates the nodes); "
+                     "for every boot, add nvidia-uvm to /etc/modules-load.d/ with a udev "
+                     "rule or unit that runs that command, then restart the agent")
+    return Check("nvidia devices", "OK", ", ".join(f"{dev}/{n}" for n in NVIDIA_NODES))
 
 
 def probe_torch(python: str = sys.executable, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -319,7 +347,9 @@ def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
     """Every check, in the order an operator fixes things."""
     tel = telemetry or Telemetry()
     try:
-        checks = [check_nvml(tel), check_torch(probe_torch(python), len(tel.inventory()))]
+        # The nodes before the probe: its CUDA start could create /dev/nvidia-uvm itself
+        checks = [check_nvml(tel), check_device_nodes(len(tel.inventory()))]
+        checks.append(check_torch(probe_torch(python), len(tel.inventory())))
         checks += check_gpu_memory(tel.sample())
     finally:
         if telemetry is None:

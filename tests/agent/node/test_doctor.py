@@ -157,6 +157,22 @@ def test_torch_verdicts() -> None:
     assert doctor.check_torch(partial, gpu_count=2).status == "WARN"
 
 
+def test_device_nodes_cuda_opens_must_exist_on_a_gpu_node(tmp_path: Path) -> None:
+    # Given a /dev with the control node but not nvidia-uvm (a module nobody loaded)
+    (tmp_path / "nvidiactl").symlink_to("/dev/null")  # a character device
+    missing = doctor.check_device_nodes(2, str(tmp_path))
+    assert missing.status == "FAIL" and f"{tmp_path}/nvidia-uvm" in missing.detail
+    assert "nvidia-modprobe -u" in missing.fix
+    # A regular file where the node should be is no device either
+    (tmp_path / "nvidia-uvm").write_text("")
+    assert doctor.check_device_nodes(2, str(tmp_path)).status == "FAIL"
+    # When both are character devices, Then all is well; and a CPU node needs none
+    (tmp_path / "nvidia-uvm").unlink()
+    (tmp_path / "nvidia-uvm").symlink_to("/dev/null")
+    assert doctor.check_device_nodes(2, str(tmp_path)).status == "OK"
+    assert doctor.check_device_nodes(0, str(tmp_path / "absent")).status == "OK"
+
+
 def test_gpu_memory_verdicts() -> None:
     sample = {"gpus": [{"index": 0, "mem_used_mb": 500, "mem_total_mb": 81559},
                        {"index": 1, "mem_used_mb": 40000, "mem_total_mb": 81559},
