@@ -39,7 +39,7 @@ EMBEDDED_KEYS = "embedded.json"
 DISK_FAIL_GB = 1.0
 DISK_WARN_GB = 10.0  # the cache holds model weights: a few GiB each
 GPU_BUSY_FRACTION = 0.10  # memory held by someone else beyond this leaves jobs short
-TORCH_CUDA_WHEEL = "pip install torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_CUDA_WHEEL = "pip install torch --index-url https://download.pytorch.org/whl/cu128"
 
 _TORCH_PROBE = (
     "import json, torch\n"
