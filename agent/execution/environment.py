@@ -52,6 +52,10 @@ def job_environ(source: Mapping[str, str], contract: Mapping[str, str],
     env.update(contract)
     if gpu_ids is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        if any(i.strip().isdigit() for i in gpu_ids):
+            # Indices are NVML's and nvidia-smi's (PCI bus order); CUDA's own default
+            # is fastest first, another GPU on a node of mixed models. UUIDs need none.
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     elif "CUDA_VISIBLE_DEVICES" in source:
         env["CUDA_VISIBLE_DEVICES"] = source["CUDA_VISIBLE_DEVICES"]
     env.setdefault("PYTHONHASHSEED", "0")

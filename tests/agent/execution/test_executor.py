@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.errors import CancelReason, Outcome
 from agent.execution.executor import JobRun
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
@@ -207,6 +209,22 @@ print(json.dumps({"env": dict(os.environ), "pgid": os.getpgid(0), "pid": os.getp
     assert seen["env"]["MINER_JOB_ID"] == "t1"
     assert seen["sid"] != os.getsid(0)
     assert not Path(seen["cwd"]).is_relative_to(out / "job_t1")
+
+
+@pytest.mark.parametrize(("gpu_ids", "order"), [
+    (["1", "0"], "PCI_BUS_ID"),  # NVML's indices: CUDA must count as NVML does
+    (["GPU-8a1c0000-aaaa"], None),  # a UUID means one GPU whatever the order
+])
+def test_gpu_indices_come_with_nvmls_order_and_uuids_without(
+        out: Path, gpu_ids: list[str], order: str | None) -> None:
+    script = "import json, os; print(json.dumps(dict(os.environ)))"
+    environ = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_ORDER"}
+    report = run(make_job({"type": "command", "argv": [PY, "-c", script]}), out,
+                 environ=environ, gpu_ids=gpu_ids)
+    assert report.outcome == Outcome.COMPLETED
+    seen = json.loads((out / "job_t1/logs/stdout.log").read_text())
+    assert seen["CUDA_VISIBLE_DEVICES"] == ",".join(gpu_ids)
+    assert seen.get("CUDA_DEVICE_ORDER") == order
 
 
 def test_symlinks_out_of_the_folder_are_never_packaged(out: Path, tmp_path: Path) -> None:
