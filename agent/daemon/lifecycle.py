@@ -450,8 +450,14 @@ class Agent:
 
     def _make_scheduler(self) -> Scheduler:
         inventory = self.telemetry.inventory()
+        for g in inventory:
+            if g.mig:
+                log.warning("gpu %d (%s) is in MIG mode: left out, as this agent gives jobs "
+                            "whole GPUs (turn MIG off: nvidia-smi -i %d -mig 0)",
+                            g.index, g.name, g.index)
         devices = [Device(g.index, g.name, g.memory_total_mb, g.uuid, g.minor)
-                   for g in inventory if self.cfg.gpus is None or g.index in self.cfg.gpus]
+                   for g in inventory if not g.mig
+                   and (self.cfg.gpus is None or g.index in self.cfg.gpus)]
         spec = os.environ.get("CUDA_VISIBLE_DEVICES")
         if spec is not None and self.cfg.gpus is None:
             # The agent's own CUDA_VISIBLE_DEVICES narrows the GPUs it gives jobs (NVML

@@ -76,6 +76,12 @@ def check_nvml(tel: Telemetry) -> Check:
                      f"{len(tel.lost)} do not: " + "; ".join(
                          f"gpu {g['index']}: {g['error']}" for g in tel.lost),
                      "check the lost GPU with nvidia-smi -q; the agent runs without it")
+    mig = [g.index for g in gpus if g.mig]
+    if mig:
+        return Check("nvidia driver", "WARN", f"{len(gpus)} GPU(s) ({names}); MIG mode on "
+                     f"for gpu {', '.join(map(str, mig))}: the agent gives jobs whole GPUs "
+                     "and leaves those out",
+                     "nvidia-smi -i N -mig 0 (then reset the GPU or reboot) to use them")
     return Check("nvidia driver", "OK", f"{len(gpus)} GPU(s): {names}; driver "
                  f"{gpus[0].driver_version}, CUDA {gpus[0].cuda_driver_version}")
 

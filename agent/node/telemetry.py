@@ -70,6 +70,7 @@ class GpuInfo:
     driver_version: str
     cuda_driver_version: str | None
     minor: int | None = None  # /dev/nvidia<minor>: the device node a job's sandbox binds
+    mig: bool = False  # MIG mode on: CUDA sees its instances, not the GPU (never scheduled)
 
 
 def decode_throttle_reasons(mask: int | None) -> list[str] | None:
@@ -187,7 +188,14 @@ class Telemetry:
             cuda_driver_version=cuda_version_string(
                 self._field(nvml.nvmlSystemGetCudaDriverVersion)),
             minor=self._field(nvml.nvmlDeviceGetMinorNumber, handle),
+            mig=self._mig_enabled(handle),
         )
+
+    def _mig_enabled(self, handle: Any) -> bool:
+        """MIG mode is on now (NVML's current mode; bindings without MIG say no)."""
+        get = getattr(self._nvml, "nvmlDeviceGetMigMode", None)
+        modes: Any = self._field(get, handle) if get is not None else None
+        return bool(modes) and modes[0] == getattr(self._nvml, "NVML_DEVICE_MIG_ENABLE", 1)
 
     @property
     def has_gpus(self) -> bool:

@@ -1,4 +1,5 @@
-"""The agent's own CUDA_VISIBLE_DEVICES narrows the GPUs it gives jobs (NVML ignores it)."""
+"""Which GPUs the agent gives jobs: its own CUDA_VISIBLE_DEVICES (NVML ignores it), and
+never one in MIG mode."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+import pynvml
 import pytest
 
 import agent.node.telemetry as telemetry
 from agent.config import load_config
 from agent.daemon.lifecycle import Agent
+from agent.node.doctor import check_nvml
 from tests.agent.daemon.helpers import MINER_KEY
 from tests.agent.node.test_telemetry import BrokenNvml, FakeNvml
 
@@ -85,5 +88,34 @@ def test_a_broken_driver_stops_the_agent_unless_it_was_told_to_use_no_gpu(
         # Then the agent refuses to start, unless its environment names no GPU at all
         assert agent.telemetry.failure is not None
         assert agent._cpu_only_on_purpose is not stops
+    finally:
+        close(agent)
+
+
+class MigOnGpu0(FakeNvml):
+    """GPU 0 (an H100) in MIG mode; GPU 1, a consumer card, has no MIG at all."""
+
+    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def nvmlDeviceGetMigMode(self, h: int) -> tuple[int, int]:
+        self._check(h, supported_on=(0,))
+        return (pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE)
+
+
+def test_a_gpu_in_mig_mode_is_never_given_to_a_job_and_doctor_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Given a node whose GPU 0 is split into MIG instances (CUDA would not see it whole)
+    monkeypatch.setitem(sys.modules, "pynvml", MigOnGpu0())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    caplog.set_level(logging.INFO, "agent")
+    agent = make_agent(tmp_path)
+    try:
+        # Then telemetry still reports it, but jobs get only GPU 1, and the log says why
+        assert [g.mig for g in agent.telemetry.inventory()] == [True, False]
+        assert [d.uuid for d in agent.scheduler.devices] == ["GPU-00000001"]
+        assert "gpu 0 (NVIDIA H100 80GB HBM3) is in MIG mode: left out" in caplog.text
+        verdict = check_nvml(agent.telemetry)
+        assert verdict.status == "WARN" and "MIG mode on for gpu 0" in verdict.detail
     finally:
         close(agent)
