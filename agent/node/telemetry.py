@@ -208,12 +208,14 @@ class Telemetry:
         None when NVML cannot say (no NVML, an unknown index, an error). Blocking:
         call it off the event loop.
         """
+        nvml = self._nvml  # None once closed (a sampler thread may still ask)
         for info, handle in zip(self._inventory, self._handles, strict=True):
-            if info.index != index:
+            if info.index != index or nvml is None:
                 continue
             try:
-                procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            except self._nvml.NVMLError:
+                procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception:  # noqa: BLE001 - NVMLError, or the binding's
+                # NVMLLibraryMismatchError (a plain Exception) on a driver without the v3 call
                 return None
             return [int(p.pid) for p in procs]
         return None

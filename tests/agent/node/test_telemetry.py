@@ -236,3 +236,19 @@ def test_compute_pids_per_gpu_and_none_when_nvml_cannot_say() -> None:
     assert tel.compute_pids(7) is None  # no such GPU
     nvml.lost.add(1)
     assert tel.compute_pids(1) is None
+
+
+class NoV3Call(FakeNvml):
+    """A driver older than the binding's process call: pynvml raises a plain Exception."""
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[Any]:
+        raise pynvml.NVMLLibraryMismatchError("Unversioned function called and the "
+                                              "pyNVML version does not match the NVML lib")
+
+
+def test_compute_pids_says_none_for_a_binding_the_driver_is_too_old_for_or_once_closed() -> None:
+    tel = Telemetry(nvml=NoV3Call(), driver_present=True)
+    assert tel.compute_pids(0) is None
+    tel = Telemetry(nvml=FakeNvml(), driver_present=True)
+    tel.close()
+    assert tel.compute_pids(0) is None
