@@ -305,8 +305,8 @@ def check_job(c: Checks, name: str, report: JobReport, opts: Options,
     if precision and opts.cuda:
         c(figures["precision"] == precision, f"{name}: precision {figures['precision']}")
     if figures["environment_device"] is None:
-        c.note("output.json environment.device is null (the executor reads the device "
-               "event's 'summary' key; the runtime sends its fields flat): read metrics.device")
+        c.note("output.json environment.device is null although the runtime sent a "
+               "device event (executor.py reads its flat fields): a regression to look at")
     return figures
 
 
@@ -623,8 +623,8 @@ def _check_daemon_output(c: Checks, output: dict[str, Any], opts: Options) -> No
         c(device.get("kind") == "cuda", f"the job ran on {device.get('kind')} "
                                         f"({device.get('names')}, {device.get('reason')})")
     if env.get("device") is None:
-        c.note("output.json environment.device is null (the executor reads the device "
-               "event's 'summary' key; the runtime sends its fields flat): read metrics.device")
+        c.note("output.json environment.device is null although the runtime sent a "
+               "device event (executor.py reads its flat fields): a regression to look at")
     c.headline = (f"{c.figures['device']} via CUDA_VISIBLE_DEVICES={visible}, "
                   f"{c.figures['submit_to_end_s']} s submit to end")
 
@@ -733,8 +733,8 @@ def step_ddp(opts: Options, c: Checks) -> int | None:
         stderr = log_path(report.folder, "stderr") if report.folder else None
         text = stderr.read_text(errors="replace") if stderr and stderr.is_file() else ""
         if re.search(r"\(job, \d+\)|host job:", text):
-            c.note(f"ddp_sandbox_{mode}: torchrun --standalone waits on the jail's hostname "
-                   "'job', which does not resolve (runtimes/jail.py sets it)")
+            c.note(f"ddp_sandbox_{mode}: torchrun --standalone waited on the jail's hostname, "
+                   "which runtimes/jail.py writes to /etc/hosts: a regression to look at")
     c.headline = f"2 ranks {backend}: " + ", ".join(heads)
     return None
 
