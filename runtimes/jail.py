@@ -287,7 +287,15 @@ def _mount_point(path: str, directory: bool) -> None:
 
 
 def _hide_gpus(allowed: set[str]) -> None:
-    """Unmount the bound NVIDIA device nodes of other jobs' GPUs (control nodes stay)."""
+    """Remove the NVIDIA device nodes of other jobs' GPUs (control nodes stay).
+
+    Each is a bind over an empty file bubblewrap made in the sandbox's /dev: unmounted,
+    the file would stay, and a CUDA or NVML that opens ``/dev/nvidiaN`` for every GPU
+    the driver lists would meet a regular file (an ioctl error) where a missing node is
+    simply skipped, as in containers. So the files go too, /dev made writable for that
+    moment in this job's own mount namespace.
+    """
+    hidden = []
     for name in os.listdir("/dev"):
         path = f"/dev/{name}"
         if name.startswith("nvidia") and name[6:].isdigit() and path not in allowed:
@@ -296,6 +304,29 @@ def _hide_gpus(allowed: set[str]) -> None:
             except JailError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: not a mount point, nothing bound
                     raise
+            hidden.append(path)
+    if hidden:
+        _with_writable("/dev", lambda: _unlink_all(hidden))
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        os.unlink(path)
+
+
+def _with_writable(mount_point: str, change: Callable[[], object]) -> None:
+    """``change()`` with ``mount_point`` read-write, its other flags and mode kept."""
+    flags = os.statvfs(mount_point).f_flag
+    kept = MS_NOSUID * bool(flags & os.ST_NOSUID) | MS_NODEV * bool(flags & os.ST_NODEV) \
+        | MS_NOEXEC * bool(flags & os.ST_NOEXEC)
+    read_only = bool(flags & os.ST_RDONLY)
+    if read_only:
+        _mount(None, mount_point, None, MS_REMOUNT | kept)
+    try:
+        change()
+    finally:
+        if read_only:
+            _mount(None, mount_point, None, MS_REMOUNT | MS_RDONLY | kept)
 
 
 def _loopback_up() -> None:

@@ -29,8 +29,15 @@ if pid == 0:
     def look():
         seen = {}
         for name in ("nvidia0", "nvidia1", "nvidiactl"):
-            st = os.stat(f"/dev/{name}")
+            try:
+                st = os.stat(f"/dev/{name}")
+            except FileNotFoundError:
+                seen[name] = "gone"
+                continue
             seen[name] = "char" if stat.S_ISCHR(st.st_mode) else "file"
+        with open("/proc/self/mountinfo") as f:
+            seen["dev_ro"] = any(l.split()[4] == "/dev" and "ro" in l.split()[5].split(",")
+                                 for l in f)
         caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")]
         nnp = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")]
         try:
@@ -68,7 +75,8 @@ def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
     seen = json.loads(done.stdout)
     # Then it keeps its GPU and the control node, not the other GPU
     assert seen["nvidia1"] == "char" and seen["nvidiactl"] == "char"
-    assert seen["nvidia0"] == "file"
+    assert seen["nvidia0"] == "gone"  # no placeholder file left where the node was
+    assert seen["dev_ro"] is True  # and /dev is read-only again
     # and it is PID 1, with no capability at all and no new privileges
     assert seen["pid"] == 1
     assert set(seen["caps"]) == {"0000000000000000"}, seen["caps"]
