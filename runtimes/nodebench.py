@@ -268,7 +268,11 @@ def describe(device: torch.device) -> Result:
     """Name, memory and capability of ``device`` (the CPU's model name on CPU)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        uuid = str(getattr(props, "uuid", "") or "")  # as NVML and nvidia-smi name the GPU
+        if uuid and not uuid.startswith(("GPU-", "MIG-")):
+            uuid = f"GPU-{uuid}"
         return {"device": str(device), "kind": "cuda", "name": props.name,
+                "uuid": uuid or None,
                 "memory_mb": props.total_memory // (1024 * 1024),
                 "capability": f"{props.major}.{props.minor}"}
     name = "cpu"

@@ -266,7 +266,10 @@ def _child_env() -> dict[str, str]:
     # The child must import runtimes/ from the same tree as this agent/, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    # `--device cuda:N` means nvidia-smi's GPU N (PCI bus order), not CUDA's fastest-first N
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return env
 
 
 def run_bench(quick: bool, device: str, progress: ProgressBar | None,

@@ -314,3 +314,12 @@ def test_the_last_gpu_is_measured_on_itself_not_on_gpu_0() -> None:
     assert torch.cuda.max_memory_allocated(0) == 0
     assert torch.cuda.current_device() == 0
     assert 0.5 < out["gbs"] / first["gbs"] < 2
+
+
+def test_the_bench_child_counts_gpus_as_nvidia_smi_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--device cuda:1` is nvidia-smi's GPU 1: CUDA must count by PCI bus, not speed
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert bench._child_env()["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # unless the operator chose an order
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert bench._child_env()["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
