@@ -21,7 +21,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,11 +115,15 @@ def check_device_nodes(gpu_count: int, dev: str = "/dev") -> Check:
     return Check("nvidia devices", "OK", ", ".join(f"{dev}/{n}" for n in NVIDIA_NODES))
 
 
-def probe_torch(python: str = sys.executable, timeout_s: float = 120.0) -> dict[str, Any]:
-    """What torch sees, asked in a child process; ``{"error": ...}`` when it cannot say."""
+def probe_torch(python: str = sys.executable, timeout_s: float = 120.0,
+                wrap: Callable[[list[str]], list[str]] | None = None,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What torch sees, asked in a child process (``wrap``: its command line inside
+    something, the job sandbox); ``{"error": ...}`` when it cannot say."""
+    argv = [python, "-c", _TORCH_PROBE]
     try:
-        out = subprocess.run([python, "-c", _TORCH_PROBE], capture_output=True, text=True,
-                             timeout=timeout_s)
+        out = subprocess.run(wrap(argv) if wrap else argv, capture_output=True, text=True,
+                             timeout=timeout_s, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"error": str(exc)}
     if out.returncode != 0:
@@ -147,6 +153,44 @@ def check_torch(probe: dict[str, Any], gpu_count: int) -> Check:
                      "check CUDA_VISIBLE_DEVICES and the unit's DeviceAllow= lines")
     return Check("torch", "OK", f"torch {version}, CUDA {probe['cuda_build']}, "
                  f"{probe['count']} device(s)")
+
+
+def probe_torch_in_sandbox(python: str = sys.executable,
+                           timeout_s: float = 120.0) -> dict[str, Any] | None:
+    """The torch probe as a job would run it: inside the node's job sandbox (every GPU
+    device node bound, the driver's libraries where they live) with a job's scrubbed
+    environment. None where there is no bubblewrap to run it in."""
+    from agent.execution.environment import scrubbed_environ
+    from agent.execution.sandbox import SandboxPolicy, find_bwrap
+
+    bwrap = find_bwrap()
+    if bwrap is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="miner-doctor-") as tmp:
+        jobs, work = Path(tmp, "jobs"), Path(tmp, "work")
+        jobs.mkdir()
+        work.mkdir()
+        policy = SandboxPolicy(jobs_root=jobs, work_root=work, bwrap=bwrap)
+        return probe_torch(python, timeout_s, wrap=policy.argv,
+                           env=scrubbed_environ(os.environ))
+
+
+def check_torch_in_sandbox(inside: dict[str, Any], outside: dict[str, Any],
+                           gpu_count: int) -> Check:
+    """A job's torch, in the sandbox, sees what the agent's sees outside it."""
+    name = "torch in sandbox"
+    if "error" in inside:
+        return Check(name, "FAIL", f"torch does not start in the job sandbox: {inside['error']}",
+                     "every torch job would fail: run `miner-agent exec examples/train-job.json`"
+                     " for the whole error, and check what the sandbox hides (docs/security.md)")
+    if gpu_count and outside.get("available") and inside["count"] != outside.get("count"):
+        return Check(name, "FAIL", f"torch in the job sandbox sees {inside['count']} CUDA "
+                     f"device(s), {outside.get('count')} outside it: GPU jobs would fail "
+                     "with gpu_unavailable",
+                     "check the 'nvidia devices' line above, and that the driver's libraries "
+                     "(libcuda.so.1) are not under a path the sandbox hides")
+    seen = f"{inside['count']} CUDA device(s)" if gpu_count else "no GPU on this node"
+    return Check(name, "OK", f"torch {inside['torch']} starts in the job sandbox; {seen}")
 
 
 def check_gpu_memory(sample: dict[str, Any]) -> list[Check]:
@@ -353,9 +397,15 @@ def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
     """Every check, in the order an operator fixes things."""
     tel = telemetry or Telemetry()
     try:
-        # The nodes before the probe: its CUDA start could create /dev/nvidia-uvm itself
-        checks = [check_nvml(tel), check_device_nodes(len(tel.inventory()))]
-        checks.append(check_torch(probe_torch(python), len(tel.inventory())))
+        # The nodes before the probes: a CUDA start could create /dev/nvidia-uvm itself
+        gpus = len(tel.inventory())
+        checks = [check_nvml(tel), check_device_nodes(gpus)]
+        outside = probe_torch(python)
+        checks.append(check_torch(outside, gpus))
+        if getattr(cfg, "sandbox", "on") == "on" and "error" not in outside:
+            inside = probe_torch_in_sandbox(python)
+            if inside is not None:
+                checks.append(check_torch_in_sandbox(inside, outside, gpus))
         checks += check_gpu_memory(tel.sample())
     finally:
         if telemetry is None:

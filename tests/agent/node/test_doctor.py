@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +18,7 @@ import httpx
 import pytest
 
 from agent.commands import node
+from agent.execution.sandbox import find_bwrap
 from agent.node import doctor
 from agent.node.doctor import Check
 
@@ -84,6 +87,10 @@ def test_full_run_on_this_cpu_node(tmp_path: Path, coordinator: str) -> None:
     # Then the missing driver is a warning, torch (in a child) is fine, and the key works
     assert by["nvidia driver"].status == "WARN" and by["nvidia driver"].fix
     assert by["torch"].status == "OK" and "no GPU" in by["torch"].detail
+    # and torch starts inside the job sandbox too (asked there, where bubblewrap is)
+    if find_bwrap():
+        assert by["torch in sandbox"].status == "OK", by["torch in sandbox"]
+        assert "starts in the job sandbox; no GPU" in by["torch in sandbox"].detail
     assert by["config"].status == "OK"
     assert by["credential"].status == "OK"
     assert by["coordinator"].status == "OK"
@@ -171,6 +178,32 @@ def test_device_nodes_cuda_opens_must_exist_on_a_gpu_node(tmp_path: Path) -> Non
     (tmp_path / "nvidia-uvm").symlink_to("/dev/null")
     assert doctor.check_device_nodes(2, str(tmp_path)).status == "OK"
     assert doctor.check_device_nodes(0, str(tmp_path / "absent")).status == "OK"
+
+
+@pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
+def test_a_torch_the_sandbox_cannot_start_fails(tmp_path: Path) -> None:
+    # Given the agent's environment at a path jobs never see (the sandbox's /tmp is its own)
+    venv = Path(tempfile.mkdtemp(dir="/tmp")) / "venv"
+    venv.symlink_to(Path(sys.prefix))
+    python = venv / "bin" / Path(sys.executable).name
+    try:
+        outside = doctor.probe_torch(str(python))
+        inside = doctor.probe_torch_in_sandbox(str(python))
+    finally:
+        venv.unlink()
+        venv.parent.rmdir()
+    # Then torch starts outside but not inside, and the verdict says so, with what to do
+    assert "error" not in outside and inside is not None and "error" in inside
+    verdict = doctor.check_torch_in_sandbox(inside, outside, 0)
+    assert verdict.status == "FAIL" and "miner-agent exec" in verdict.fix
+
+
+def test_sandboxed_torch_must_see_the_gpus_torch_sees_outside() -> None:
+    outside = {"torch": "2.13.0", "cuda_build": "12.8", "available": True, "count": 2}
+    blind = {**outside, "available": False, "count": 0}
+    verdict = doctor.check_torch_in_sandbox(blind, outside, gpu_count=2)
+    assert verdict.status == "FAIL" and "sees 0 CUDA device(s), 2 outside" in verdict.detail
+    assert doctor.check_torch_in_sandbox(outside, outside, gpu_count=2).status == "OK"
 
 
 def test_gpu_memory_verdicts() -> None:
