@@ -166,7 +166,7 @@ pystep() {  # pystep ID NAME LIMIT_S STEP [ARGS...]: a step of benchmarks/gpu_sm
         --work "$WORK/$id" --limit-s "{limit}" --device "$DEVICE" "$@"
 }
 
-# Step 4 runs in the background while steps that measure nothing run (2a, 5, 6); the
+# Step 4 runs in the background while steps that measure nothing run (2a, 5, 6, 1b); the
 # steps that measure device memory or speed (7, 3, 9) run after it, alone.
 suite_start() {
     NAMES[4]="the test suite on this GPU node (all but gpu-marked)"
@@ -204,7 +204,7 @@ summary() {
     printf '\n===== summary =====\n'
     {
         printf '%-4s %-5s %5s  %-58s %s\n' step result secs name figure
-        for id in 1 2a 2b 3 4 5 6 7 8 9; do
+        for id in 1 1b 2a 2b 3 4 5 6 7 8 9; do
             [[ -n "${RESULT[$id]:-}" ]] || continue
             printf '%-4s %-5s %5s  %-58.58s %s\n' "$id" "${RESULT[$id]}" "${SECS[$id]}" \
                 "${NAMES[$id]}" "${DETAIL[$id]}"
@@ -224,6 +224,7 @@ suite_start
 pystep 2a "fork server never initialises CUDA (sandbox on)" 150 forkserver --sandbox on
 pystep 5 "batch inference on CUDA" 90 inference
 pystep 6 "daemon + submit: coordinator constraints land on the GPU" 150 daemon
+pystep 1b "doctor: device nodes, torch in and out of the job sandbox" 40 doctor
 suite_wait
 pystep 7 "cancel frees VRAM" 120 cancel
 pystep 9 "bench --quick: bf16 matmul, memory copy vs spec" $((60 + 40 * NGPU)) bench

@@ -870,8 +870,39 @@ def merge_figures(out: Path) -> dict[str, Any]:
     return merged
 
 
+# -- 1b. doctor -------------------------------------------------------------------------------
+
+def step_doctor(opts: Options, c: Checks) -> int | None:
+    """doctor's GPU checks: driver, device nodes, torch outside and inside the job sandbox."""
+    from agent.node import doctor
+    from agent.node.telemetry import Telemetry
+
+    tel = Telemetry()
+    try:
+        gpus = len(tel.inventory())
+        found = [doctor.check_nvml(tel), doctor.check_device_nodes(gpus)]
+    finally:
+        tel.close()
+    outside = doctor.probe_torch(timeout_s=opts.limit_s / 2)
+    found.append(doctor.check_torch(outside, gpus))
+    if opts.sandbox == "on" and "error" not in outside:
+        inside = doctor.probe_torch_in_sandbox(timeout_s=opts.limit_s / 2)
+        c(inside is not None, "bubblewrap found for the sandboxed torch probe")
+        if inside is not None:
+            found.append(doctor.check_torch_in_sandbox(inside, outside, gpus))
+    for check in found:
+        # Without a GPU (the harness tried on a CPU machine) "no GPU" warnings are right
+        ok = check.status == "OK" or (not opts.cuda and check.status == "WARN")
+        fix = f" -> {check.fix}" if check.fix and check.status != "OK" else ""
+        c(ok, f"doctor {check.name}: {check.status} {check.detail}{fix}")
+    c.figures.update(doctor={check.name: [check.status, check.detail] for check in found})
+    c.headline = ", ".join(f"{check.name} {check.status}" for check in found)
+    return None
+
+
 STEPS: dict[str, Callable[[Options, Checks], int | None]] = {
-    "nvml": step_nvml, "forkserver": step_forkserver, "gputests": step_gputests,
+    "nvml": step_nvml, "doctor": step_doctor, "forkserver": step_forkserver,
+    "gputests": step_gputests,
     "suite": step_suite, "inference": step_inference, "daemon": step_daemon,
     "cancel": step_cancel, "ddp": step_ddp, "bench": step_bench}
 

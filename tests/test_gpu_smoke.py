@@ -24,6 +24,7 @@ from benchmarks.gpu_smoke_steps import (
     _coordinator_constraints,
     check_bench,
     merge_figures,
+    step_doctor,
     step_nvml,
 )
 from tests.agent.node.test_telemetry import FakeNvml
@@ -218,6 +219,21 @@ def test_a_skip_for_want_of_a_second_gpu_is_told_apart() -> None:
     log = ("SKIPPED [1] tests/agent/node/test_bench.py:301: needs two CUDA devices\n"
            "SKIPPED [2] tests/agent/execution/test_warm.py:301: needs a CUDA device\n")
     assert SKIP_LINE.findall(log) == ["1"]
+
+
+def test_doctor_step_runs_doctors_probes_and_a_gpu_run_wants_every_check_ok(
+        tmp_path: Path) -> None:
+    # On this CPU machine, tried as the harness allows: "no GPU" warnings are right
+    tried = Checks()
+    step_doctor(Options(tmp_path, tmp_path, "cpu", "on", 60), tried)
+    assert tried.failed == 0, tried.figures
+    assert tried.figures["doctor"]["torch"][0] == "OK"
+    if shutil.which("bwrap"):
+        assert tried.figures["doctor"]["torch in sandbox"][0] == "OK"
+    # but a run that claims CUDA fails on the same answers
+    on_gpu = Checks()
+    step_doctor(Options(tmp_path, tmp_path, "cuda", "on", 60), on_gpu)
+    assert on_gpu.failed >= 1 and on_gpu.figures["doctor"]["nvidia driver"][0] == "WARN"
 
 
 def bench_result(bf16: float, mem: float) -> dict[str, Any]:
