@@ -328,10 +328,11 @@ class Agent:
                 progress_interval_s=self.cfg.progress_interval_s,
                 on_log_bytes=self.metrics.log_bytes_shipped)
             self.registered_at = time.time()
+            cpu_only = ("" if self.scheduler.devices else
+                        " (CPU-only: no GPU left to jobs)" if self.telemetry.has_gpus else
+                        " (CPU-only: no GPU found)")
             log.info("registered as %s with concurrency %d%s; extensions: %s",
-                     self.cfg.miner_id, self.scheduler.capacity,
-                     "" if self.scheduler.devices else " (CPU-only: no GPU found)"
-                     if not self.telemetry.has_gpus else " (CPU-only: no GPU left to jobs)",
+                     self.cfg.miner_id, self.scheduler.capacity, cpu_only,
                      self.session.caps.describe())
 
     def _session(self) -> Session:

@@ -61,12 +61,13 @@ def visible_devices(spec: str, devices: list[Device],
             found = [d for d in devices if d.index == int(entry)]
         else:
             found = [d for d in devices if d.uuid and d.uuid.lower().startswith(entry.lower())]
-        if len(found) != 1 or found[0] in chosen:
+        why = ("names several GPUs" if len(found) > 1 else
+               "names no GPU of this agent's" if not found else
+               "repeats an earlier entry" if found[0] in chosen else None)
+        if why is not None:
             if entry != "-1":
-                notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} names "
-                             f"{'several' if len(found) > 1 else 'no'} GPU of this agent's"
-                             f"{' (a repeat)' if found and found[0] in chosen else ''}: "
-                             "it and the entries after it are left out, as CUDA does")
+                notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} {why}: it and the "
+                             "entries after it are left out, as CUDA does")
             break
         chosen.append(found[0])
     if (any(e.strip().lstrip("+-").isdigit() for e in spec.split(",")) and chosen

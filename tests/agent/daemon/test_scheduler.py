@@ -147,8 +147,8 @@ MIXED = [Device(0, "NVIDIA H100 80GB HBM3", 81559, "GPU-8a1c0000-aaaa", 7),
     ("gpu-8A2D", [1], None),
     ("2, 0", [2, 0], "mixed GPU models"),           # indices: NVML's, said to be ambiguous
     ("0,7,1", [0], "'7' names no GPU"),             # CUDA stops at the first bad entry
-    ("GPU-8,1", [], "'GPU-8' names several"),
-    ("1,1,0", [1], "(a repeat)"),
+    ("GPU-8,1", [], "'GPU-8' names several GPUs"),
+    ("1,1,0", [1], "'1' repeats an earlier entry"),
     ("MIG-5c3b,0", [], "'MIG-5c3b' names no GPU"),
 ])
 def test_the_agents_own_cuda_visible_devices_is_read_as_cuda_reads_it(
