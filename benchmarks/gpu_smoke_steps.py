@@ -874,6 +874,7 @@ def merge_figures(out: Path) -> dict[str, Any]:
 
 def step_doctor(opts: Options, c: Checks) -> int | None:
     """doctor's GPU checks: driver, device nodes, torch outside and inside the job sandbox."""
+    from agent.commands.node import probe_torch_in_sandbox
     from agent.node import doctor
     from agent.node.telemetry import Telemetry
 
@@ -886,7 +887,7 @@ def step_doctor(opts: Options, c: Checks) -> int | None:
     outside = doctor.probe_torch(timeout_s=opts.limit_s / 2)
     found.append(doctor.check_torch(outside, gpus))
     if opts.sandbox == "on" and "error" not in outside:
-        inside = doctor.probe_torch_in_sandbox(timeout_s=opts.limit_s / 2)
+        inside = probe_torch_in_sandbox(timeout_s=opts.limit_s / 2)
         c(inside is not None, "bubblewrap found for the sandboxed torch probe")
         if inside is not None:
             found.append(doctor.check_torch_in_sandbox(inside, outside, gpus))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,33 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     """
     cfg = getattr(args, "agent_config", None) or doctor.load_for_doctor(
         args.config, getattr(args, "state_dir", None))
-    checks = doctor.run_checks(cfg, timeout_s=args.timeout_s)
+    checks = doctor.run_checks(cfg, timeout_s=args.timeout_s,
+                               sandbox_probe=probe_torch_in_sandbox)
     checks += sandbox_checks(getattr(cfg, "sandbox", "on"))
     out(doctor.format_checks(checks))
     failed = [c for c in checks if c.status == "FAIL"]
     out(f"\n{len(failed)} failed, {sum(c.status == 'WARN' for c in checks)} warnings")
     return int(ExitCode.FAILED) if failed else int(ExitCode.OK)
+
+
+def probe_torch_in_sandbox(python: str = sys.executable,
+                           timeout_s: float = 120.0) -> dict[str, Any] | None:
+    """doctor's torch probe as a job would run it: inside the node's job sandbox (every
+    GPU device node bound, the driver's libraries where they live) with a job's scrubbed
+    environment. None where there is no bubblewrap to run it in."""
+    from agent.execution.environment import scrubbed_environ
+    from agent.execution.sandbox import SandboxPolicy, find_bwrap
+
+    bwrap = find_bwrap()
+    if bwrap is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="miner-doctor-") as tmp:
+        jobs, work = Path(tmp, "jobs"), Path(tmp, "work")
+        jobs.mkdir()
+        work.mkdir()
+        policy = SandboxPolicy(jobs_root=jobs, work_root=work, bwrap=bwrap)
+        return doctor.probe_torch(python, timeout_s, wrap=policy.argv,
+                                  env=scrubbed_environ(os.environ))
 
 
 def sandbox_checks(mode: str) -> list[doctor.Check]:

@@ -21,7 +21,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,26 +152,6 @@ def check_torch(probe: dict[str, Any], gpu_count: int) -> Check:
                      "check CUDA_VISIBLE_DEVICES and the unit's DeviceAllow= lines")
     return Check("torch", "OK", f"torch {version}, CUDA {probe['cuda_build']}, "
                  f"{probe['count']} device(s)")
-
-
-def probe_torch_in_sandbox(python: str = sys.executable,
-                           timeout_s: float = 120.0) -> dict[str, Any] | None:
-    """The torch probe as a job would run it: inside the node's job sandbox (every GPU
-    device node bound, the driver's libraries where they live) with a job's scrubbed
-    environment. None where there is no bubblewrap to run it in."""
-    from agent.execution.environment import scrubbed_environ
-    from agent.execution.sandbox import SandboxPolicy, find_bwrap
-
-    bwrap = find_bwrap()
-    if bwrap is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="miner-doctor-") as tmp:
-        jobs, work = Path(tmp, "jobs"), Path(tmp, "work")
-        jobs.mkdir()
-        work.mkdir()
-        policy = SandboxPolicy(jobs_root=jobs, work_root=work, bwrap=bwrap)
-        return probe_torch(python, timeout_s, wrap=policy.argv,
-                           env=scrubbed_environ(os.environ))
 
 
 def check_torch_in_sandbox(inside: dict[str, Any], outside: dict[str, Any],
@@ -393,8 +372,12 @@ def check_key(client: httpx.Client, url: str, miner_id: str, key: str) -> Check:
 
 
 def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
-               telemetry: Telemetry | None = None) -> list[Check]:
-    """Every check, in the order an operator fixes things."""
+               telemetry: Telemetry | None = None,
+               sandbox_probe: Callable[[str], dict[str, Any] | None] | None = None
+               ) -> list[Check]:
+    """Every check, in the order an operator fixes things. ``sandbox_probe(python)``:
+    the torch probe run inside the job sandbox (None where there is none), from the
+    layer that knows the sandbox (``agent.commands.node``)."""
     tel = telemetry or Telemetry()
     try:
         # The nodes before the probes: a CUDA start could create /dev/nvidia-uvm itself
@@ -402,8 +385,9 @@ def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
         checks = [check_nvml(tel), check_device_nodes(gpus)]
         outside = probe_torch(python)
         checks.append(check_torch(outside, gpus))
-        if getattr(cfg, "sandbox", "on") == "on" and "error" not in outside:
-            inside = probe_torch_in_sandbox(python)
+        if sandbox_probe is not None and getattr(cfg, "sandbox", "on") == "on" \
+                and "error" not in outside:
+            inside = sandbox_probe(python)
             if inside is not None:
                 checks.append(check_torch_in_sandbox(inside, outside, gpus))
         checks += check_gpu_memory(tel.sample())

@@ -82,7 +82,8 @@ def _by_name(checks: list[Check]) -> dict[str, Check]:
 @pytest.mark.slow
 def test_full_run_on_this_cpu_node(tmp_path: Path, coordinator: str) -> None:
     # Given a configured CPU-only node whose coordinator accepts its key
-    checks = doctor.run_checks(_cfg(tmp_path, coordinator))
+    checks = doctor.run_checks(_cfg(tmp_path, coordinator),
+                               sandbox_probe=node.probe_torch_in_sandbox)
     by = _by_name(checks)
     # Then the missing driver is a warning, torch (in a child) is fine, and the key works
     assert by["nvidia driver"].status == "WARN" and by["nvidia driver"].fix
@@ -188,7 +189,7 @@ def test_a_torch_the_sandbox_cannot_start_fails(tmp_path: Path) -> None:
     python = venv / "bin" / Path(sys.executable).name
     try:
         outside = doctor.probe_torch(str(python))
-        inside = doctor.probe_torch_in_sandbox(str(python))
+        inside = node.probe_torch_in_sandbox(str(python))
     finally:
         venv.unlink()
         venv.parent.rmdir()
