@@ -880,17 +880,14 @@ def step_doctor(opts: Options, c: Checks) -> int | None:
 
     tel = Telemetry()
     try:
-        gpus = len(tel.inventory())
-        found = [doctor.check_nvml(tel), doctor.check_device_nodes(gpus)]
+        probe = (lambda python: probe_torch_in_sandbox(python, opts.limit_s / 2)) \
+            if opts.sandbox == "on" else None
+        found = doctor.gpu_checks(tel, sandbox_probe=probe, timeout_s=opts.limit_s / 2)
     finally:
         tel.close()
-    outside = doctor.probe_torch(timeout_s=opts.limit_s / 2)
-    found.append(doctor.check_torch(outside, gpus))
-    if opts.sandbox == "on" and "error" not in outside:
-        inside = probe_torch_in_sandbox(timeout_s=opts.limit_s / 2)
-        c(inside is not None, "bubblewrap found for the sandboxed torch probe")
-        if inside is not None:
-            found.append(doctor.check_torch_in_sandbox(inside, outside, gpus))
+    if opts.sandbox == "on":
+        c(any(check.name == "torch in sandbox" for check in found),
+          "the torch probe ran inside the job sandbox (bubblewrap found, torch imports)")
     for check in found:
         # Without a GPU (the harness tried on a CPU machine) "no GPU" warnings are right
         ok = check.status == "OK" or (not opts.cuda and check.status == "WARN")

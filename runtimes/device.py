@@ -140,7 +140,7 @@ def cuda_init_error() -> str:
 def cpu_reason() -> str:
     """Why this process cannot use CUDA, in words."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+    if visible is not None and not gpus_given():
         return f"no CUDA device visible (CUDA_VISIBLE_DEVICES={visible!r})"
     if torch.version.cuda is None:
         return f"this torch build has no CUDA support (torch {torch.__version__})"

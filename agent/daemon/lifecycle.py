@@ -49,7 +49,7 @@ from agent.daemon.poll import RELEASE_WAIT_S, PollLoop
 from agent.daemon.recovery import Recovery
 from agent.daemon.release import ReleaseGate
 from agent.daemon.reload import ConfigSource, Reloader, key_now
-from agent.daemon.scheduler import Device, Scheduler, visible_devices
+from agent.daemon.scheduler import Device, Scheduler, cuda_visible_entries, visible_devices
 from agent.daemon.session import Session
 from agent.daemon.shipping import ShipLoop
 from agent.daemon.view import NodeView
@@ -447,7 +447,7 @@ class Agent:
         if self.cfg.gpus is not None:
             return self.cfg.gpus == ()
         spec = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return spec is not None and spec.split(",")[0].strip() in ("", "-1")
+        return spec is not None and not cuda_visible_entries(spec)
 
     def _make_scheduler(self) -> Scheduler:
         inventory = self.telemetry.inventory()

@@ -40,6 +40,17 @@ class Device:
     minor: int | None = None  # /dev/nvidia<minor>, from NVML
 
 
+def cuda_visible_entries(spec: str) -> list[str]:
+    """A CUDA_VISIBLE_DEVICES value's entries, up to one that can name no device ("",
+    -1): an empty list means no GPU, on purpose."""
+    entries = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry in ("", "-1"):
+            break
+        entries.append(entry)
+    return entries
+
+
 def visible_devices(spec: str, devices: list[Device],
                     cuda_device_order: str | None = None) -> tuple[list[Device], list[str]]:
     """The devices ``CUDA_VISIBLE_DEVICES=spec`` (set for the agent itself) leaves it, read
@@ -54,9 +65,8 @@ def visible_devices(spec: str, devices: list[Device],
     """
     chosen: list[Device] = []
     notes: list[str] = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if entry == "":
-            break
+    entries = cuda_visible_entries(spec)
+    for entry in entries:
         if entry.lstrip("+-").isdigit():
             found = [d for d in devices if d.index == int(entry)]
         else:
@@ -65,12 +75,11 @@ def visible_devices(spec: str, devices: list[Device],
                "names no GPU of this agent's" if not found else
                "repeats an earlier entry" if found[0] in chosen else None)
         if why is not None:
-            if entry != "-1":
-                notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} {why}: it and the "
-                             "entries after it are left out, as CUDA does")
+            notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} {why}: it and the "
+                         "entries after it are left out, as CUDA does")
             break
         chosen.append(found[0])
-    if (any(e.strip().lstrip("+-").isdigit() for e in spec.split(",")) and chosen
+    if (any(e.lstrip("+-").isdigit() for e in entries) and chosen
             and cuda_device_order != "PCI_BUS_ID" and len({d.name for d in devices}) > 1):
         notes.append("CUDA_VISIBLE_DEVICES gives indices on a node of mixed GPU models: "
                      "read as NVML's (PCI bus order), which CUDA's fastest-first order may "

@@ -371,6 +371,23 @@ def check_key(client: httpx.Client, url: str, miner_id: str, key: str) -> Check:
     return Check("api key", "OK", "the coordinator accepts the key")
 
 
+def gpu_checks(tel: Telemetry, python: str = sys.executable,
+               sandbox_probe: Callable[[str], dict[str, Any] | None] | None = None,
+               timeout_s: float = 120.0) -> list[Check]:
+    """The driver, the device nodes, torch outside and (``sandbox_probe``) inside the job
+    sandbox. The nodes come before the probes: a CUDA start could create
+    /dev/nvidia-uvm itself and hide its absence."""
+    gpus = len(tel.inventory())
+    checks = [check_nvml(tel), check_device_nodes(gpus)]
+    outside = probe_torch(python, timeout_s)
+    checks.append(check_torch(outside, gpus))
+    if sandbox_probe is not None and "error" not in outside:
+        inside = sandbox_probe(python)
+        if inside is not None:
+            checks.append(check_torch_in_sandbox(inside, outside, gpus))
+    return checks
+
+
 def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
                telemetry: Telemetry | None = None,
                sandbox_probe: Callable[[str], dict[str, Any] | None] | None = None
@@ -380,16 +397,8 @@ def run_checks(cfg: Any, python: str = sys.executable, timeout_s: float = 5.0,
     layer that knows the sandbox (``agent.commands.node``)."""
     tel = telemetry or Telemetry()
     try:
-        # The nodes before the probes: a CUDA start could create /dev/nvidia-uvm itself
-        gpus = len(tel.inventory())
-        checks = [check_nvml(tel), check_device_nodes(gpus)]
-        outside = probe_torch(python)
-        checks.append(check_torch(outside, gpus))
-        if sandbox_probe is not None and getattr(cfg, "sandbox", "on") == "on" \
-                and "error" not in outside:
-            inside = sandbox_probe(python)
-            if inside is not None:
-                checks.append(check_torch_in_sandbox(inside, outside, gpus))
+        checks = gpu_checks(tel, python, sandbox_probe
+                            if getattr(cfg, "sandbox", "on") == "on" else None)
         checks += check_gpu_memory(tel.sample())
     finally:
         if telemetry is None:
