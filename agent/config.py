@@ -114,6 +114,9 @@ class AgentConfig:
     job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
+    # MiB each of a sandboxed job's private /tmp and /dev/shm may hold (tmpfs, in RAM).
+    # 0: a quarter of the node's memory, at most job_memory_max_mb, at least 64.
+    job_tmp_mb: int = 0
     # A GPU a finished job's contexts still hold after this long is given to no job until
     # it is free (the slot drains, with the reason in the heartbeat).
     gpu_release_timeout_s: float = 30.0
@@ -308,6 +311,9 @@ def _validate_limits(cfg: AgentConfig) -> None:
     for name in ("max_job_output_mb", "job_memory_max_mb", "job_pids_max", "min_free_disk_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
+    if cfg.job_tmp_mb < 0:
+        raise ConfigError("config field job_tmp_mb must not be negative (0: a quarter of the "
+                          "node's memory)")
     if not 1 <= cfg.job_cpu_weight <= 10000:
         raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
     if cfg.model_memory_budget_mb < 0 or not 0 < cfg.model_idle_s < float("inf"):

@@ -100,16 +100,19 @@ class JailRequest:
     gpu_devices: list[str] | None = None  # /dev/nvidiaN the job may use; None: all
     keep: list[str] = field(default_factory=list)  # read-only paths under /tmp to keep
     hostname: str = "job"
+    tmp_size: int | None = None  # bytes each of /tmp and /dev/shm (None: half the RAM)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JailRequest:
         gpus = raw.get("gpu_devices")
+        size = raw.get("tmp_size")
         return cls(package_dir=str(raw["package_dir"]), work_dir=str(raw["work_dir"]),
                    covered=[str(p) for p in raw.get("covered", [])],
                    network=bool(raw.get("network", True)),
                    gpu_devices=None if gpus is None else [str(d) for d in gpus],
                    keep=[str(p) for p in raw.get("keep", [])],
-                   hostname=str(raw.get("hostname", "job"))[:63] or "job")
+                   hostname=str(raw.get("hostname", "job"))[:63] or "job",
+                   tmp_size=max(int(size), 1 << 20) if size else None)
 
 
 def _lib() -> ctypes.CDLL:
@@ -224,7 +227,8 @@ class PidNamespaceForker:
 
 # -- the keeper (spawn path) ---------------------------------------------------------------
 def _private_views(request: JailRequest) -> None:
-    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm.
+    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm
+    of ``tmp_size`` bytes each.
 
     What must survive the fresh /tmp (the job's folders, and ``keep``: the code and
     read-only paths that live under /tmp, such as a checkout there) is bound aside
@@ -234,8 +238,10 @@ def _private_views(request: JailRequest) -> None:
     keep = {p: _stage(p, f"{STAGE}/keep{i}") for i, p in enumerate(request.keep)}
     mine = {p: _stage(p, f"{STAGE}/{name}") for name, p in
             (("package", request.package_dir), ("work", request.work_dir))}
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    # Sized: they live in RAM, which without a memory controller nothing else bounds.
+    fresh = "mode=1777" + (f",size={request.tmp_size}" if request.tmp_size else "")
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, fresh)
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, fresh)
     _move_back(keep)
     covered = sorted({os.path.normpath(p) for p in request.covered}, key=len)
     for root in covered:

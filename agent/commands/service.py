@@ -93,6 +93,9 @@ max_job_output_mb = 20480
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0
 job_pids_max = 16384
+# Each sandboxed job's private /tmp and /dev/shm, in MiB of RAM (0: a quarter of
+# the node's memory, at most job_memory_max_mb).
+job_tmp_mb = 0
 # Your own executables `pre-job` and `post-job` in this folder run around each job, as
 # this user, for at most hook_timeout_s; a failing pre-job refuses the job.
 # hooks_dir = "/etc/miner-agent/hooks"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent.config import DEFAULT_CONFIG, AgentConfig
 from agent.execution.cgroups import CgroupTree, Limits
-from agent.execution.sandbox import SandboxPolicy, find_bwrap, probe
+from agent.execution.sandbox import SandboxPolicy, find_bwrap, job_tmp_bytes, probe
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ def secret_paths(state_dir: Path | None, config_file: Path | None,
 def build_isolation(*, sandbox_on: bool, jobs_root: Path, work_root: Path,
                     hidden: Iterable[Path], read_only: Iterable[Path] = (),
                     network: Mapping[str, bool] | None = None,
-                    limits: Limits | None = None, probe_first: bool = True) -> Isolation:
+                    limits: Limits | None = None, probe_first: bool = True,
+                    tmp_bytes: int | None = None) -> Isolation:
     """Probe and build; raises ``SandboxUnavailable`` when the sandbox is on but impossible.
 
     ``probe_first=False`` (``exec``): no probe here; the caller probes if its job fails.
+    ``tmp_bytes``: each job's ``/tmp`` and ``/dev/shm`` (None: ``job_tmp_bytes(0)``).
     """
     jobs_root.mkdir(parents=True, exist_ok=True)
     work_root.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,10 @@ def build_isolation(*, sandbox_on: bool, jobs_root: Path, work_root: Path,
         sandbox = SandboxPolicy(jobs_root=jobs_root.resolve(), work_root=work_root.resolve(),
                                 hidden=tuple(p.resolve() for p in hidden),
                                 read_only=tuple(p.resolve() for p in read_only),
-                                network=dict(network or {}), bwrap=find_bwrap() or "bwrap")
-        log.info("job sandbox: %s", version)
+                                network=dict(network or {}), bwrap=find_bwrap() or "bwrap",
+                                tmp_bytes=tmp_bytes or job_tmp_bytes(0))
+        log.info("job sandbox: %s; each job's /tmp and /dev/shm hold %d MiB", version,
+                 sandbox.tmp_bytes >> 20)
     else:
         log.warning("job sandbox is OFF (sandbox = \"off\"): jobs run as this user and can "
                     "read what it can read; run only code you trust")
@@ -91,7 +95,8 @@ def for_agent(cfg: AgentConfig, config_file: Path | None) -> Isolation:
     return build_isolation(
         sandbox_on=cfg.sandbox == "on", jobs_root=cfg.jobs_dir, work_root=cfg.state_dir / "work",
         hidden=secret_paths(cfg.state_dir, config_file, cfg.api_key_file),
-        read_only=read_only, network=cfg.sandbox_network, limits=limits)
+        read_only=read_only, network=cfg.sandbox_network, limits=limits,
+        tmp_bytes=job_tmp_bytes(cfg.job_tmp_mb, cfg.job_memory_max_mb))
 
 
 def set_non_dumpable() -> None:

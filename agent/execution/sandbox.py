@@ -55,6 +55,26 @@ class SandboxUnavailable(Exception):
     """The sandbox cannot be built on this node; the message says why and what to do."""
 
 
+def job_tmp_bytes(tmp_mb: int, memory_mb: int = 0) -> int:
+    """The size of each of a job's private ``/tmp`` and ``/dev/shm`` (tmpfs, held in RAM).
+
+    ``tmp_mb`` (config ``job_tmp_mb``) when set; else a quarter of the node's memory,
+    at most the job's memory limit (``job_memory_max_mb``), and never under 64 MiB: one
+    job's two together hold at most half the RAM, where the kernel's default would let
+    each take half.
+    """
+    if tmp_mb > 0:
+        return tmp_mb << 20
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        ram = 4 << 30
+    size = ram // 4
+    if memory_mb > 0:
+        size = min(size, memory_mb << 20)
+    return max(size, 64 << 20)
+
+
 def find_bwrap() -> str | None:
     return shutil.which("bwrap")
 
@@ -69,6 +89,7 @@ class SandboxPolicy:
     read_only: tuple[Path, ...] = ()  # shared cache, model paths
     network: Mapping[str, bool] = field(default_factory=dict)
     bwrap: str = "bwrap"
+    tmp_bytes: int = field(default_factory=lambda: job_tmp_bytes(0))  # each job's /tmp, /dev/shm
 
     def network_for(self, job_type: str) -> bool:
         if job_type in self.network:
@@ -128,7 +149,7 @@ class SandboxPolicy:
         return {"package_dir": str(package_dir), "work_dir": str(work_dir),
                 "covered": [str(self.jobs_root), str(self.work_root)],
                 "network": self.network_for(job_type), "gpu_devices": gpu_devices,
-                "keep": self.kept_under_fresh_trees}
+                "keep": self.kept_under_fresh_trees, "tmp_size": self.tmp_bytes}
 
     @functools.cached_property
     def kept_under_fresh_trees(self) -> list[str]:

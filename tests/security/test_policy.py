@@ -17,6 +17,8 @@ import pytest
 from agent.config import DEFAULT_ALLOWED_JOB_TYPES, load_config
 from agent.errors import ConfigError, ExitCode
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
+from agent.execution.sandbox import SandboxPolicy, job_tmp_bytes
+from runtimes.jail import JailRequest
 from tests.agent.daemon.helpers import (
     CLIENT_KEY,
     AgentProcess,
@@ -135,6 +137,25 @@ def test_sandbox_config_fields() -> None:
         load_config(Path("/dev/null"), environ={"MINER_AGENT_SANDBOX_NETWORK": "nonsense"})
     with pytest.raises(ConfigError, match="job_cpu_weight"):
         load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_CPU_WEIGHT": "0"})
+    with pytest.raises(ConfigError, match="job_tmp_mb"):
+        load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_TMP_MB": "-1"})
+
+
+def test_each_jobs_tmp_is_sized_from_the_config_or_the_ram() -> None:
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # Given job_tmp_mb: that, whatever the memory limit
+    assert job_tmp_bytes(100, memory_mb=50) == 100 << 20
+    # Else a quarter of the RAM, at most the job's memory limit, never under 64 MiB
+    assert job_tmp_bytes(0) == max(ram // 4, 64 << 20)
+    assert job_tmp_bytes(0, memory_mb=512) == min(ram // 4, 512 << 20)
+    assert job_tmp_bytes(0, memory_mb=8) == 64 << 20
+    # And the daemon's jail request carries it (the config's, through the env)
+    cfg = load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_TMP_MB": "16"})
+    policy = SandboxPolicy(jobs_root=Path("/j"), work_root=Path("/w"),
+                           tmp_bytes=job_tmp_bytes(cfg.job_tmp_mb, cfg.job_memory_max_mb))
+    request = JailRequest.from_dict(policy.jail(Path("/j/a"), Path("/w/a"), "sleep", None))
+    assert request.tmp_size == 16 << 20
+    assert JailRequest.from_dict({"package_dir": "p", "work_dir": "w"}).tmp_size is None
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def node(request: pytest.FixtureRequest,
     agent = AgentProcess(coord.base_url, state, launcher=request.param,
                          api_key_file=str(key_file), cancel_grace_s="2",
                          allowed_job_types="command,sleep", job_pids_max="256",
-                         max_job_output_mb="8")
+                         max_job_output_mb="8", job_tmp_mb="16")
     client = Client(coord)
     agent.wait_log("registered", timeout=120)
     yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
@@ -354,6 +354,27 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert output["error"]["code"] == "output_too_large", output["error"]
     assert 7 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
     assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
+    assert_serving(node)
+
+
+def test_tmp_and_shm_are_bounded_by_job_tmp_mb(node: dict[str, Any]) -> None:
+    # Given job_tmp_mb = 16 and a job that writes 64 MiB into each of /tmp and /dev/shm
+    script = """
+    for d in /tmp /dev/shm; do
+        head -c 67108864 /dev/zero > $d/fill 2> /dev/null
+        echo "$d $? $(stat -c %s $d/fill) $(df -k --output=size $d | tail -1)"
+    done > $MINER_RESULT_FILE
+    """
+    job_id, view = run_script(node, script)
+    # Then each write stopped at 16 MiB (ENOSPC, a failing head), not in the node's RAM
+    assert view["status"] == "completed", view
+    lines = result_text(node, job_id).split("\n")
+    for line, tree in zip(lines, ("/tmp", "/dev/shm"), strict=False):
+        name, status, size, size_k = line.split()
+        assert name == tree and status != "0", line
+        assert 15 << 20 <= int(size) <= 16 << 20 and int(size_k) == 16 << 10, line
+    assert len([line for line in lines if line]) == 2, lines
+    assert_sealed_and_clean(node, job_id)
     assert_serving(node)
 
 
