@@ -84,6 +84,7 @@ class CancelReason(enum.StrEnum):
     INTERRUPTED = "interrupted"  # Ctrl-C under `miner-agent exec`
     REQUESTED = "requested"  # asked through the executor's API with no named source
     OUTPUT_TOO_LARGE = "output_too_large"  # the package grew past max_job_output_mb
+    WORK_TOO_LARGE = "work_too_large"  # the work folder grew past max_job_work_mb
 
     @property
     def recorded(self) -> str:

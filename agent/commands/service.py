@@ -90,6 +90,9 @@ sandbox = "on"
 allowed_job_types = ["inference", "batch_inference", "training", "sleep"]
 # A job whose result package grows past this many MiB is stopped (output_too_large).
 max_job_output_mb = 20480
+# A job whose work folder (scratch, HOME, caches) grows past this is stopped
+# (work_too_large), so one job cannot fill the state dir's disk.
+max_job_work_mb = 102400
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0
 job_pids_max = 16384

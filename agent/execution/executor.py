@@ -68,6 +68,7 @@ class ExecutorConfig:
     cgroup_note: str = "no cgroup"  # why there is none, for the package
     limits: Limits = field(default_factory=Limits)
     max_output_bytes: int | None = None  # the package's size cap (max_job_output_mb)
+    max_work_bytes: int | None = None  # the work folder's size cap (max_job_work_mb)
     quota_check_s: float = 0.25
     inline_seals: InlineSeals = field(default_factory=InlineSeals)  # shared by its runs
 
@@ -375,26 +376,32 @@ class JobRun:
             self.cancel(CancelReason.TIMEOUT)
 
     async def _quota_watch(self) -> None:
-        """Kill the job once its package folder holds more than ``max_output_bytes``.
+        """Kill the job once its package folder holds more than ``max_output_bytes``, or
+        its work folder (scratch, HOME, caches) more than ``max_work_bytes``.
 
         At once, not after the cancel's grace: a job past its quota would only write
-        more. The walk's own cost sets the pace (at most ~5 % of one core).
+        more. The walks' own cost sets the pace (at most ~5 % of one core).
         """
-        limit = self.cfg.max_output_bytes
-        if not limit:
+        watched = [(folder, limit, reason, field) for folder, limit, reason, field in (
+            (self.folder, self.cfg.max_output_bytes, CancelReason.OUTPUT_TOO_LARGE,
+             "its package holds over %d MiB (max_job_output_mb)"),
+            (self.work_dir, self.cfg.max_work_bytes, CancelReason.WORK_TOO_LARGE,
+             "its work folder holds over %d MiB (max_job_work_mb)")) if limit]
+        if not watched:
             return
         interval = self.cfg.quota_check_s
         while not self._exited.is_set():
             await asyncio.sleep(interval)
             t0 = time.perf_counter()
-            size = await asyncio.to_thread(folder_bytes, self.folder, limit)
+            for folder, limit, reason, what in watched:
+                size = await asyncio.to_thread(folder_bytes, folder, limit)
+                if size > limit and not self._exited.is_set():
+                    log.warning("job %s: " + what + "; killing it", self.job.job_id,
+                                limit >> 20)
+                    self.cancel(reason)
+                    self.kill_now()
+                    return
             interval = max(self.cfg.quota_check_s, 20 * (time.perf_counter() - t0))
-            if size > limit and not self._exited.is_set():
-                log.warning("job %s: its package holds over %d MiB (max_job_output_mb); "
-                            "killing it", self.job.job_id, limit >> 20)
-                self.cancel(CancelReason.OUTPUT_TOO_LARGE)
-                self.kill_now()
-                return
 
     # -- cancel and kill ----------------------------------------------------------------
     def _signal_cancel(self) -> None:

@@ -48,6 +48,10 @@ def classify(status: int | None, finished: dict[str, Any] | None,
         return Verdict(Outcome.FAILED, "output_too_large",
                        "the job wrote more than max_job_output_mb into its package; "
                        "what it had is kept")
+    if cancel_reason is CancelReason.WORK_TOO_LARGE:
+        return Verdict(Outcome.FAILED, "work_too_large",
+                       "the job wrote more than max_job_work_mb into its work folder "
+                       "(scratch, HOME, caches); its package is kept")
     if cancel_reason is not None and cancel_reason.is_shutdown:
         return Verdict(Outcome.LOST, "agent_shutdown",
                        "the agent shut down while the job was running")

@@ -51,7 +51,7 @@ def node(request: pytest.FixtureRequest,
     agent = AgentProcess(coord.base_url, state, launcher=request.param,
                          api_key_file=str(key_file), cancel_grace_s="2",
                          allowed_job_types="command,sleep", job_pids_max="256",
-                         max_job_output_mb="8", job_tmp_mb="16")
+                         max_job_output_mb="8", max_job_work_mb="8", job_tmp_mb="16")
     client = Client(coord)
     agent.wait_log("registered", timeout=120)
     yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
@@ -354,6 +354,27 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert output["error"]["code"] == "output_too_large", output["error"]
     assert 7 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
     assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
+    assert_serving(node)
+
+
+def test_work_quota_stops_a_job_that_fills_its_scratch(node: dict[str, Any]) -> None:
+    # Given max_job_work_mb = 8 and a job that writes without end into its work folder
+    script = """
+    echo partial > $MINER_RESULT_FILE
+    echo $MINER_WORK_DIR > $MINER_ARTIFACTS_DIR/where
+    while :; do head -c 1048576 /dev/zero >> $MINER_WORK_DIR/big; sleep 0.02; done
+    """
+    job_id, view = run_script(node, script)
+    # Then it fails work_too_large, its package is kept, and the scratch is gone
+    assert view["status"] == "failed", view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["error"]["code"] == "work_too_large", output["error"]
+    assert "max_job_work_mb" in output["error"]["message"]
+    folder = package(node, job_id)
+    assert (folder / "result.txt").read_text().strip() == "partial"
+    work = Path((folder / "artifacts" / "where").read_text().strip())
+    assert work.is_relative_to(node["state"]) and not work.exists()
+    assert "max_job_work_mb" in node["agent"].log()
     assert_serving(node)
 
 
