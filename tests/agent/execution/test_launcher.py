@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -253,9 +256,18 @@ def dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_socket_folders_left_by_killed_agents_go_at_the_next_start(tmp_path: Path) -> None:
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder whose socket paths fit AF_UNIX's 108 bytes wherever pytest's tmp_path
+    lies (pytest-xdist's are longer)."""
+    path = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_socket_folders_left_by_killed_agents_go_at_the_next_start(short_dir: Path) -> None:
     # Given an agent process whose fork server is serving, SIGKILLed (no close() ran)
-    agent = subprocess.Popen([PY, "-c", AGENT_KILLED_OUTRIGHT, str(tmp_path)],
+    agent = subprocess.Popen([PY, "-c", AGENT_KILLED_OUTRIGHT, str(short_dir)],
                              stdout=subprocess.PIPE, text=True)
     assert agent.stdout is not None
     sock = Path(agent.stdout.readline().strip())
@@ -265,26 +277,26 @@ def test_socket_folders_left_by_killed_agents_go_at_the_next_start(tmp_path: Pat
     agent.stdout.close()
     # and folders that are not stale: this live process's, a dead pid's whose socket still
     # takes connections (a server in another PID namespace), one holding other files
-    live = tmp_path / f"miner-fs-{os.getpid()}-live"
+    live = short_dir / f"miner-fs-{os.getpid()}-live"
     live.mkdir()
-    serving = tmp_path / f"miner-fs-{dead_pid()}-serving"
+    serving = short_dir / f"miner-fs-{dead_pid()}-serving"
     serving.mkdir()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(serving / "forkserver.sock"))
     listener.listen()
-    foreign = tmp_path / f"miner-fs-{dead_pid()}-other"
+    foreign = short_dir / f"miner-fs-{dead_pid()}-other"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not ours to remove")
     # and an older agent's folders (no pid in the name): one with a dead socket, one
     # empty for an hour (stale), one empty just now (an agent starting)
-    legacy = tmp_path / "miner-fs-2qwnj_4j"
+    legacy = short_dir / "miner-fs-2qwnj_4j"
     legacy.mkdir()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
         gone.bind(str(legacy / "forkserver.sock"))
-    legacy_empty = tmp_path / "miner-fs-4e7at04n"
+    legacy_empty = short_dir / "miner-fs-4e7at04n"
     legacy_empty.mkdir()
     os.utime(legacy_empty, (time.time() - 3600,) * 2)
-    starting = tmp_path / "miner-fs-9a9qal4k"
+    starting = short_dir / "miner-fs-9a9qal4k"
     starting.mkdir()
     # (its fork server dies with it: wait until the socket refuses connections)
     deadline = time.monotonic() + 10
@@ -295,7 +307,7 @@ def test_socket_folders_left_by_killed_agents_go_at_the_next_start(tmp_path: Pat
         time.sleep(0.02)
 
     # When the next agent makes its launcher
-    launcher = ForkServerLauncher(runtime_dir=tmp_path)
+    launcher = ForkServerLauncher(runtime_dir=short_dir)
     try:
         # Then the killed agent's folder is gone, and the older agents' stale ones
         assert not sock.parent.exists()
