@@ -28,9 +28,11 @@ FILES = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": os.urand
 
 
 def models_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`miner-agent models ARGS` with the store under tmp_path and no inherited hub setup."""
+    """`miner-agent models ARGS` with the store under tmp_path and no inherited hub setup
+    (TRANSFORMERS_OFFLINE too: huggingface_hub reads it as HF_HUB_OFFLINE, and an
+    in-process inference test of the same worker sets both)."""
     base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("MINER_AGENT_", "HF_", "HUGGING_FACE"))}
+            if not k.startswith(("MINER_AGENT_", "HF_", "HUGGING_FACE", "TRANSFORMERS_"))}
     base.update({"MINER_AGENT_CONFIG": "/dev/null", "MINER_AGENT_CACHE_DIR": str(
         tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **env})
