@@ -62,7 +62,7 @@ from agent.execution.modelstore import resolve_models
 from agent.execution.warm import WarmPool, WarmSettings
 from agent.node.metrics import AgentMetrics, MetricsServer
 from agent.node.notify import Notifier, watchdog_interval_s
-from agent.node.telemetry import Sampler, Telemetry, capabilities
+from agent.node.telemetry import GpuInfo, Sampler, Telemetry, capabilities
 from agent.signals import capture_signals
 from runtimes.registry import BUILTIN_RUNTIMES
 
@@ -307,10 +307,15 @@ class Agent:
     # -- registration ---------------------------------------------------------------
     async def register(self) -> None:
         async with self._register_lock:
-            caps = capabilities(self.telemetry.inventory(), self.telemetry.reason,
+            offered, left_out = self._offered_gpus()
+            caps = capabilities(offered, self.telemetry.reason if not left_out else
+                                "every GPU is left out of scheduling (config gpus, "
+                                "CUDA_VISIBLE_DEVICES or MIG mode)",
                                 models=sorted(await asyncio.to_thread(resolve_models,
                                                                       self.cfg)),
                                 bench=await self._bench_summary())
+            if left_out:  # for people: dispatch reads `gpus`, which jobs here can get
+                caps["gpus_not_offered"] = left_out
             # Only what this node would run: a type it has but does not allow is not offered.
             caps["runtimes"] = sorted({*BUILTIN_RUNTIMES, *self.cfg.runtimes}
                                       & set(self.cfg.allowed_job_types))
@@ -476,6 +481,21 @@ class Agent:
                      "`gpus` names the GPUs")
         cuda = inventory[0].cuda_driver_version or "" if inventory else ""
         return Scheduler(devices, self.cfg.jobs_per_gpu, self.cfg.cpu_slots, cuda_version=cuda)
+
+    def _offered_gpus(self) -> tuple[list[GpuInfo], list[dict[str, Any]]]:
+        """The GPUs jobs here can get (what registration offers dispatch), and the others
+        NVML sees, each with why it is left out."""
+        given = {d.index for d in self.scheduler.devices}
+        offered, left_out = [], []
+        for gpu in self.telemetry.inventory():
+            if gpu.index in given:
+                offered.append(gpu)
+            else:
+                why = ("MIG mode" if gpu.mig else "config gpus" if self.cfg.gpus is not None
+                       else "CUDA_VISIBLE_DEVICES")
+                left_out.append({"index": gpu.index, "name": gpu.name, "uuid": gpu.uuid,
+                                 "why": why})
+        return offered, left_out
 
     def _contract_env(self) -> dict[str, str]:
         env = {"MINER_CACHE_DIR": str(self.cfg.cache_dir),

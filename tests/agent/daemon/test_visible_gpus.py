@@ -15,13 +15,13 @@ import agent.node.telemetry as telemetry
 from agent.config import load_config
 from agent.daemon.lifecycle import Agent
 from agent.node.doctor import check_nvml
-from tests.agent.daemon.helpers import MINER_KEY
+from tests.agent.daemon.helpers import MINER_KEY, Client, start_coordinator
 from tests.agent.node.test_telemetry import BrokenNvml, FakeNvml
 
 
-def make_agent(tmp_path: Path, **overrides: object) -> Agent:
+def make_agent(tmp_path: Path, url: str = "http://127.0.0.1:9", **overrides: object) -> Agent:
     cfg = load_config(Path("/dev/null"), environ={}, overrides={
-        "coordinator_url": "http://127.0.0.1:9", "miner_id": "gpus-1", "launcher": "spawn",
+        "coordinator_url": url, "miner_id": "gpus-1", "launcher": "spawn",
         "state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache", **overrides})
     return Agent(cfg, MINER_KEY)
 
@@ -119,3 +119,46 @@ def test_a_gpu_in_mig_mode_is_never_given_to_a_job_and_doctor_says_so(
         assert verdict.status == "WARN" and "MIG mode on for gpu 0" in verdict.detail
     finally:
         close(agent)
+
+
+@pytest.mark.parametrize(("nvml", "spec", "gpus", "why"), [
+    (FakeNvml, "1", None, "CUDA_VISIBLE_DEVICES"),
+    (FakeNvml, None, (1,), "config gpus"),
+    (MigOnGpu0, None, None, "MIG mode"),
+])
+def test_registration_offers_dispatch_only_the_gpus_jobs_can_get(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nvml: type[FakeNvml],
+        spec: str | None, gpus: tuple[int, ...] | None, why: str) -> None:
+    # Given a two-GPU node whose GPU 0 is left out (the environment, config or MIG)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml())
+    if spec is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", spec)
+    coord = start_coordinator(tmp_path / "coord")
+    client = Client(coord)
+    two_gpus = client.submit({"type": "sleep", "seconds": 0.1}, gpu_count=2)
+    agent = make_agent(tmp_path, url=coord.base_url,
+                       **({"gpus": gpus} if gpus is not None else {}))
+
+    async def register_then_poll() -> object:
+        try:
+            await agent.register()
+            return await agent.client.poll()
+        finally:
+            await agent.shutdown()  # on this loop: the client's connection is bound to it
+
+    try:
+        # When it registers and asks for work
+        polled = asyncio.run(register_then_poll())
+        # Then the coordinator knows one GPU, so a job for two is not dispatched here
+        miner = coord.store.miner("gpus-1")
+        assert miner is not None
+        caps = miner["capabilities"]
+        assert [g["uuid"] for g in caps["gpus"]] == ["GPU-00000001"]
+        assert caps["gpus_not_offered"] == [{"index": 0, "name": "NVIDIA H100 80GB HBM3",
+                                             "uuid": "GPU-00000000", "why": why}]
+        assert polled is None and client.job(two_gpus)["status"] == "pending"
+    finally:
+        Client.close_all()
+        coord.stop()
