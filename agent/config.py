@@ -112,6 +112,7 @@ class AgentConfig:
     allowed_job_types: tuple[str, ...] = DEFAULT_ALLOWED_JOB_TYPES
     max_job_output_mb: int = 20480  # a job whose package grows past this fails
     max_job_work_mb: int = 102400  # a job whose work folder (scratch) grows past this fails
+    max_job_files: int = 20000  # a job whose package holds more files than this fails
     job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
@@ -309,8 +310,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _validate_limits(cfg: AgentConfig) -> None:
     """The limits a job and a coordinator answer are held to."""
-    for name in ("max_job_output_mb", "max_job_work_mb", "job_memory_max_mb", "job_pids_max",
-                 "min_free_disk_mb"):
+    for name in ("max_job_output_mb", "max_job_work_mb", "max_job_files", "job_memory_max_mb",
+                 "job_pids_max", "min_free_disk_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
     if cfg.job_tmp_mb < 0:

@@ -152,7 +152,7 @@ class Recovery:
                   "status": Outcome.FAILED.value, "partial": partial, "progress": {},
                   "metrics": {}, "error": {"code": "agent_restart", "message": message}}
         try:
-            write_package(folder, output)
+            write_package(folder, output, max_files=self.flow.cfg.max_job_files or None)
         except (OSError, PackageError) as exc:
             log.error("job %s: cannot package leftovers: %s", job_id, exc)
         return report_from_folder(folder)

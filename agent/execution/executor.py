@@ -35,15 +35,20 @@ from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCaptu
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
-from agent.execution.outcome import Verdict, classify, disk_full, signal_name
-from agent.execution.package import InlineSeals, PackageInfo, write_package
+from agent.execution.outcome import TOO_MANY_FILES, Verdict, classify, disk_full, signal_name
+from agent.execution.package import InlineSeals, PackageInfo, small_folder, write_package
 from agent.execution.prefetch import find_inputs, prefetch
 from agent.execution.sandbox import SandboxPolicy
+from agent.execution.sealwalk import MAX_FILES
 from agent.jobs import Job
 from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_folder, log_path
 from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
+
+QUOTA_LOG = {CancelReason.OUTPUT_TOO_LARGE: "its package holds more than max_job_output_mb",
+             CancelReason.WORK_TOO_LARGE: "its work folder holds more than max_job_work_mb",
+             CancelReason.TOO_MANY_FILES: "its package holds more than max_job_files files"}
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -69,6 +74,7 @@ class ExecutorConfig:
     limits: Limits = field(default_factory=Limits)
     max_output_bytes: int | None = None  # the package's size cap (max_job_output_mb)
     max_work_bytes: int | None = None  # the work folder's size cap (max_job_work_mb)
+    max_files: int | None = MAX_FILES  # files the package may hold (max_job_files)
     quota_check_s: float = 0.25
     inline_seals: InlineSeals = field(default_factory=InlineSeals)  # shared by its runs
 
@@ -376,32 +382,33 @@ class JobRun:
             self.cancel(CancelReason.TIMEOUT)
 
     async def _quota_watch(self) -> None:
-        """Kill the job once its package folder holds more than ``max_output_bytes``, or
-        its work folder (scratch, HOME, caches) more than ``max_work_bytes``.
+        """Kill the job once its package folder holds more than ``max_output_bytes`` or
+        ``max_files`` files, or its work folder (scratch, HOME, caches) more than
+        ``max_work_bytes``.
 
         At once, not after the cancel's grace: a job past its quota would only write
         more. The walks' own cost sets the pace (at most ~5 % of one core).
         """
-        watched = [(folder, limit, reason, field) for folder, limit, reason, field in (
-            (self.folder, self.cfg.max_output_bytes, CancelReason.OUTPUT_TOO_LARGE,
-             "its package holds over %d MiB (max_job_output_mb)"),
-            (self.work_dir, self.cfg.max_work_bytes, CancelReason.WORK_TOO_LARGE,
-             "its work folder holds over %d MiB (max_job_work_mb)")) if limit]
-        if not watched:
-            return
-        interval = self.cfg.quota_check_s
-        while not self._exited.is_set():
+        cfg = self.cfg
+        watched = [w for w in ((self.folder, cfg.max_output_bytes, cfg.max_files),
+                               (self.work_dir, cfg.max_work_bytes, None)) if w[1] or w[2]]
+        interval = cfg.quota_check_s
+        while watched and not self._exited.is_set():
             await asyncio.sleep(interval)
             t0 = time.perf_counter()
-            for folder, limit, reason, what in watched:
-                size = await asyncio.to_thread(folder_bytes, folder, limit)
-                if size > limit and not self._exited.is_set():
-                    log.warning("job %s: " + what + "; killing it", self.job.job_id,
-                                limit >> 20)
+            for folder, max_bytes, max_files in watched:
+                size, files = await asyncio.to_thread(folder_usage, folder, max_bytes,
+                                                      max_files)
+                reason = (CancelReason.OUTPUT_TOO_LARGE if folder == self.folder
+                          else CancelReason.WORK_TOO_LARGE) if max_bytes and size > max_bytes \
+                    else CancelReason.TOO_MANY_FILES if max_files and files > max_files \
+                    else None
+                if reason is not None and not self._exited.is_set():
+                    log.warning("job %s: %s; killing it", self.job.job_id, QUOTA_LOG[reason])
                     self.cancel(reason)
                     self.kill_now()
                     return
-            interval = max(self.cfg.quota_check_s, 20 * (time.perf_counter() - t0))
+            interval = max(cfg.quota_check_s, 20 * (time.perf_counter() - t0))
 
     # -- cancel and kill ----------------------------------------------------------------
     def _signal_cancel(self) -> None:
@@ -487,7 +494,22 @@ class JobRun:
         else:
             verdict = await self._out_of_room(classify(
                 status, self.events_seen.get("finished"), self.cancel_reason, last_error))
+            verdict = await self._too_many_files(verdict)
         return await self._package(verdict, status)
+
+    async def _too_many_files(self, verdict: Verdict) -> Verdict:
+        """A job that completed with more files in its package than the seal takes fails
+        (the quota's walk may not have come round yet): the package holds only the first."""
+        cap = self.cfg.max_files
+        if verdict.outcome is not Outcome.COMPLETED or not cap:
+            return verdict
+        if cap >= 32 and small_folder(self.folder):  # a tiny package: no thread hop
+            return verdict
+        _, files = await asyncio.to_thread(folder_usage, self.folder, None, cap)
+        if files <= cap:
+            return verdict
+        log.error("job %s: %s", self.job.job_id, TOO_MANY_FILES.error_message)
+        return TOO_MANY_FILES
 
     async def _out_of_room(self, verdict: Verdict) -> Verdict:
         """A run that filled the disk fails with ``disk_full``. Its scratch goes first, so
@@ -605,7 +627,8 @@ class JobRun:
         """Seal the package, then drop the job's cgroup and scratch: one thread hop, or
         none for a tiny package (:class:`InlineSeals`)."""
         try:
-            info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip)
+            info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip,
+                                                     self.cfg.max_files)
         except (OSError, PackageError) as exc:
             log.error("job %s: packaging failed: %s", self.job.job_id, exc)
             info = None
@@ -659,9 +682,11 @@ def remove_scratch(work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def folder_bytes(folder: Path, stop_above: int | None = None) -> int:
-    """Bytes of the regular files under ``folder`` (no links followed); stops early past a cap."""
-    total = 0
+def folder_usage(folder: Path, stop_bytes: int | None = None,
+                 stop_files: int | None = None) -> tuple[int, int]:
+    """Bytes and number of the regular files under ``folder`` (no links followed); the
+    walk stops early once either passes its cap."""
+    total = files = 0
     stack = [folder]
     while stack:
         try:
@@ -672,13 +697,14 @@ def folder_bytes(folder: Path, stop_above: int | None = None) -> int:
                             stack.append(Path(entry.path))
                         elif entry.is_file(follow_symlinks=False):
                             total += entry.stat(follow_symlinks=False).st_size
+                            files += 1
                     except OSError:
                         continue
         except OSError:
             continue
-        if stop_above is not None and total > stop_above:
+        if (stop_bytes and total > stop_bytes) or (stop_files and files > stop_files):
             break
-    return total
+    return total, files
 
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:

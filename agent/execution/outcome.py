@@ -19,6 +19,11 @@ class Verdict:
     error_message: str | None
 
 
+TOO_MANY_FILES = Verdict(Outcome.FAILED, "output_too_large",
+                         "the job wrote more than max_job_files files into its package; the "
+                         "first ones are kept, the rest listed under skipped")
+
+
 def signal_name(number: int) -> str:
     """``SIGKILL``; ``SIGRTMIN+6`` for a real-time signal; ``signal 99`` for anything else."""
     try:
@@ -48,6 +53,8 @@ def classify(status: int | None, finished: dict[str, Any] | None,
         return Verdict(Outcome.FAILED, "output_too_large",
                        "the job wrote more than max_job_output_mb into its package; "
                        "what it had is kept")
+    if cancel_reason is CancelReason.TOO_MANY_FILES:
+        return TOO_MANY_FILES
     if cancel_reason is CancelReason.WORK_TOO_LARGE:
         return Verdict(Outcome.FAILED, "work_too_large",
                        "the job wrote more than max_job_work_mb into its work folder "

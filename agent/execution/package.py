@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.execution.sealwalk import DIR_FLAGS, MAX_DEPTH, Opened, Skip, Walk
+from agent.execution.sealwalk import DIR_FLAGS, MAX_DEPTH, MAX_FILES, Opened, Skip, Walk
 from agent.layout import CHECKSUMS, OUTPUT_JSON, checksum_of, zip_of
 
 __all__ = ["HASH_CHUNK", "MAX_DEPTH", "PackageInfo", "Skip", "build_manifest", "collect_files",
@@ -364,14 +364,16 @@ def _sealed_output(output: dict[str, Any], manifest: list[dict[str, Any]],
     return sealed, body, "".join(lines).encode()
 
 
-def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True) -> PackageInfo:
+def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True,
+                  max_files: int | None = MAX_FILES) -> PackageInfo:
     """Seal a job folder whose processes are all gone: output.json, output.sha256, the zip.
 
     The folder's output.json is written last, once the zip is durable: a folder that
-    has one had its zip finished first.
+    has one had its zip finished first. At most ``max_files`` files are packaged (the
+    rest are listed as skipped; None: no limit).
     """
     zip_path = zip_of(folder) if make_zip else None
-    with Walk(folder) as walk:
+    with Walk(folder, max_files) as walk:
         if zip_path is None:
             manifest = _hash_files(walk.files())
             sealed, body, sums = _sealed_output(output, manifest, walk.skipped)

@@ -8,6 +8,12 @@ resolved twice, so a directory swapped for a symlink, however fast, fails to ope
 the reason: symlinks, hard links (a second name of a file that may live outside the
 folder), FIFOs, sockets and devices, names that ``sha256sum`` would need escaped,
 entries the agent may not read, and directories more than MAX_DEPTH levels down.
+
+A job can make files faster than any seal can take them (200,000 empty ones cost a
+seal 9 s and the agent 360 MB), so the walk is bounded too: it stops at the first file
+past ``max_files`` (listed as "past max_job_files", with every later entry left out
+unlisted), then takes the agent's own logs and result.txt wherever the stop fell, and
+lists at most MAX_SKIPPED left-out entries, then one line of how many more there were.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from agent.errors import PackageError
-from agent.layout import CHECKSUMS, OUTPUT_JSON
+from agent.layout import CHECKSUMS, LOGS_DIR, OUTPUT_JSON, RESULT_TEXT, STREAMS
 
 MAX_DEPTH = 64
+MAX_FILES = 20_000  # max_job_files' default: files one package may hold
+MAX_SKIPPED = 1_000  # left-out entries listed one by one; past this, only counted
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after listing must not hang the open (no effect on files).
@@ -43,8 +51,11 @@ class Skip(StrEnum):
     CHANGED = "changed during sealing"
     UNREADABLE = "unreadable"
     TOO_DEEP = "too deep"
+    TOO_MANY = "past max_job_files: this and every later entry left out"
 
 
+# What a package always holds, past max_files too: what the agent itself wrote.
+KEPT = (RESULT_TEXT, *(f"{LOGS_DIR}/{stream}.log" for stream in STREAMS))
 # Names the seal writes at the top of the folder; a previous seal's copies are replaced.
 _OURS = {OUTPUT_JSON, CHECKSUMS, f".{OUTPUT_JSON}.tmp", f".{CHECKSUMS}.tmp"}
 
@@ -75,10 +86,15 @@ class Walk:
     ``skipped``. The root and every directory descriptor are closed on leaving the block.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_files: int | None = MAX_FILES) -> None:
         self.folder = folder
+        self.max_files = max_files
         self.root_fd = -1
         self.skipped: list[dict[str, str]] = []
+        self.files_seen = 0
+        self.full = False  # stopped at max_files: the package holds only the first ones
+        self._unlisted = 0
+        self._kept_seen: set[str] = set()
         self._files: Generator[Opened, None, None] | None = None
 
     def __enter__(self) -> Walk:
@@ -99,16 +115,50 @@ class Walk:
         os.close(self.root_fd)
 
     def files(self) -> Iterator[Opened]:
-        self._files = self._dir(self.root_fd, "", 0)
+        self._files = self._all()
         return self._files
 
+    def _all(self) -> Generator[Opened, None, None]:
+        yield from self._dir(self.root_fd, "", 0)
+        if self.full:
+            yield from self._kept()
+        if self._unlisted:
+            self.skipped.append({"path": "...", "reason": f"{self._unlisted} more entries "
+                                 f"left out (only the first {MAX_SKIPPED} are listed)"})
+
+    def _kept(self) -> Iterator[Opened]:
+        """The agent's own files the stop at ``max_files`` fell before."""
+        for rel in KEPT:
+            if rel in self._kept_seen:
+                continue
+            parent, _, name = rel.rpartition("/")
+            try:
+                dir_fd = os.open(parent, DIR_FLAGS, dir_fd=self.root_fd) if parent \
+                    else self.root_fd
+            except OSError:
+                continue
+            try:
+                if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode) \
+                        and (opened := self._open_file(dir_fd, name, rel)) is not None:
+                    yield opened
+            except FileNotFoundError:
+                pass
+            finally:
+                if dir_fd != self.root_fd:
+                    os.close(dir_fd)
+
     def _skip(self, rel: str, reason: Skip) -> None:
-        self.skipped.append({"path": rel, "reason": reason.value})
+        if len(self.skipped) < MAX_SKIPPED:
+            self.skipped.append({"path": rel, "reason": reason.value})
+        else:
+            self._unlisted += 1
 
     def _dir(self, dir_fd: int, prefix: str, depth: int) -> Generator[Opened, None, None]:
         for name in sorted(os.listdir(dir_fd)):
             if not prefix and name in _OURS:
                 continue
+            if self.full:
+                return
             rel = prefix + name
             try:
                 mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
@@ -123,7 +173,14 @@ class Walk:
                 self._skip(rel, Skip.NOT_REGULAR)
             elif not _safe_name(rel):
                 self._skip(rel.encode("unicode_escape").decode(), Skip.NEEDS_ESCAPING)
+            elif self.max_files is not None and self.files_seen >= self.max_files:
+                self.full = True
+                self.skipped.append({"path": rel, "reason": Skip.TOO_MANY.value})
+                return
             elif (opened := self._open_file(dir_fd, name, rel)) is not None:
+                self.files_seen += 1
+                if rel in KEPT:
+                    self._kept_seen.add(rel)
                 yield opened
 
     def _subdir(self, parent_fd: int, name: str, rel: str, depth: int) -> Iterator[Opened]:

@@ -40,12 +40,14 @@ def make_job(payload: dict[str, Any], job_id: str = "t1", **constraints: Any) ->
 
 
 def run(job: Job, out: Path, launcher: str = "spawn", grace: float = 10.0,
-        during: Callable[[JobRun], Any] | None = None, **kwargs: Any) -> JobReport:
-    """Run ``job``; ``during(run)`` is awaited alongside it (to cancel mid-run, say)."""
+        during: Callable[[JobRun], Any] | None = None,
+        config: dict[str, Any] | None = None, **kwargs: Any) -> JobReport:
+    """Run ``job``; ``during(run)`` is awaited alongside it (to cancel mid-run, say);
+    ``config``: more ExecutorConfig fields."""
 
     async def main() -> JobReport:
         chosen = make_launcher(launcher)  # type: ignore[arg-type]
-        cfg = ExecutorConfig(out, cancel_grace_s=grace)
+        cfg = ExecutorConfig(out, cancel_grace_s=grace, **(config or {}))
         job_run = JobRun(job, cfg, chosen, **kwargs)
         try:
             task = asyncio.create_task(job_run.run())

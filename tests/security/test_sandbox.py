@@ -51,7 +51,8 @@ def node(request: pytest.FixtureRequest,
     agent = AgentProcess(coord.base_url, state, launcher=request.param,
                          api_key_file=str(key_file), cancel_grace_s="2",
                          allowed_job_types="command,sleep", job_pids_max="256",
-                         max_job_output_mb="8", max_job_work_mb="8", job_tmp_mb="16")
+                         max_job_output_mb="8", max_job_work_mb="8", job_tmp_mb="16",
+                         max_job_files="50")
     client = Client(coord)
     agent.wait_log("registered", timeout=120)
     yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
@@ -354,6 +355,31 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert output["error"]["code"] == "output_too_large", output["error"]
     assert 7 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
     assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
+    assert_serving(node)
+
+
+def test_a_flood_of_files_stops_the_job_and_never_reaches_the_seal(
+        node: dict[str, Any]) -> None:
+    # Given max_job_files = 50 and a job that makes 20,000 empty files and goes on
+    # (a job that ends first fails the same way: test_executor)
+    script = """
+    echo made > $MINER_RESULT_FILE
+    cd $MINER_ARTIFACTS_DIR && seq -f f%05g 20000 | xargs touch
+    sleep 60
+    """
+    job_id, view = run_script(node, script)
+    # Then the quota's walk stops it: output_too_large, naming the limit
+    assert view["status"] == "failed", view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["error"]["code"] == "output_too_large", output["error"]
+    assert "max_job_files" in output["error"]["message"]
+    # And its package holds at most 50 of them, its logs and result.txt all the same
+    paths = [m["path"] for m in output["files"]]
+    assert sum(p.startswith("artifacts/") for p in paths) <= 50
+    assert {"result.txt", "logs/stdout.log", "logs/stderr.log"} <= set(paths)
+    assert output["skipped"][-1]["reason"].startswith("past max_job_files")
+    assert (package(node, job_id) / "result.txt").read_text().strip() == "made"
+    assert output["cancel"]["reason"] == "too_many_files", output["cancel"]
     assert_serving(node)
 
 

@@ -246,3 +246,42 @@ def test_directory_swapped_for_symlink_in_a_loop_never_leaks(folder: Path,
     final = write_package(folder, OUTPUT)
     assert sum(m["path"].startswith("artifacts/sub/") for m in final.manifest) == 300
     assert_sealed(final, folder)
+
+
+def test_a_flood_of_files_is_cut_at_max_files_and_the_agents_own_are_kept(
+        folder: Path) -> None:
+    # Given a job that made 300 files, 200 of them in a folder named to sort before logs/
+    (folder / "logs/stderr.log").write_bytes(b"warn\n")
+    for i in range(200):
+        (folder / "aaa" / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (folder / "aaa" / f"d{i % 4}" / f"f{i:03}").write_bytes(b"x")
+    for i in range(100):
+        (folder / "artifacts" / f"a{i:03}").write_bytes(b"y")
+    # When the folder is sealed with a limit of 50 files
+    info = write_package(folder, OUTPUT, max_files=50)
+    # Then it holds the first 50, then the logs and result.txt past the stop, no more
+    paths = [m["path"] for m in info.manifest]
+    assert paths[:50] == sorted(paths[:50]) and all(p.startswith("aaa/") for p in paths[:50])
+    assert paths[50:] == ["result.txt", "logs/stdout.log", "logs/stderr.log"]
+    # And the stop is listed once, with the first entry it left out
+    assert info.skipped == [{"path": "aaa/d1/f001",
+                             "reason": "past max_job_files: this and every later entry "
+                                       "left out"}]
+    assert_sealed(info, folder)
+    # And without a limit every file is packaged
+    assert len(write_package(folder, OUTPUT, max_files=None).manifest) == 303
+
+
+def test_left_out_entries_are_listed_up_to_a_bound_then_counted(folder: Path) -> None:
+    # Given 1,010 symlinks (each left out, each a line in skipped)
+    for i in range(1010):
+        os.symlink("/etc/hostname", folder / "artifacts" / f"l{i:04}")
+    # When the folder is sealed
+    info = write_package(folder, OUTPUT)
+    # Then the first 1,000 are listed, and one more line counts the rest
+    assert len(info.skipped) == 1001
+    assert info.skipped[999] == {"path": "artifacts/l0999", "reason": "symlink"}
+    assert info.skipped[1000] == {"path": "...", "reason": "10 more entries left out "
+                                  "(only the first 1000 are listed)"}
+    assert json.loads((folder / "output.json").read_text())["skipped"] == info.skipped
+    assert_sealed(info, folder)

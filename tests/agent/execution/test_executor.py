@@ -257,3 +257,34 @@ def test_signal_names_cover_every_number() -> None:
     assert signal_name(9) == "SIGKILL"
     assert signal_name(int(_signal.SIGRTMIN) + 6) == "SIGRTMIN+6"
     assert signal_name(200) == "signal 200"
+
+
+MANY_FILES = r"""
+import os
+for i in range(200):
+    open(os.path.join(os.environ["MINER_ARTIFACTS_DIR"], f"f{i:03}"), "w").close()
+open(os.environ["MINER_RESULT_FILE"], "w").write("made\n")
+"""
+
+
+def test_a_job_that_ends_with_too_many_files_fails_and_keeps_the_first(out: Path) -> None:
+    # Given max_files = 20 and a job that makes 200 files and exits 0 before the quota's
+    # walk comes round (it never does here)
+    job = make_job({"type": "command", "argv": [PY, "-c", MANY_FILES]})
+    report = run(job, out, config={"max_files": 20, "quota_check_s": 3600.0})
+    # Then it fails output_too_large at its end, not by a cancel
+    assert report.outcome == Outcome.FAILED, report.output
+    assert report.error_code == "output_too_large" and "max_job_files" in (
+        report.error_message or "")
+    output = json.loads((out / "job_t1/output.json").read_text())
+    assert output["cancel"] is None
+    # And the package holds the first 20 files and the agent's own, and checks out
+    paths = [f["path"] for f in output["files"]]
+    assert paths[:20] == [f"artifacts/f{i:03}" for i in range(20)]
+    assert set(paths[20:]) == {"result.txt", "logs/stdout.log", "logs/stderr.log"}
+    check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"],
+                           cwd=out / "job_t1", capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # And a job with as many files as the limit completes
+    within = make_job({"type": "command", "argv": [PY, "-c", MANY_FILES]}, job_id="t2")
+    assert run(within, out, config={"max_files": 203}).outcome == Outcome.COMPLETED
