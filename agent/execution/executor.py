@@ -127,6 +127,7 @@ class JobRun:
             if created_at else time.monotonic()}
         self.cancel_reason: CancelReason | None = None
         self.forced_kill = False
+        self._small: bool | None = None  # the package is tiny (small_folder), once known
         self.progress: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.events_seen: dict[str, Any] = {}
@@ -503,8 +504,10 @@ class JobRun:
         cap = self.cfg.max_files
         if verdict.outcome is not Outcome.COMPLETED or not cap:
             return verdict
-        if cap >= 32 and small_folder(self.folder):  # a tiny package: no thread hop
-            return verdict
+        if cap >= 32:  # a tiny package: no thread hop (and the seal need not look again)
+            self._small = small_folder(self.folder)
+            if self._small:
+                return verdict
         _, files = await asyncio.to_thread(folder_usage, self.folder, None, cap)
         if files <= cap:
             return verdict
@@ -610,7 +613,7 @@ class JobRun:
         if output["cancel"] is not None:
             # The package is written once; "packaged" is when that write begins.
             output["cancel"]["packaged_at"] = iso(time.time())
-        if self.cfg.inline_seals.allowed(self.folder):
+        if self.cfg.inline_seals.allowed(self.folder, self._small):
             began = time.perf_counter()
             info = self._seal_and_clean(output)
             self.cfg.inline_seals.took(time.perf_counter() - began)

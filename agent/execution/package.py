@@ -418,8 +418,10 @@ class InlineSeals:
         self._recent: deque[float] = deque(maxlen=window)
         self._thread_until = 0.0
 
-    def allowed(self, folder: Path) -> bool:
-        return time.monotonic() >= self._thread_until and small_folder(folder)
+    def allowed(self, folder: Path, small: bool | None = None) -> bool:
+        """``small``: :func:`small_folder`'s answer for ``folder``, where the caller has it."""
+        return time.monotonic() >= self._thread_until and (
+            small if small is not None else small_folder(folder))
 
     def took(self, seconds: float) -> None:
         """How long an inline seal held the loop."""
