@@ -391,24 +391,27 @@ class JobRun:
         more. The walks' own cost sets the pace (at most ~5 % of one core).
         """
         cfg = self.cfg
-        watched = [w for w in ((self.folder, cfg.max_output_bytes, cfg.max_files),
-                               (self.work_dir, cfg.max_work_bytes, None)) if w[1] or w[2]]
+        quotas = ((self.folder, cfg.max_output_bytes, cfg.max_files, CancelReason.OUTPUT_TOO_LARGE),
+                  (self.work_dir, cfg.max_work_bytes, None, CancelReason.WORK_TOO_LARGE))
+        watched = [quota for quota in quotas if quota[1] or quota[2]]
         interval = cfg.quota_check_s
         while watched and not self._exited.is_set():
             await asyncio.sleep(interval)
             t0 = time.perf_counter()
-            for folder, max_bytes, max_files in watched:
+            for folder, max_bytes, max_files, too_large in watched:
                 size, files = await asyncio.to_thread(folder_usage, folder, max_bytes,
                                                       max_files)
-                reason = (CancelReason.OUTPUT_TOO_LARGE if folder == self.folder
-                          else CancelReason.WORK_TOO_LARGE) if max_bytes and size > max_bytes \
-                    else CancelReason.TOO_MANY_FILES if max_files and files > max_files \
-                    else None
-                if reason is not None and not self._exited.is_set():
+                if max_bytes and size > max_bytes:
+                    reason = too_large
+                elif max_files and files > max_files:
+                    reason = CancelReason.TOO_MANY_FILES
+                else:
+                    continue
+                if not self._exited.is_set():
                     log.warning("job %s: %s; killing it", self.job.job_id, QUOTA_LOG[reason])
                     self.cancel(reason)
                     self.kill_now()
-                    return
+                return
             interval = max(cfg.quota_check_s, 20 * (time.perf_counter() - t0))
 
     # -- cancel and kill ----------------------------------------------------------------
