@@ -309,9 +309,11 @@ class Agent:
     async def register(self) -> None:
         async with self._register_lock:
             offered, left_out = self._offered_gpus()
-            caps = capabilities(offered, self.telemetry.reason if not left_out else
-                                "every GPU is left out of scheduling (config gpus, "
-                                "CUDA_VISIBLE_DEVICES or MIG mode)",
+            cpu_only_reason = self.telemetry.reason
+            if left_out and not offered:
+                cpu_only_reason = ("every GPU is left out of scheduling (config gpus, "
+                                   "CUDA_VISIBLE_DEVICES or MIG mode)")
+            caps = capabilities(offered, cpu_only_reason,
                                 models=sorted(await asyncio.to_thread(resolve_models,
                                                                       self.cfg)),
                                 bench=await self._bench_summary())

@@ -162,3 +162,30 @@ def test_registration_offers_dispatch_only_the_gpus_jobs_can_get(
     finally:
         Client.close_all()
         coord.stop()
+
+
+def test_a_node_left_no_gpu_registers_as_cpu_only(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a two-GPU node whose agent is told to use none (CUDA_VISIBLE_DEVICES="")
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    coord = start_coordinator(tmp_path / "coord")
+    agent = make_agent(tmp_path, url=coord.base_url)
+
+    async def register() -> None:
+        try:
+            await agent.register()
+        finally:
+            await agent.shutdown()
+
+    try:
+        asyncio.run(register())
+        # Then dispatch sees a CPU node, and people see both GPUs and why
+        miner = coord.store.miner("gpus-1")
+        assert miner is not None
+        caps = miner["capabilities"]
+        assert caps["gpus"] == [] and caps["cpu_only"] is True and caps["cuda"] == ""
+        assert "every GPU is left out" in caps["cpu_only_reason"]
+        assert [g["why"] for g in caps["gpus_not_offered"]] == ["CUDA_VISIBLE_DEVICES"] * 2
+    finally:
+        coord.stop()
