@@ -144,9 +144,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except SandboxUnavailable as exc:
         print(f"error: {exc} (or pass --no-sandbox)", file=sys.stderr)
         return ExitCode.SANDBOX_UNAVAILABLE
+    # Your own job, no daemon's quotas: as with bytes, no limit on its package's files.
     cfg = ExecutorConfig(out, cancel_grace_s=args.grace, contract_env=contract,
                          sandbox=isolation.sandbox, cgroups=isolation.cgroups,
-                         cgroup_note=isolation.cgroup_note)
+                         cgroup_note=isolation.cgroup_note, max_files=None)
     gpu_ids = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
     try:
         return asyncio.run(_exec(job, cfg, args, gpu_ids))
