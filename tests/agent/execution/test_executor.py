@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import CancelReason, Outcome
-from agent.execution.executor import JobRun
+from agent.execution.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.launcher import make_launcher
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
 
 PROGRESS_SCRIPT = r"""
@@ -288,3 +290,43 @@ def test_a_job_that_ends_with_too_many_files_fails_and_keeps_the_first(out: Path
     # And a job with as many files as the limit completes
     within = make_job({"type": "command", "argv": [PY, "-c", MANY_FILES]}, job_id="t2")
     assert run(within, out, config={"max_files": 203}).outcome == Outcome.COMPLETED
+
+
+SCRATCH_FLOOD = r"""
+import os
+work = os.environ["MINER_WORK_DIR"]
+for d in range(8):  # hard links: many names, made fast, each one for rmtree to unlink
+    os.mkdir(os.path.join(work, f"d{d}"))
+    open(os.path.join(work, f"d{d}", "one"), "w").close()
+    for i in range(10000):
+        os.link(os.path.join(work, f"d{d}", "one"), os.path.join(work, f"d{d}", str(i)))
+open(os.environ["MINER_RESULT_FILE"], "w").write("ok\n")
+"""
+
+
+def test_a_big_scratch_behind_a_tiny_package_is_removed_off_the_loop(out: Path) -> None:
+    # Given a job that leaves 80,000 names in its scratch and a tiny package (sealed on
+    # the event loop)
+    job = make_job({"type": "command", "argv": [PY, "-c", SCRATCH_FLOOD]})
+
+    async def main() -> tuple[JobReport, float, float]:
+        launcher = make_launcher("spawn")
+        job_run = JobRun(job, ExecutorConfig(out), launcher)
+        try:
+            task = asyncio.create_task(job_run.run())
+            worst = 0.0  # the loop's longest stall while the job runs and is packaged
+            while not task.done():
+                tick = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - tick)
+            report = await task
+            return report, worst, time.monotonic() - job_run.mono["finished"]
+        finally:
+            await launcher.close()
+
+    report, worst, took = asyncio.run(main())
+    # When it ends, its scratch goes, but the loop never stalls for the tree's removal
+    assert report.outcome == Outcome.COMPLETED, report.output
+    assert not (out / ".work" / "t1").exists()
+    # (0.9 s in one stall here when it was removed on the loop; 13 ms in a thread)
+    assert worst < max(0.2, took / 2), (worst, took)
