@@ -112,7 +112,7 @@ class AgentConfig:
     allowed_job_types: tuple[str, ...] = DEFAULT_ALLOWED_JOB_TYPES
     max_job_output_mb: int = 20480  # a job whose package grows past this fails
     max_job_work_mb: int = 102400  # a job whose work folder (scratch) grows past this fails
-    max_job_files: int = 20000  # a job whose package holds more files than this fails
+    max_job_files: int = 20000  # ... more entries (files, folders, links) fails
     job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)

@@ -85,7 +85,7 @@ class CancelReason(enum.StrEnum):
     REQUESTED = "requested"  # asked through the executor's API with no named source
     OUTPUT_TOO_LARGE = "output_too_large"  # the package grew past max_job_output_mb
     WORK_TOO_LARGE = "work_too_large"  # the work folder grew past max_job_work_mb
-    TOO_MANY_FILES = "too_many_files"  # the package held more than max_job_files files
+    TOO_MANY_FILES = "too_many_files"  # the package held more than max_job_files entries
 
     @property
     def recorded(self) -> str:

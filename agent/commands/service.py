@@ -93,8 +93,9 @@ max_job_output_mb = 20480
 # A job whose work folder (scratch, HOME, caches) grows past this is stopped
 # (work_too_large), so one job cannot fill the state dir's disk.
 max_job_work_mb = 102400
-# A job whose package holds more files than this is stopped (output_too_large); the
-# seal packages only this many, so a job cannot flood the agent's memory with names.
+# A job whose package holds more files than this (folders and links count too) is
+# stopped (output_too_large); the seal packages only this many, so a job cannot
+# flood the agent's memory with names.
 max_job_files = 20000
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0

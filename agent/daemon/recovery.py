@@ -29,7 +29,7 @@ from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
 from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
-from agent.execution.package import PackageInfo, read_sealed, write_package
+from agent.execution.package import PackageInfo, has_entries, read_sealed, write_package
 from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,
@@ -147,7 +147,7 @@ class Recovery:
             return report_from_folder(folder)
         for sub in (LOGS_DIR, ARTIFACTS_DIR):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        partial = any((folder / ARTIFACTS_DIR).iterdir()) or (folder / RESULT_TEXT).exists()
+        partial = has_entries(folder / ARTIFACTS_DIR) or (folder / RESULT_TEXT).exists()
         output = {"job_id": job_id, "type": (raw.get("payload") or {}).get("type"),
                   "status": Outcome.FAILED.value, "partial": partial, "progress": {},
                   "metrics": {}, "error": {"code": "agent_restart", "message": message}}

@@ -36,7 +36,13 @@ from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
 from agent.execution.outcome import TOO_MANY_FILES, Verdict, classify, disk_full, signal_name
-from agent.execution.package import InlineSeals, PackageInfo, small_folder, write_package
+from agent.execution.package import (
+    InlineSeals,
+    PackageInfo,
+    has_entries,
+    small_folder,
+    write_package,
+)
 from agent.execution.prefetch import find_inputs, prefetch
 from agent.execution.sandbox import SandboxPolicy
 from agent.execution.sealwalk import MAX_FILES
@@ -48,7 +54,7 @@ log = logging.getLogger(__name__)
 
 QUOTA_LOG = {CancelReason.OUTPUT_TOO_LARGE: "its package holds more than max_job_output_mb",
              CancelReason.WORK_TOO_LARGE: "its work folder holds more than max_job_work_mb",
-             CancelReason.TOO_MANY_FILES: "its package holds more than max_job_files files"}
+             CancelReason.TOO_MANY_FILES: "its package holds more than max_job_files entries"}
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -503,7 +509,7 @@ class JobRun:
         return await self._package(verdict, status)
 
     async def _too_many_files(self, verdict: Verdict) -> Verdict:
-        """A job that completed with more files in its package than the seal takes fails
+        """A job that completed with more entries in its package than the seal takes fails
         (the quota's walk may not have come round yet): the package holds only the first."""
         cap = self.cfg.max_files
         if verdict.outcome is not Outcome.COMPLETED or not cap:
@@ -541,7 +547,7 @@ class JobRun:
             return True
         result = self.folder / RESULT_TEXT
         has_result = result.is_file() and result.stat().st_size > 0
-        return has_result or any((self.folder / ARTIFACTS_DIR).iterdir())
+        return has_result or has_entries(self.folder / ARTIFACTS_DIR)
 
     def build_output(self, verdict: Verdict, status: int | None) -> dict[str, Any]:
         progress = dict(self.progress)
@@ -698,28 +704,29 @@ def remove_scratch(work_dir: Path, tree: bool = True) -> bool:
 
 
 def folder_usage(folder: Path, stop_bytes: int | None = None,
-                 stop_files: int | None = None) -> tuple[int, int]:
-    """Bytes and number of the regular files under ``folder`` (no links followed); the
-    walk stops early once either passes its cap."""
-    total = files = 0
+                 stop_entries: int | None = None) -> tuple[int, int]:
+    """Bytes of the regular files under ``folder`` (no links followed), and how many
+    entries of any kind it holds; the walk stops early once either passes its cap."""
+    total = count = 0
     stack = [folder]
     while stack:
         try:
             with os.scandir(stack.pop()) as entries:
                 for entry in entries:
+                    count += 1
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(Path(entry.path))
                         elif entry.is_file(follow_symlinks=False):
                             total += entry.stat(follow_symlinks=False).st_size
-                            files += 1
                     except OSError:
                         continue
+                    if (stop_bytes and total > stop_bytes) or \
+                            (stop_entries and count > stop_entries):
+                        return total, count  # within a folder of a million too
         except OSError:
             continue
-        if (stop_bytes and total > stop_bytes) or (stop_files and files > stop_files):
-            break
-    return total, files
+    return total, count
 
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:

@@ -20,8 +20,9 @@ class Verdict:
 
 
 TOO_MANY_FILES = Verdict(Outcome.FAILED, "output_too_large",
-                         "the job wrote more than max_job_files files into its package; the "
-                         "first ones are kept, the rest listed under skipped")
+                         "the job wrote more than max_job_files files (folders and links "
+                         "count too) into its package; the first ones are kept, the rest "
+                         "listed under skipped")
 
 
 def signal_name(number: int) -> str:

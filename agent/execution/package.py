@@ -436,6 +436,16 @@ class InlineSeals:
             self._recent.clear()
 
 
+def has_entries(folder: Path) -> bool:
+    """Whether ``folder`` holds anything: one read of its first entries, where
+    ``any(folder.iterdir())`` lists every name first (a million, in a job's folder)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
 def small_folder(folder: Path, max_entries: int = 32, max_bytes: int = 256 << 10) -> bool:
     """At most ``max_entries`` entries under ``folder``, regular files of ``max_bytes`` in
     all, nothing else but folders: a walk that stops at the first sign of more."""

@@ -10,8 +10,9 @@ folder), FIFOs, sockets and devices, names that ``sha256sum`` would need escaped
 entries the agent may not read, and directories more than MAX_DEPTH levels down.
 
 A job can make files faster than any seal can take them (200,000 empty ones cost a
-seal 9 s and the agent 360 MB), so the walk is bounded too: it stops at the first file
-past ``max_files`` (listed as "past max_job_files", with every later entry left out
+seal 9 s and the agent 360 MB), so the walk is bounded too: it stops at the first entry
+past ``max_files`` (files, folders, links and the rest all count; listed as "past
+max_job_files", with every later entry left out
 unlisted), then takes the agent's own logs and result.txt wherever the stop fell, and
 lists at most MAX_SKIPPED left-out entries, then one line of how many more there were.
 """
@@ -91,7 +92,7 @@ class Walk:
         self.max_files = max_files
         self.root_fd = -1
         self.skipped: list[dict[str, str]] = []
-        self.files_seen = 0
+        self.seen = 0  # entries walked: files, folders, links and the rest
         self.full = False  # stopped at max_files: the package holds only the first ones
         self._unlisted = 0
         self._kept_seen: set[str] = set()
@@ -160,6 +161,11 @@ class Walk:
             if self.full:
                 return
             rel = prefix + name
+            if self.max_files is not None and self.seen >= self.max_files:
+                self.full = True
+                self.skipped.append({"path": rel, "reason": Skip.TOO_MANY.value})
+                return
+            self.seen += 1  # every entry: a million links or folders cost a walk as much
             try:
                 mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
             except FileNotFoundError:
@@ -173,12 +179,7 @@ class Walk:
                 self._skip(rel, Skip.NOT_REGULAR)
             elif not _safe_name(rel):
                 self._skip(rel.encode("unicode_escape").decode(), Skip.NEEDS_ESCAPING)
-            elif self.max_files is not None and self.files_seen >= self.max_files:
-                self.full = True
-                self.skipped.append({"path": rel, "reason": Skip.TOO_MANY.value})
-                return
             elif (opened := self._open_file(dir_fd, name, rel)) is not None:
-                self.files_seen += 1
                 if rel in KEPT:
                     self._kept_seen.add(rel)
                 yield opened

@@ -257,19 +257,33 @@ def test_a_flood_of_files_is_cut_at_max_files_and_the_agents_own_are_kept(
         (folder / "aaa" / f"d{i % 4}" / f"f{i:03}").write_bytes(b"x")
     for i in range(100):
         (folder / "artifacts" / f"a{i:03}").write_bytes(b"y")
-    # When the folder is sealed with a limit of 50 files
+    # When the folder is sealed with a limit of 50 entries
     info = write_package(folder, OUTPUT, max_files=50)
-    # Then it holds the first 50, then the logs and result.txt past the stop, no more
+    # Then it holds what the first 50 were (aaa/, aaa/d0/ and 48 files of it), then the
+    # logs and result.txt past the stop, no more
     paths = [m["path"] for m in info.manifest]
-    assert paths[:50] == sorted(paths[:50]) and all(p.startswith("aaa/") for p in paths[:50])
-    assert paths[50:] == ["result.txt", "logs/stdout.log", "logs/stderr.log"]
+    assert paths[:48] == [f"aaa/d0/f{4 * i:03}" for i in range(48)]
+    assert paths[48:] == ["result.txt", "logs/stdout.log", "logs/stderr.log"]
     # And the stop is listed once, with the first entry it left out
-    assert info.skipped == [{"path": "aaa/d1/f001",
+    assert info.skipped == [{"path": "aaa/d0/f192",
                              "reason": "past max_job_files: this and every later entry "
                                        "left out"}]
     assert_sealed(info, folder)
     # And without a limit every file is packaged
     assert len(write_package(folder, OUTPUT, max_files=None).manifest) == 303
+
+
+def test_links_count_against_max_files_too(folder: Path) -> None:
+    # Given 5,000 symlinks (never packaged, but each one a name for the walk)
+    for i in range(5000):
+        os.symlink("/etc/hostname", folder / "artifacts" / f"l{i:04}")
+    # When the folder is sealed with a limit of 100 entries
+    info = write_package(folder, OUTPUT, max_files=100)
+    # Then the walk stops after 100, lists 99 links and the stop, and keeps the agent's own
+    assert len(info.skipped) == 100 and info.skipped[-1]["path"] == "artifacts/l0099"
+    assert info.skipped[-1]["reason"].startswith("past max_job_files")
+    assert [m["path"] for m in info.manifest] == ["result.txt", "logs/stdout.log"]
+    assert_sealed(info, folder)
 
 
 def test_left_out_entries_are_listed_up_to_a_bound_then_counted(folder: Path) -> None:

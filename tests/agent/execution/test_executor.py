@@ -280,16 +280,18 @@ def test_a_job_that_ends_with_too_many_files_fails_and_keeps_the_first(out: Path
         report.error_message or "")
     output = json.loads((out / "job_t1/output.json").read_text())
     assert output["cancel"] is None
-    # And the package holds the first 20 files and the agent's own, and checks out
+    # And the package holds what the first 20 entries were (artifacts/ and 19 files in
+    # it) and the agent's own, and checks out
     paths = [f["path"] for f in output["files"]]
-    assert paths[:20] == [f"artifacts/f{i:03}" for i in range(20)]
-    assert set(paths[20:]) == {"result.txt", "logs/stdout.log", "logs/stderr.log"}
+    assert paths[:19] == [f"artifacts/f{i:03}" for i in range(19)]
+    assert set(paths[19:]) == {"result.txt", "logs/stdout.log", "logs/stderr.log"}
     check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"],
                            cwd=out / "job_t1", capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    # And a job with as many files as the limit completes
+    # And a job with as many entries as the limit completes (artifacts/, its 200 files,
+    # logs/, two logs, result.txt)
     within = make_job({"type": "command", "argv": [PY, "-c", MANY_FILES]}, job_id="t2")
-    assert run(within, out, config={"max_files": 203}).outcome == Outcome.COMPLETED
+    assert run(within, out, config={"max_files": 205}).outcome == Outcome.COMPLETED
 
 
 SCRATCH_FLOOD = r"""
