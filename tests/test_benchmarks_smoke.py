@@ -85,6 +85,24 @@ def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
     assert "agent / httpx per round: median" in out and "n=1)" in out
 
 
+def test_bench_seal_prints_both_arms_and_the_limit_holds(tmp_path: Path) -> None:
+    # Given the checkout, when the seal benchmark runs on 600 files with a limit of 100
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_seal", "--files", "600",
+                           "--limit", "100", "--pairs", "2", "--dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then its method, both arms (n=2 each), what each packaged and the ratios are printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "order alternating" in out and "600 empty files, limit 100 entries" in out
+    limited = next(x for x in out.splitlines() if x.startswith("  limited  : "))
+    unlimited = next(x for x in out.splitlines() if x.startswith("  unlimited: "))
+    assert limited.count("n=2)") == 2 and limited.endswith("files packaged 100"), limited
+    assert unlimited.endswith("files packaged 602"), unlimited
+    assert "seal time, limited/unlimited per pair: median " in out
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_bench_fork_prints_both_arms_and_their_ratio() -> None:
     # Given the checkout, when the fork benchmark runs two pairs
