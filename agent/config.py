@@ -139,8 +139,9 @@ class AgentConfig:
     # 0: 80 % of its GPU's memory, or half the host's RAM for the CPU worker.
     model_memory_budget_mb: int = 0
     model_idle_s: float = 600.0  # a model unused this long is unloaded
-    # Below this much free space on the state dir's filesystem no job is taken (polling
-    # pauses, the heartbeat says why) until space returns; 0: no check.
+    # Below this much free space on the state dir's filesystem, or under 1 % of its
+    # inodes free, no job is taken (polling pauses, the heartbeat says why) until space
+    # returns; 0: no check.
     min_free_disk_mb: int = 1024
     # Node labels, advertised as capabilities.tags: a job whose constraints.tags ask for
     # a label goes only to nodes where it has that value (env: name=value,name=value).

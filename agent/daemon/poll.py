@@ -19,7 +19,8 @@ handed on as a job with a ``problem`` (the flow fails it with ``invalid_job``); 
 names none is logged and skipped, and no call is ever made with its id.
 
 Before each poll the free space on the state dir's filesystem is checked (one
-``statvfs``): below ``min_free_disk_mb`` no job is taken, ``pause_reason()`` says why
+``statvfs``): below ``min_free_disk_mb``, or with fewer than 1 % of its inodes free, no
+job is taken, ``pause_reason()`` says why
 (the heartbeat carries it), and the check runs again every few seconds until space
 returns. Running jobs go on meanwhile.
 
@@ -32,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import random
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -62,12 +63,26 @@ class _Abandoned(Exception):
     """Raised when a drain, a stop or a pause ends a held poll before its answer."""
 
 
-def free_mb(path: Path) -> int | None:
-    """Free MiB on the filesystem holding ``path`` (None where it cannot be read)."""
+INODE_FLOOR_SHARE = 100  # fewer than 1/100 of a filesystem's inodes free: low disk
+INODE_FLOOR_MIN = 64
+
+
+def low_disk(path: Path, floor_mb: int) -> str | None:
+    """Why the filesystem holding ``path`` is too full to take a job, or None: fewer
+    than ``floor_mb`` MiB free, or fewer than 1 % of its inodes (a job's flood of empty
+    files fills those first). One ``statvfs``; None where it cannot be read."""
     try:
-        return shutil.disk_usage(path).free >> 20
+        st = os.statvfs(path)
     except OSError:
         return None
+    free = st.f_bavail * st.f_frsize >> 20
+    if free < floor_mb:
+        return f"low disk: {free} MiB free < min_free_disk_mb {floor_mb}"
+    inode_floor = max(INODE_FLOOR_MIN, st.f_files // INODE_FLOOR_SHARE)
+    if st.f_files and st.f_favail < inode_floor:  # f_files 0: no inode limit (btrfs)
+        return (f"low disk: {st.f_favail} inodes free < {inode_floor} (1 % of "
+                f"{st.f_files})")
+    return None
 
 
 class PollLoop:
@@ -106,16 +121,17 @@ class PollLoop:
         return self._paused
 
     def _disk_low(self) -> bool:
-        """Check the state dir's free space; log and tell ``on_pause`` on each change."""
+        """Check the state dir's free space and inodes; log and tell ``on_pause`` on each
+        change."""
         floor = self.cfg.min_free_disk_mb
-        free = free_mb(self.cfg.state_dir) if floor else None
+        why = low_disk(self.cfg.state_dir, floor) if floor else None
         was = self._paused
-        if free is None or free >= floor:
+        if why is None:
             self._paused = None
             if was is not None:
-                log.info("disk space is back (%s MiB free); taking jobs again", free)
+                log.info("disk space is back; taking jobs again")
         else:
-            self._paused = f"low disk: {free} MiB free < min_free_disk_mb {floor}"
+            self._paused = why
             if was is None:
                 log.warning("not taking jobs: %s (state dir %s)", self._paused,
                             self.cfg.state_dir)

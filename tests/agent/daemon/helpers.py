@@ -150,13 +150,14 @@ class Client:
 
 
 @contextlib.contextmanager
-def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
-    """``mount`` on its own ``size_mb`` MiB tmpfs (root only: the test is skipped where
-    mount fails), unmounted afterwards."""
+def tmpfs(mount: Path, size_mb: int, inodes: int | None = None) -> Iterator[Path]:
+    """``mount`` on its own ``size_mb`` MiB tmpfs of ``inodes`` inodes (root only: the
+    test is skipped where mount fails), unmounted afterwards."""
     import pytest
 
     mount.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+    options = f"size={size_mb}m" + (f",nr_inodes={inodes}" if inodes else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
                            str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a {size_mb} MiB tmpfs (needs root): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,35 @@ def test_a_job_that_fills_the_disk_fails_with_disk_full(
     after = client.submit(SLEEP)
     assert client.wait_status(after, "completed", "failed", timeout=60)["status"] == "completed"
     assert agent.proc.poll() is None
+
+
+def test_no_inodes_left_pauses_polling_as_low_disk_does(
+        tmp_path: Path, coord: ReferenceCoordinator, agents: list[AgentProcess]) -> None:
+    # Given a state dir on a filesystem of 2,000 inodes, all but 30 taken by empty files
+    # (plenty of bytes free), and a queued job
+    with tmpfs(tmp_path / "state", TMPFS_MB, inodes=2000) as state:
+        flood = state / "flood"
+        flood.mkdir()
+        made = 0
+        while os.statvfs(state).f_favail > 30:
+            (flood / str(made)).touch()
+            made += 1
+        client = Client(coord)
+        job_id = client.submit(SLEEP)
+        agent = AgentProcess(coord.base_url, state, min_free_disk_mb=1)
+        agents.append(agent)
+
+        def paused() -> str:
+            miner = coord.store.miner("miner-1") or {}
+            return str((miner.get("metadata") or {}).get("paused") or "")
+
+        # When the agent runs, it takes no job, and the heartbeat says it is the inodes
+        wait_until(lambda: "inodes free" in paused(), 30,
+                   lambda: f"no pause in the heartbeat:\n{agent.log()[-3000:]}")
+        assert "< 64 (1 % of 2000)" in paused(), paused()
+        assert client.job(job_id)["status"] == "pending"
+        # When the files go, polling resumes and the job completes
+        shutil.rmtree(flood)
+        view = client.wait_status(job_id, "completed", "failed", timeout=60)
+        assert view["status"] == "completed", view
+        agent.stop()
