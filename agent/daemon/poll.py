@@ -33,11 +33,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from agent.clock import wait_event
 from agent.config import AgentConfig
@@ -45,6 +43,7 @@ from agent.coordinator.client import CoordinatorClient, PolledJob
 from agent.coordinator.transport import BadAnswer, NotRegistered
 from agent.daemon.held import HeldJobs
 from agent.errors import CoordinatorError
+from agent.node.disk import low_disk
 
 log = logging.getLogger(__name__)
 DISK_RECHECK_S = 5.0
@@ -61,28 +60,6 @@ class _Next(enum.Enum):
 
 class _Abandoned(Exception):
     """Raised when a drain, a stop or a pause ends a held poll before its answer."""
-
-
-INODE_FLOOR_SHARE = 100  # fewer than 1/100 of a filesystem's inodes free: low disk
-INODE_FLOOR_MIN = 64
-
-
-def low_disk(path: Path, floor_mb: int) -> str | None:
-    """Why the filesystem holding ``path`` is too full to take a job, or None: fewer
-    than ``floor_mb`` MiB free, or fewer than 1 % of its inodes (a job's flood of empty
-    files fills those first). One ``statvfs``; None where it cannot be read."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    free = st.f_bavail * st.f_frsize >> 20
-    if free < floor_mb:
-        return f"low disk: {free} MiB free < min_free_disk_mb {floor_mb}"
-    inode_floor = max(INODE_FLOOR_MIN, st.f_files // INODE_FLOOR_SHARE)
-    if st.f_files and st.f_favail < inode_floor:  # f_files 0: no inode limit (btrfs)
-        return (f"low disk: {st.f_favail} inodes free < {inode_floor} (1 % of "
-                f"{st.f_files})")
-    return None
 
 
 class PollLoop:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.errors import ConfigError
+from agent.node.disk import inode_shortage
 from agent.node.telemetry import Telemetry
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -206,6 +207,10 @@ def check_dir(label: str, path: str | os.PathLike[str] | None) -> Check:
     if free_gb < DISK_FAIL_GB:
         return Check(name, "FAIL", f"{p}: only {free_gb:.2f} GiB free",
                      "free disk space (old results, unused models) or move the directory")
+    short = inode_shortage(os.statvfs(p))
+    if short:
+        return Check(name, "FAIL", f"{p}: {short}", "remove files (old results, a job's "
+                     "leftovers) or move the directory; the agent takes no job meanwhile")
     if free_gb < DISK_WARN_GB:
         return Check(name, "WARN", f"{p}: {free_gb:.1f} GiB free", "models need several GiB")
     return Check(name, "OK", f"{p}: {free_gb:.1f} GiB free")

@@ -21,6 +21,7 @@ from agent.commands import node
 from agent.execution.sandbox import find_bwrap
 from agent.node import doctor
 from agent.node.doctor import Check
+from tests.agent.daemon.helpers import tmpfs
 
 GOOD_KEY = "miner-key-123"
 
@@ -154,6 +155,19 @@ def test_directories(tmp_path: Path) -> None:
     assert doctor.check_dir("state", str(tmp_path)).status == "OK"
     assert doctor.check_dir("state", str(tmp_path / "absent")).status == "WARN"
     assert doctor.check_dir("cache", None).status == "FAIL"
+
+
+def test_a_directory_out_of_inodes_fails(tmp_path: Path) -> None:
+    # Given a state dir on a filesystem of 500 inodes, all but 20 taken by empty files
+    with tmpfs(tmp_path / "state", 16384, inodes=500) as state:  # bytes: never used
+        made = 0
+        while os.statvfs(state).f_favail > 20:
+            (state / str(made)).touch()
+            made += 1
+        # Then doctor fails it, though bytes are plentiful, and says what to do
+        check = doctor.check_dir("state", str(state))
+        assert check.status == "FAIL", check
+        assert "inodes free < 64 (1 % of 500)" in check.detail and "remove files" in check.fix
 
 
 def test_torch_verdicts() -> None:
