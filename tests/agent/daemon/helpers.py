@@ -166,3 +166,13 @@ def tmpfs(mount: Path, size_mb: int, inodes: int | None = None) -> Iterator[Path
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def use_inodes(folder: Path, leave: int) -> None:
+    """Fill ``folder`` with empty files until only ``leave`` inodes stay free on its
+    filesystem (a tmpfs of few inodes: a few thousand files at most)."""
+    folder.mkdir(exist_ok=True)
+    made = 0
+    while os.statvfs(folder).f_favail > leave:
+        (folder / str(made)).touch()
+        made += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from tests.agent.daemon.helpers import (
     Client,
     start_coordinator,
     tmpfs,
+    use_inodes,
     wait_until,
 )
 
@@ -36,6 +36,12 @@ def coord(tmp_path: Path) -> Iterator[ReferenceCoordinator]:
     coordinator.stop()
 
 
+def paused_reason(coord: ReferenceCoordinator) -> str:
+    """Why miner-1's last heartbeat says it takes no job ("" while it polls)."""
+    miner = coord.store.miner("miner-1") or {}
+    return str((miner.get("metadata") or {}).get("paused") or "")
+
+
 def _fill(path: Path, leave_mb: int) -> None:
     """Write a file until only ``leave_mb`` MiB stay free on ``path``'s filesystem."""
     size = shutil.disk_usage(path.parent).free - (leave_mb << 20)
@@ -54,18 +60,15 @@ def test_low_disk_pauses_polling_until_space_returns(
     agents.append(agent)
 
     # When the agent runs, it takes no job and the heartbeat says why
-    def paused() -> str:
-        miner = coord.store.miner("miner-1") or {}
-        return str((miner.get("metadata") or {}).get("paused") or "")
-
-    wait_until(lambda: paused().startswith("low disk: "), 30,
+    wait_until(lambda: paused_reason(coord).startswith("low disk: "), 30,
                lambda: f"no pause in the heartbeat:\n{agent.log()[-3000:]}")
-    assert "< min_free_disk_mb 8" in paused()
+    assert "< min_free_disk_mb 8" in paused_reason(coord)
     assert client.job(job_id)["status"] == "pending"  # not handed out
     # When space returns, polling resumes and the job completes
     filler.unlink()
     assert client.wait_status(job_id, "completed", "failed", timeout=60)["status"] == "completed"
-    wait_until(lambda: paused() == "", 30, lambda: f"still paused: {paused()}")
+    wait_until(lambda: paused_reason(coord) == "", 30,
+               lambda: f"still paused: {paused_reason(coord)}")
 
 
 def test_a_job_that_fills_the_disk_fails_with_disk_full(
@@ -98,24 +101,16 @@ def test_no_inodes_left_pauses_polling_as_low_disk_does(
     # (plenty of bytes free), and a queued job
     with tmpfs(tmp_path / "state", TMPFS_MB, inodes=2000) as state:
         flood = state / "flood"
-        flood.mkdir()
-        made = 0
-        while os.statvfs(state).f_favail > 30:
-            (flood / str(made)).touch()
-            made += 1
+        use_inodes(flood, leave=30)
         client = Client(coord)
         job_id = client.submit(SLEEP)
         agent = AgentProcess(coord.base_url, state, min_free_disk_mb=1)
         agents.append(agent)
 
-        def paused() -> str:
-            miner = coord.store.miner("miner-1") or {}
-            return str((miner.get("metadata") or {}).get("paused") or "")
-
         # When the agent runs, it takes no job, and the heartbeat says it is the inodes
-        wait_until(lambda: "inodes free" in paused(), 30,
+        wait_until(lambda: "inodes free" in paused_reason(coord), 30,
                    lambda: f"no pause in the heartbeat:\n{agent.log()[-3000:]}")
-        assert "< 64 (1 % of 2000)" in paused(), paused()
+        assert "< 64 (1 % of 2000)" in paused_reason(coord), paused_reason(coord)
         assert client.job(job_id)["status"] == "pending"
         # When the files go, polling resumes and the job completes
         shutil.rmtree(flood)

@@ -21,7 +21,7 @@ from agent.commands import node
 from agent.execution.sandbox import find_bwrap
 from agent.node import doctor
 from agent.node.doctor import Check
-from tests.agent.daemon.helpers import tmpfs
+from tests.agent.daemon.helpers import tmpfs, use_inodes
 
 GOOD_KEY = "miner-key-123"
 
@@ -160,10 +160,7 @@ def test_directories(tmp_path: Path) -> None:
 def test_a_directory_out_of_inodes_fails(tmp_path: Path) -> None:
     # Given a state dir on a filesystem of 500 inodes, all but 20 taken by empty files
     with tmpfs(tmp_path / "state", 16384, inodes=500) as state:  # bytes: never used
-        made = 0
-        while os.statvfs(state).f_favail > 20:
-            (state / str(made)).touch()
-            made += 1
+        use_inodes(state / "flood", leave=20)
         # Then doctor fails it, though bytes are plentiful, and says what to do
         check = doctor.check_dir("state", str(state))
         assert check.status == "FAIL", check
