@@ -35,7 +35,7 @@ from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCaptu
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
-from agent.execution.outcome import TOO_MANY_FILES, Verdict, classify, disk_full, signal_name
+from agent.execution.outcome import QUOTA_VERDICTS, Verdict, classify, disk_full, signal_name
 from agent.execution.package import (
     InlineSeals,
     PackageInfo,
@@ -51,10 +51,6 @@ from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_fold
 from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
-
-QUOTA_LOG = {CancelReason.OUTPUT_TOO_LARGE: "its package holds more than max_job_output_mb",
-             CancelReason.WORK_TOO_LARGE: "its work folder holds more than max_job_work_mb",
-             CancelReason.TOO_MANY_FILES: "its package holds more than max_job_files entries"}
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -415,7 +411,8 @@ class JobRun:
                 else:
                     continue
                 if not self._exited.is_set():
-                    log.warning("job %s: %s; killing it", self.job.job_id, QUOTA_LOG[reason])
+                    log.warning("job %s: killing it: %s", self.job.job_id,
+                                QUOTA_VERDICTS[reason].error_message)
                     self.cancel(reason)
                     self.kill_now()
                 return
@@ -521,8 +518,9 @@ class JobRun:
         _, files = await asyncio.to_thread(folder_usage, self.folder, None, cap)
         if files <= cap:
             return verdict
-        log.error("job %s: %s", self.job.job_id, TOO_MANY_FILES.error_message)
-        return TOO_MANY_FILES
+        verdict = QUOTA_VERDICTS[CancelReason.TOO_MANY_FILES]
+        log.error("job %s: %s", self.job.job_id, verdict.error_message)
+        return verdict
 
     async def _out_of_room(self, verdict: Verdict) -> Verdict:
         """A run that filled the disk fails with ``disk_full``. Its scratch goes first, so

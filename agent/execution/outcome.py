@@ -19,10 +19,20 @@ class Verdict:
     error_message: str | None
 
 
-TOO_MANY_FILES = Verdict(Outcome.FAILED, "output_too_large",
-                         "the job wrote more than max_job_files files (folders and links "
-                         "count too) into its package; the first ones are kept, the rest "
-                         "listed under skipped")
+# A job stopped for passing a quota (the executor's walks), by the quota it passed.
+QUOTA_VERDICTS = {
+    CancelReason.OUTPUT_TOO_LARGE: Verdict(
+        Outcome.FAILED, "output_too_large",
+        "the job wrote more than max_job_output_mb into its package; what it had is kept"),
+    CancelReason.TOO_MANY_FILES: Verdict(
+        Outcome.FAILED, "output_too_large",
+        "the job wrote more than max_job_files files (folders and links count too) into its "
+        "package; the first ones are kept, the rest listed under skipped"),
+    CancelReason.WORK_TOO_LARGE: Verdict(
+        Outcome.FAILED, "work_too_large",
+        "the job wrote more than max_job_work_mb into its work folder (scratch, HOME, "
+        "caches); its package is kept"),
+}
 
 
 def signal_name(number: int) -> str:
@@ -50,16 +60,8 @@ def classify(status: int | None, finished: dict[str, Any] | None,
         return Verdict(Outcome.COMPLETED, None, None)  # finished before a late cancel landed
     if cancel_reason is CancelReason.TIMEOUT or said == "timed_out":
         return Verdict(Outcome.TIMED_OUT, "timeout", "the job ran past its timeout")
-    if cancel_reason is CancelReason.OUTPUT_TOO_LARGE:
-        return Verdict(Outcome.FAILED, "output_too_large",
-                       "the job wrote more than max_job_output_mb into its package; "
-                       "what it had is kept")
-    if cancel_reason is CancelReason.TOO_MANY_FILES:
-        return TOO_MANY_FILES
-    if cancel_reason is CancelReason.WORK_TOO_LARGE:
-        return Verdict(Outcome.FAILED, "work_too_large",
-                       "the job wrote more than max_job_work_mb into its work folder "
-                       "(scratch, HOME, caches); its package is kept")
+    if cancel_reason in QUOTA_VERDICTS:
+        return QUOTA_VERDICTS[cancel_reason]
     if cancel_reason is not None and cancel_reason.is_shutdown:
         return Verdict(Outcome.LOST, "agent_shutdown",
                        "the agent shut down while the job was running")

@@ -369,8 +369,8 @@ def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True,
     """Seal a job folder whose processes are all gone: output.json, output.sha256, the zip.
 
     The folder's output.json is written last, once the zip is durable: a folder that
-    has one had its zip finished first. At most ``max_files`` files are packaged (the
-    rest are listed as skipped; None: no limit).
+    has one had its zip finished first. The walk stops past ``max_files`` entries (see
+    :mod:`agent.execution.sealwalk`; None: no limit).
     """
     zip_path = zip_of(folder) if make_zip else None
     with Walk(folder, max_files) as walk:
