@@ -130,7 +130,6 @@ class JobRun:
         self.cancel_reason: CancelReason | None = None
         self.forced_kill = False
         self._small: bool | None = None  # the package is tiny (small_folder), once known
-        self._scratch_gone = False
         self.progress: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.events_seen: dict[str, Any] = {}
@@ -623,9 +622,9 @@ class JobRun:
             output["cancel"]["packaged_at"] = iso(time.time())
         if self.cfg.inline_seals.allowed(self.folder, self._small):
             began = time.perf_counter()
-            info = self._seal_and_clean(output, on_loop=True)
+            info = self._seal_and_clean(output, scratch_tree=False)
             self.cfg.inline_seals.took(time.perf_counter() - began)
-            if not self.cfg.keep_work_dir and not self._scratch_gone:
+            if not self.cfg.keep_work_dir and self.work_dir.exists():
                 # A tiny package says nothing of the scratch: a tree there (a model cache,
                 # or a million files) is removed in a thread, never on the loop.
                 await asyncio.to_thread(remove_scratch, self.work_dir)
@@ -638,9 +637,11 @@ class JobRun:
         return JobReport(self.job.job_id, verdict.outcome, verdict.error_code,
                          verdict.error_message, bool(output["partial"]), output, info)
 
-    def _seal_and_clean(self, output: dict[str, Any], on_loop: bool = False) -> PackageInfo | None:
+    def _seal_and_clean(self, output: dict[str, Any],
+                        scratch_tree: bool = True) -> PackageInfo | None:
         """Seal the package, then drop the job's cgroup and scratch: one thread hop, or
-        none for a tiny package (:class:`InlineSeals`; then only an empty scratch goes)."""
+        none for a tiny package (:class:`InlineSeals`; then, without ``scratch_tree``,
+        only an empty scratch goes)."""
         try:
             info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip,
                                                      self.cfg.max_files)
@@ -650,7 +651,7 @@ class JobRun:
         if self.cgroup is not None:
             self.cgroup.remove()
         if not self.cfg.keep_work_dir:
-            self._scratch_gone = remove_scratch(self.work_dir, tree=not on_loop)
+            remove_scratch(self.work_dir, tree=scratch_tree)
         return info
 
     async def _report_without_process(self, code: str, message: str) -> JobReport:
@@ -684,10 +685,9 @@ def runtime_for(job_type: str, extra: Mapping[str, str],
     return path
 
 
-def remove_scratch(work_dir: Path, tree: bool = True) -> bool:
+def remove_scratch(work_dir: Path, tree: bool = True) -> None:
     """Remove a job's scratch folder: two rmdirs where the job left it empty (most do),
-    else, with ``tree``, the whole tree (``rmtree`` never follows a link the job left).
-    Whether it is gone."""
+    else, with ``tree``, the whole tree (``rmtree`` never follows a link the job left)."""
     try:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(work_dir / ".home")
@@ -695,10 +695,8 @@ def remove_scratch(work_dir: Path, tree: bool = True) -> bool:
     except FileNotFoundError:
         pass
     except OSError:
-        if not tree:
-            return False
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return True
+        if tree:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def folder_usage(folder: Path, stop_bytes: int | None = None,
