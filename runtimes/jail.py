@@ -13,8 +13,10 @@ it is PID 1, and that process (:func:`confine`), before any job code runs,
 2. unshares a mount, IPC, UTS and cgroup namespace (and a network namespace with
    only loopback, when the job's type has no network);
 3. covers every job folder with an empty read-only tmpfs and binds back only this
-   job's package folder and work dir, gets a private ``/tmp`` and ``/dev/shm``, and
-   unmounts the GPU device nodes that are not the job's;
+   job's package folder and work dir, binds its logs folder read-only over itself
+   (the agent writes the logs from the job's pipes; the job may not touch them), gets
+   a private ``/tmp`` and ``/dev/shm``, and unmounts the GPU device nodes that are
+   not the job's;
 4. mounts its own ``/proc``, drops every capability (bounding set included), locks
    the root-is-not-special securebits and sets no-new-privileges.
 
@@ -63,7 +65,10 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
@@ -101,6 +106,7 @@ class JailRequest:
     keep: list[str] = field(default_factory=list)  # read-only paths under /tmp to keep
     hostname: str = "job"
     tmp_size: int | None = None  # bytes each of /tmp and /dev/shm (None: half the RAM)
+    read_only: list[str] = field(default_factory=list)  # in its folders: bound read-only
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JailRequest:
@@ -112,7 +118,8 @@ class JailRequest:
                    gpu_devices=None if gpus is None else [str(d) for d in gpus],
                    keep=[str(p) for p in raw.get("keep", [])],
                    hostname=str(raw.get("hostname", "job"))[:63] or "job",
-                   tmp_size=max(int(size), 1 << 20) if size else None)
+                   tmp_size=max(int(size), 1 << 20) if size else None,
+                   read_only=[str(p) for p in raw.get("read_only", [])])
 
 
 def _lib() -> ctypes.CDLL:
@@ -227,8 +234,9 @@ class PidNamespaceForker:
 
 # -- the keeper (spawn path) ---------------------------------------------------------------
 def _private_views(request: JailRequest) -> None:
-    """Cover all job folders, then bind back this job's two; private /tmp and /dev/shm
-    of ``tmp_size`` bytes each.
+    """Cover all job folders, then bind back this job's two, with ``read_only`` (its
+    logs) bound read-only inside them; private /tmp and /dev/shm of ``tmp_size`` bytes
+    each.
 
     What must survive the fresh /tmp (the job's folders, and ``keep``: the code and
     read-only paths that live under /tmp, such as a checkout there) is bound aside
@@ -248,10 +256,33 @@ def _private_views(request: JailRequest) -> None:
         os.makedirs(root, exist_ok=True)  # under the fresh /tmp it has to be made again
         _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
     _move_back(mine)
+    for path in request.read_only:
+        _bind_read_only(path)
     for root in covered:  # nothing new can appear beside the job's folders
         _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _own_hosts(request.hostname)
     _umount(STAGE)
+
+
+def _bind_read_only(path: str) -> None:
+    """``path`` bound read-only over itself: the job can read what is there, but not
+    write, truncate, remove, rename or replace it (a mount point is busy), nor add to it.
+
+    A job that could swap ``logs/stdout.log`` for a link would have the agent, outside
+    the sandbox, read and ship whatever the link names as the job's log.
+    """
+    _mount(path, path, None, MS_BIND)
+    _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _kept_flags(path))
+
+
+def _kept_flags(mount_point: str) -> int:
+    """The flags of ``mount_point`` a remount must repeat: in a user namespace those
+    of a mount from outside it are locked, and a remount that drops one fails."""
+    flags = os.statvfs(mount_point).f_flag
+    return (MS_NOSUID * bool(flags & os.ST_NOSUID) | MS_NODEV * bool(flags & os.ST_NODEV)
+            | MS_NOEXEC * bool(flags & os.ST_NOEXEC) | MS_NOATIME * bool(flags & os.ST_NOATIME)
+            | MS_NODIRATIME * bool(flags & os.ST_NODIRATIME)
+            | MS_RELATIME * bool(flags & os.ST_RELATIME))
 
 
 def _own_hosts(hostname: str) -> None:
@@ -322,10 +353,8 @@ def _unlink_all(paths: list[str]) -> None:
 
 def _with_writable(mount_point: str, change: Callable[[], object]) -> None:
     """``change()`` with ``mount_point`` read-write, its other flags and mode kept."""
-    flags = os.statvfs(mount_point).f_flag
-    kept = MS_NOSUID * bool(flags & os.ST_NOSUID) | MS_NODEV * bool(flags & os.ST_NODEV) \
-        | MS_NOEXEC * bool(flags & os.ST_NOEXEC)
-    read_only = bool(flags & os.ST_RDONLY)
+    kept = _kept_flags(mount_point)
+    read_only = bool(os.statvfs(mount_point).f_flag & os.ST_RDONLY)
     if read_only:
         _mount(None, mount_point, None, MS_REMOUNT | kept)
     try:
@@ -423,10 +452,10 @@ def self_test() -> None:
 
     Run by the agent's probe (and ``doctor``) inside a throw-away sandbox.
     """
-    for folder in ("/tmp/jobs/p", "/tmp/work/w"):
+    for folder in ("/tmp/jobs/p/logs", "/tmp/work/w"):
         os.makedirs(folder, exist_ok=True)
     request = JailRequest("/tmp/jobs/p", "/tmp/work/w", ["/tmp/jobs", "/tmp/work"],
-                          network=False)
+                          network=False, read_only=["/tmp/jobs/p/logs"])
 
     def as_fork_server() -> None:
         confine(request, None)

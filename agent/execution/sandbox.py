@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.layout import LOGS_DIR
+
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 20.0
@@ -145,9 +147,15 @@ class SandboxPolicy:
 
     def jail(self, package_dir: Path, work_dir: Path, job_type: str,
              gpu_devices: list[str] | None) -> dict[str, Any]:
-        """The per-job request the keeper reads (``runtimes.jail.JailRequest``)."""
+        """The per-job request the keeper reads (``runtimes.jail.JailRequest``).
+
+        The package's logs are the agent's, written from the job's pipes: read-only
+        to the job, so it cannot remove what it printed or swap a log for a link that
+        the agent would then read and ship.
+        """
         return {"package_dir": str(package_dir), "work_dir": str(work_dir),
                 "covered": [str(self.jobs_root), str(self.work_root)],
+                "read_only": [str(package_dir / LOGS_DIR)],
                 "network": self.network_for(job_type), "gpu_devices": gpu_devices,
                 "keep": self.kept_under_fresh_trees, "tmp_size": self.tmp_bytes}
 

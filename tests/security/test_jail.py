@@ -45,6 +45,11 @@ if pid == 0:
             seen["umount"] = "worked"
         except OSError as exc:
             seen["umount"] = exc.errno
+        try:
+            open(os.path.join(req.read_only[0], "stdout.log"), "w").close()
+            seen["logs"] = "written"
+        except OSError as exc:
+            seen["logs"] = exc.errno
         seen.update(pid=os.getpid(), caps=caps, nnp=nnp[0],
                     jobs=os.listdir(os.path.dirname(req.package_dir)))
         os.write(w, json.dumps(seen).encode())
@@ -61,7 +66,7 @@ print(os.read(r, 65536).decode())
 def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
     # Given a node's sandbox with two GPU nodes and a control node (stand-ins: /dev/null)
     jobs, work = tmp_path / "jobs", tmp_path / "work"
-    for d in (jobs / "job_a", jobs / "job_b", work / "a"):
+    for d in (jobs / "job_a" / "logs", jobs / "job_b", work / "a"):
         d.mkdir(parents=True)
     policy = SandboxPolicy(jobs_root=jobs, work_root=work)
     argv = policy.argv([sys.executable, "-c", _INSIDE, json.dumps(policy.jail(
@@ -84,6 +89,8 @@ def test_the_jail_keeps_only_its_gpus_and_no_capability(tmp_path: Path) -> None:
     # and it sees its own package folder only, and cannot unmount the cover
     assert seen["jobs"] == ["job_a"]
     assert seen["umount"] == 1  # EPERM
+    # and its logs folder, which the agent writes, is read-only to it
+    assert seen["logs"] == 30  # EROFS
 
 
 def test_code_and_read_only_paths_under_tmp_survive_the_jobs_fresh_tmp(tmp_path: Path) -> None:

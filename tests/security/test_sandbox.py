@@ -343,6 +343,46 @@ EOF
     assert_serving(node)
 
 
+def test_a_job_cannot_touch_its_logs_nor_swap_them_for_a_link(node: dict[str, Any]) -> None:
+    # Given a job that prints, then tries to remove, truncate, move or replace its logs
+    # (a link in place of stdout.log had the agent ship the miner's key as the job's log)
+    key_file = node["key_file"]
+    script = f"""
+    echo printed-before; echo err-before >&2
+    d=$MINER_PACKAGE_DIR/logs
+    {{
+    rm -f $d/stdout.log; echo "rm $?"
+    ln -sf {key_file} $d/stdout.log; echo "link $?"
+    sh -c ": > $d/stderr.log"; echo "truncate $?"
+    mv $d $MINER_PACKAGE_DIR/moved; echo "move $?"
+    rm -rf $d; echo "remove $?"
+    ln -s {key_file} $d/more.log; echo "add $?"
+    }} > $MINER_RESULT_FILE 2> /dev/null
+    echo printed-after
+    """
+    job_id, view = run_script(node, script)
+    assert view["status"] == "completed", view
+    # Then every attempt failed: the logs folder is read-only to the job and busy
+    attempts = dict(line.split() for line in result_text(node, job_id).splitlines())
+    assert set(attempts) == {"rm", "link", "truncate", "move", "remove", "add"}, attempts
+    assert all(status != "0" for status in attempts.values()), attempts
+    # And the package holds every byte it printed, and no key, as does the shipped log
+    assert_sealed_and_clean(node, job_id)
+    logs = package(node, job_id) / "logs"
+    assert (logs / "stdout.log").read_text() == "printed-before\nprinted-after\n"
+    assert (logs / "stderr.log").read_text() == "err-before\n"
+    assert sorted(p.name for p in logs.iterdir()) == ["stderr.log", "stdout.log"]
+    client: Client = node["client"]
+
+    def shipped() -> str:
+        resp = client.http.get(f"/v1/jobs/{job_id}/logs", params={"stream": "stdout"})
+        return resp.text
+
+    wait_until(lambda: "printed-after" in shipped(), 30, shipped)
+    assert shipped() == "printed-before\nprinted-after\n"
+    assert_serving(node)
+
+
 def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) -> None:
     # Given max_job_output_mb = 8 and a job that writes without end
     script = """
