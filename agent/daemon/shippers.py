@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from agent.coordinator.client import (
 )
 from agent.daemon.journal import Journal
 from agent.errors import CoordinatorError
+from agent.execution.capture import open_regular_fd
 from agent.layout import STREAMS, log_path
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ GZIP_LEVEL = 1
 WORTH_GZIP = 0.9
 RAW_RUN = 16
 MIN_GZIP_BYTES = 512
+# A link (ELOOP), a file where the folder was (ENOTDIR), a FIFO or a device (EINVAL)
+NOT_A_LOG = (errno.ELOOP, errno.ENOTDIR, errno.EINVAL)
 # A tick that found at least this much new log (a job logging flat out) looks again
 # after BUSY_WAIT_S rather than the ship interval.
 BUSY_WAIT_S = 0.05
@@ -88,6 +92,7 @@ class ChunkReader:
         self.compress = compress
         self._buffer = bytearray(max_chunk_bytes)
         self._raw_left: dict[tuple[str, str], int] = {}
+        self._refused: set[tuple[str, str]] = set()
 
     def read(self, key: tuple[str, str], path: Path,
              offset: int) -> asyncio.Future[Chunk | None]:
@@ -99,11 +104,20 @@ class ChunkReader:
     def forget(self, job_id: str) -> None:
         for stream in STREAMS:
             self._raw_left.pop((job_id, stream), None)
+            self._refused.discard((job_id, stream))
 
     def _read(self, key: tuple[str, str], path: Path, offset: int) -> Chunk | None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular_fd(path)  # a link in its place is not followed, nor read
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in NOT_A_LOG:
+                raise
+            if key not in self._refused:  # nothing to ship: the other stream goes on
+                self._refused.add(key)
+                log.warning("job %s: its %s log is not a regular file in a folder of its "
+                            "own (the job replaced it?): not shipped", *key)
             return None
         try:
             want = min(self.max_chunk, os.fstat(fd).st_size - offset)

@@ -222,10 +222,10 @@ class LineTail:
     def read_lines(self, upto: int | None = None) -> list[bytes]:
         """New complete lines (with their newline) since the last call."""
         try:
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path) as fh:
                 fh.seek(self.offset)
                 data = fh.read() if upto is None else fh.read(max(0, upto - self.offset))
-        except FileNotFoundError:
+        except OSError:  # gone, or no longer the agent's regular file
             return []
         self.offset += len(data)
         buf = self._partial + data
@@ -247,17 +247,29 @@ def open_regular(path: Path) -> BinaryIO:
     """``path`` open for reading if it is a regular file, else OSError.
 
     A job writes its own package: where a log or its result text should be, it may
-    leave a FIFO (a read would wait forever) or a link to ``/dev/zero`` (a read would
-    never end). Neither is followed nor read.
+    leave a FIFO (a read would wait forever), a link to ``/dev/zero`` (a read would
+    never end) or a link to a file of the agent's (which a report or a shipped log
+    would carry off the node). No link is followed, neither the file nor the folder
+    it is in (``logs``), and only a regular file is read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    return os.fdopen(open_regular_fd(path), "rb")
+
+
+def open_regular_fd(path: Path) -> int:
+    """:func:`open_regular` as a bare descriptor (for ``preadv``)."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=folder)
+    finally:
+        os.close(folder)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
 
 
 def tail_bytes(path: Path, max_bytes: int) -> str:

@@ -480,7 +480,7 @@ class JobRun:
         if self.on_line is None:
             return
         tail = self._tails[stream]
-        lines = tail.read_lines()
+        lines = tail.read_lines(upto=self.captures[stream].size)  # what the agent wrote
         if final:
             lines += tail.flush()
         for line in lines:

@@ -17,6 +17,7 @@ from agent.aio import new_event_loop
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun
 from agent.execution.launcher import make_launcher
 from agent.jobs import Job
+from agent.layout import log_path
 from tests.agent.daemon.helpers import AgentProcess, Client
 
 PY = sys.executable
@@ -66,6 +67,26 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+def planted(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Three job folders whose logs a job replaced: stdout.log by a link to a secret,
+    the whole logs folder by a link to another job's, stderr.log by a FIFO."""
+    secret = tmp_path / "api-key"
+    secret.write_bytes(b"miner-key\n")
+    other = tmp_path / "job_other"
+    log_path(other, "stdout").parent.mkdir(parents=True)
+    log_path(other, "stdout").write_bytes(b"another tenant's output\n")
+    linked, moved = tmp_path / "job_linked", tmp_path / "job_moved"
+    log_path(linked, "stdout").parent.mkdir(parents=True)
+    log_path(linked, "stdout").symlink_to(secret)
+    log_path(linked, "stderr").write_bytes(b"its own\n")
+    moved.mkdir()
+    (moved / "logs").symlink_to(other / "logs")
+    fifo = tmp_path / "job_fifo"
+    log_path(fifo, "stderr").parent.mkdir(parents=True)
+    os.mkfifo(log_path(fifo, "stderr"))
+    return linked, moved, fifo
 
 
 def pid_alive(pid: int) -> bool:

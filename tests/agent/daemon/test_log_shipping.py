@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.clock import within
 from agent.coordinator.client import CoordinatorClient
 from agent.coordinator.retry import RetryPolicy
 from agent.daemon.journal import Journal
 from agent.daemon.shippers import ChunkReader, LogShipper, Shipped
 from agent.layout import log_path
+from tests.agent.conftest import planted
 from tests.agent.daemon.helpers import (
     MINER_KEY,
     AgentProcess,
@@ -54,6 +56,26 @@ def test_chunks_are_gzipped_where_that_shrinks_them_and_sent_raw_where_not(
         assert plain is not None and plain.encoding is None and plain.body == TEXT[:4096]
 
     asyncio.run(read())
+
+
+def test_a_log_swapped_for_a_link_or_a_fifo_is_not_shipped(tmp_path: Path) -> None:
+    # Given logs a job swapped for a link to a secret, a link to another job's logs
+    # folder, and a FIFO (the jail makes logs read-only; this holds without it too)
+    linked, moved, fifo = planted(tmp_path)
+    reader = ChunkReader(64 * 1024, compress=False)
+
+    async def read(folder: Path, stream: str) -> bytes | None:
+        chunk = await reader.read((folder.name, stream), log_path(folder, stream), 0)
+        return None if chunk is None else chunk.body
+
+    async def reads() -> None:
+        # Then none is read, the FIFO without blocking, and the other stream still is
+        assert await read(linked, "stdout") is None
+        assert await read(moved, "stdout") is None
+        assert await within(read(fifo, "stderr"), 5) is None
+        assert await read(linked, "stderr") == b"its own\n"
+
+    asyncio.run(reads())
 
 
 def test_a_tick_stops_at_its_budget_and_a_later_ship_catches_up_without_repeats(

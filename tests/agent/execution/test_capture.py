@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 from agent.errors import Outcome
-from tests.agent.conftest import PY, make_job, run
+from agent.execution.capture import LineTail, tail_bytes
+from agent.layout import log_path
+from tests.agent.conftest import PY, make_job, planted, run
 
 BINARY = r"""
 import os, random, sys
@@ -37,3 +39,20 @@ def test_binary_output_is_kept_byte_for_byte(out: Path) -> None:
     assert lines["stderr"] == [b"err line\n", b"partial"]
     manifest = {m["path"]: m["sha256"] for m in report.output["files"]}
     assert manifest["logs/stdout.log"] == hashlib.sha256(direct.stdout).hexdigest()
+
+
+def test_log_readers_follow_no_link_and_read_only_regular_files(tmp_path: Path) -> None:
+    # Given logs a job swapped for a link to a secret, a link to another job's logs
+    # folder, and a FIFO
+    linked, moved, fifo = planted(tmp_path)
+    # Then the report's tails read none of them (and the FIFO does not block)
+    assert tail_bytes(log_path(linked, "stdout"), 1 << 20) == ""
+    assert tail_bytes(log_path(moved, "stdout"), 1 << 20) == ""
+    assert tail_bytes(log_path(fifo, "stderr"), 1 << 20) == ""
+    assert tail_bytes(log_path(linked, "stderr"), 1 << 20) == "its own\n"
+    # And the console's line reader neither
+    assert LineTail(log_path(linked, "stdout")).read_lines() == []
+    assert LineTail(log_path(moved, "stdout")).read_lines() == []
+    # And it reads no further than the capture wrote, whatever the file holds
+    tail = LineTail(log_path(linked, "stderr"))
+    assert tail.read_lines(upto=4) == [] and tail.read_lines(upto=8) == [b"its own\n"]
