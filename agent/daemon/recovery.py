@@ -12,7 +12,6 @@ Periodically: done jobs' packages are pruned by age and total size
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -34,12 +33,8 @@ from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,
     LOGS_DIR,
-    OUTPUT_JSON,
     RESULT_TEXT,
-    checksum_of,
     job_folder,
-    job_id_of,
-    zip_of,
 )
 
 log = logging.getLogger(__name__)
@@ -141,10 +136,11 @@ class Recovery:
             return JobReport(job_id, Outcome.FAILED, "invalid_job", "malformed job id", False,
                              {"status": "failed", "metrics": {}}, None)
         folder = job_folder(self.out_root, job_id)
-        # Packaged before the crash: report what it says (read_sealed puts back from the
-        # durable zip an output.json or sidecar that a power cut left empty).
-        if read_sealed(folder) is not None:
-            return report_from_folder(folder)
+        # Packaged before the crash: report what its zip says (read_sealed puts the
+        # folder's output.json and sidecar back from it; the job may have forged them).
+        sealed = read_sealed(folder)
+        if sealed is not None:
+            return report_from_package(job_id, sealed)
         for sub in (LOGS_DIR, ARTIFACTS_DIR):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         partial = has_entries(folder / ARTIFACTS_DIR) or (folder / RESULT_TEXT).exists()
@@ -152,10 +148,12 @@ class Recovery:
                   "status": Outcome.FAILED.value, "partial": partial, "progress": {},
                   "metrics": {}, "error": {"code": "agent_restart", "message": message}}
         try:
-            write_package(folder, output, max_files=self.flow.cfg.max_job_files or None)
+            info = write_package(folder, output, max_files=self.flow.cfg.max_job_files or None)
         except (OSError, PackageError) as exc:
             log.error("job %s: cannot package leftovers: %s", job_id, exc)
-        return report_from_folder(folder)
+            return JobReport(job_id, Outcome.FAILED, "agent_restart", message, partial,
+                             output, None)
+        return report_from_package(job_id, info)
 
 
 def _job_or_none(raw: dict[str, Any]) -> Job | None:
@@ -165,16 +163,15 @@ def _job_or_none(raw: dict[str, Any]) -> Job | None:
         return None
 
 
-def report_from_folder(folder: Path) -> JobReport:
-    """A JobReport rebuilt from a written package (for recovery)."""
-    output = json.loads((folder / OUTPUT_JSON).read_text())
-    zip_path = zip_of(folder)
-    side = checksum_of(zip_path)
-    zip_sha = side.read_text().split()[0] if side.is_file() else None
-    info = PackageInfo(folder, zip_path if zip_path.is_file() else None, zip_sha,
-                       output.get("files", []), output.get("result_hash", ""),
-                       output.get("skipped", []), output)
-    error = output.get("error") or {}
-    return JobReport(output.get("job_id", job_id_of(folder)), Outcome(output["status"]),
-                     error.get("code"), error.get("message"), bool(output.get("partial")),
-                     output, info)
+def report_from_package(job_id: str, info: PackageInfo) -> JobReport:
+    """A JobReport rebuilt from a sealed package (for recovery), as the job ``job_id``:
+    the journal's id, never one the package names."""
+    output = info.output
+    error = output.get("error")
+    error = error if isinstance(error, dict) else {}
+    try:
+        outcome = Outcome(str(output.get("status")))
+    except ValueError:
+        outcome = Outcome.FAILED
+    return JobReport(job_id, outcome, error.get("code"), error.get("message"),
+                     bool(output.get("partial")), output, info)

@@ -474,15 +474,16 @@ def small_folder(folder: Path, max_entries: int = 32, max_bytes: int = 256 << 10
 def read_sealed(folder: Path) -> PackageInfo | None:
     """What an earlier seal of ``folder`` wrote, or None where it never finished.
 
-    For recovery after a crash. The zip is the durable copy (see :class:`_ZipDraft`):
-    an output.json or sidecar that a power cut left empty is rewritten from it. None:
-    no readable output.json in the folder or the zip, so the seal never finished.
+    For recovery after a crash. Only the zip is trusted: every seal the daemon makes
+    writes it first (see :class:`_ZipDraft`), beside the folder, where no job reaches.
+    The folder is the job's own: a job may have left an ``output.json`` of its making
+    there (any status, metrics or job id) before the agent died, and a power cut may
+    have left the seal's copy empty. So the folder's output.json and output.sha256 are
+    put back from the zip, and without a readable zip the seal never finished.
     """
     zip_path = zip_of(folder)
-    body = _read_or_none(folder / OUTPUT_JSON)
-    if _json_or_none(body) is None and zip_path.is_file():
-        body = _restore_from_zip(folder, zip_path)
-    output = _json_or_none(body)
+    output = _json_or_none(_restore_from_zip(folder, zip_path)) if zip_path.is_file() \
+        else None
     if output is None:
         return None
     zip_sha = None

@@ -99,6 +99,42 @@ def test_sigkill_mid_job_resumes_log_shipping_without_gaps_or_repeats(
         coord.stop()
 
 
+def test_an_output_json_a_job_forged_is_not_reported_after_a_restart(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a job that writes an output.json of its own into its package (completed, a
+    # day of GPU time) with a sidecar, and waits for the agent to die
+    coord = start_coordinator(tmp_path)
+    try:
+        client = Client(coord)
+        script = """
+        printf '{"job_id": "%s", "status": "completed", "partial": false, "files": [],
+                 "metrics": {"duration_ms": 86400000}}' $MINER_JOB_ID > $MINER_PACKAGE_DIR/output.json
+        echo forged > $MINER_RESULT_FILE
+        sha256sum $MINER_RESULT_FILE > $MINER_PACKAGE_DIR/output.sha256
+        echo planted; sleep 60
+        """
+        job_id = client.submit({"type": "command", "argv": ["sh", "-c", script]})
+        agent = AgentProcess(coord.base_url, tmp_path / "state", allowed_job_types="command")
+        agents.append(agent)
+        wait_until(lambda: b"planted" in coord.store.read_log(job_id, "stdout"), 60, agent.log)
+        agent.kill()
+        # When the agent comes back
+        again = AgentProcess(coord.base_url, tmp_path / "state", allowed_job_types="command")
+        agents.append(again)
+        # Then the job fails as agent_restart: the forged completion is not what is reported
+        job = client.wait_status(job_id, "failed", "completed", timeout=60)
+        assert job["status"] == "failed" and job["error"]["code"] == "agent_restart", job
+        assert all(r["metrics"].get("duration_ms", 0) < 86400000
+                   for r in client.receipts(job_id)), client.receipts(job_id)
+        # And the package is the agent's seal, which verifies
+        folder = tmp_path / "state/jobs" / f"job_{job_id}"
+        output = json.loads((folder / "output.json").read_text())
+        assert output["error"]["code"] == "agent_restart" and output["partial"] is True
+        assert verify(folder).ok
+    finally:
+        coord.stop()
+
+
 def test_leases_are_renewed_in_time_and_a_lost_one_stops_its_attempt(
         tmp_path: Path, agents: list[AgentProcess]) -> None:
     # Given 1.5 s leases and an agent whose own heartbeat interval is 5 s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 from pathlib import Path
 
@@ -88,3 +89,21 @@ def test_a_folder_never_sealed_reads_as_none(tmp_path: Path) -> None:
     # Then recovery learns it was never sealed, and may seal it now
     assert read_sealed(folder) is None
     assert read_sealed(tmp_path / "job_absent") is None
+
+
+def test_an_output_json_the_job_left_is_not_a_seal(tmp_path: Path) -> None:
+    # Given a job that wrote an output.json and sidecar of its own making into its
+    # package, and no zip (the agent died while it ran)
+    folder = _tiny_job(tmp_path)
+    forged = {"job_id": "someone-else", "status": "completed", "metrics": {"duration_ms": 9e9}}
+    (folder / "output.json").write_text(json.dumps(forged))
+    (folder / "output.sha256").write_text("0" * 64 + "  result.txt\n")
+    # Then recovery does not take it for a seal
+    assert read_sealed(folder) is None
+    # And once sealed, the seal's copy is what recovery reads and puts back
+    info = write_package(folder, {"job_id": "t", "status": "failed"})
+    (folder / "output.json").write_text(json.dumps(forged))
+    again = read_sealed(folder)
+    assert again is not None and again.output["status"] == "failed"
+    assert json.loads((folder / "output.json").read_text()) == info.output
+    assert verify(folder).ok
