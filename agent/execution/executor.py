@@ -51,6 +51,9 @@ from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_fold
 from runtimes.registry import resolve_path
 
 log = logging.getLogger(__name__)
+# A job's metrics (its metrics events, merged) land in output.json and in the report:
+# a job that sends metrics without end would otherwise grow the agent without end.
+MAX_METRICS_BYTES = 64 << 10
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -132,6 +135,7 @@ class JobRun:
         self._small: bool | None = None  # the package is tiny (small_folder), once known
         self.progress: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self._metrics_full = False  # past MAX_METRICS_BYTES: later metrics are dropped
         self.events_seen: dict[str, Any] = {}
         self.handle: ProcessHandle | None = None
         self.captures: dict[str, StreamCapture] = {}
@@ -368,14 +372,25 @@ class JobRun:
                 self.times["first_progress"] = time.time()
                 self.mono["first_progress"] = time.monotonic()
             self.progress = {k: v for k, v in event.items() if k not in ("event",)}
-        elif kind == "metrics" and isinstance(event.get("metrics"), dict):
-            self.metrics.update(event["metrics"])
-        elif kind == "finished" and isinstance(event.get("metrics"), dict):
-            self.metrics.update(event["metrics"])
+        elif kind in ("metrics", "finished") and isinstance(event.get("metrics"), dict):
+            self._merge_metrics(event["metrics"])
         if kind in ("finished", "partial", "error", "device", "cancel_seen"):
             self.events_seen[kind] = event
         if self.on_event is not None:
             self.on_event(event)
+
+    def _merge_metrics(self, metrics: dict[str, Any]) -> None:
+        """Take a metrics event's fields while all of them stay under MAX_METRICS_BYTES."""
+        if self._metrics_full:
+            return
+        merged = {**self.metrics, **metrics}
+        if len(json.dumps(merged)) <= MAX_METRICS_BYTES:
+            self.metrics = merged
+            return
+        self._metrics_full = True
+        self.metrics["truncated"] = True
+        log.warning("job %s: its metrics passed %d bytes; the rest it sends are dropped",
+                    self.job.job_id, MAX_METRICS_BYTES)
 
     async def _timeout_backstop(self) -> None:
         await asyncio.sleep(self.job.constraints.timeout_s + self.cfg.timeout_margin_s)

@@ -107,8 +107,9 @@ def test_an_output_json_a_job_forged_is_not_reported_after_a_restart(
     try:
         client = Client(coord)
         script = """
+        cd $MINER_PACKAGE_DIR
         printf '{"job_id": "%s", "status": "completed", "partial": false, "files": [],
-                 "metrics": {"duration_ms": 86400000}}' $MINER_JOB_ID > $MINER_PACKAGE_DIR/output.json
+                 "metrics": {"duration_ms": 86400000}}' $MINER_JOB_ID > output.json
         echo forged > $MINER_RESULT_FILE
         sha256sum $MINER_RESULT_FILE > $MINER_PACKAGE_DIR/output.sha256
         echo planted; sleep 60

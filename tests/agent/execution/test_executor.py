@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import CancelReason, Outcome
-from agent.execution.executor import ExecutorConfig, JobReport, JobRun
+from agent.execution.executor import MAX_METRICS_BYTES, ExecutorConfig, JobReport, JobRun
 from agent.execution.launcher import make_launcher
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
 
@@ -60,6 +60,28 @@ def test_events_never_reach_the_logs(out: Path) -> None:
     report = run(make_job({"type": "command", "argv": [PY, "-c", PROGRESS_SCRIPT]}), out)
     assert report.outcome == Outcome.COMPLETED
     assert b"progress" not in (out / "job_t1/logs/stdout.log").read_bytes()
+
+
+METRICS_FLOOD = r"""
+import json, os
+fd = int(os.environ["MINER_EVENTS_FD"])
+for i in range(2000):
+    metrics = {f"m{i}_{k}": "x" * 40 for k in range(50)}
+    os.write(fd, (json.dumps({"event": "metrics", "metrics": metrics}) + "\n").encode())
+os.write(fd, b'{"event": "metrics", "metrics": {"late": 1}}\n')
+"""
+
+
+def test_a_flood_of_metrics_is_bounded(out: Path) -> None:
+    # Given a program that sends 2,000 metrics events of 50 new fields each (~7 MB)
+    report = run(make_job({"type": "command", "argv": [PY, "-c", METRICS_FLOOD]}), out)
+    # Then the job completes, and its metrics stop at the bound, saying so
+    assert report.outcome == Outcome.COMPLETED, report.output
+    metrics = report.output["metrics"]
+    assert metrics["truncated"] is True and "late" not in metrics
+    assert "m0_0" in metrics and "duration_ms" in metrics
+    assert len(json.dumps(metrics)) < 2 * MAX_METRICS_BYTES
+    assert (out / "job_t1/output.json").stat().st_size < 4 * MAX_METRICS_BYTES
 
 
 def test_nonzero_exit_fails_with_its_code(out: Path) -> None:
