@@ -86,6 +86,7 @@ class CancelReason(enum.StrEnum):
     OUTPUT_TOO_LARGE = "output_too_large"  # the package grew past max_job_output_mb
     WORK_TOO_LARGE = "work_too_large"  # the work folder grew past max_job_work_mb
     TOO_MANY_FILES = "too_many_files"  # the package held more than max_job_files entries
+    WORK_TOO_MANY_FILES = "work_too_many_files"  # the work folder: max_job_work_files
 
     @property
     def recorded(self) -> str:

@@ -97,6 +97,9 @@ max_job_work_mb = 102400
 # stopped (output_too_large); the seal packages only this many, so a job cannot
 # flood the agent's memory with names.
 max_job_files = 20000
+# A job that makes more entries than this in its work folder is stopped
+# (work_too_large): a flood of empty files would use up the disk's inodes.
+max_job_work_files = 1000000
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0
 job_pids_max = 16384

@@ -111,7 +111,8 @@ class Agent:
                                   limits=self.isolation.limits,
                                   max_output_bytes=cfg.max_job_output_mb << 20 or None,
                                   max_work_bytes=cfg.max_job_work_mb << 20 or None,
-                                  max_files=cfg.max_job_files or None)
+                                  max_files=cfg.max_job_files or None,
+                                  max_work_files=cfg.max_job_work_files or None)
         self.warm = WarmPool(WarmSettings(cfg.state_dir / "warm", cfg.model_memory_budget_mb,
                                           cfg.model_idle_s)) if cfg.warm_models else None
         self.metrics = AgentMetrics()

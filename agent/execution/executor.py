@@ -80,6 +80,7 @@ class ExecutorConfig:
     max_output_bytes: int | None = None  # the package's size cap (max_job_output_mb)
     max_work_bytes: int | None = None  # the work folder's size cap (max_job_work_mb)
     max_files: int | None = MAX_FILES  # files the package may hold (max_job_files)
+    max_work_files: int | None = None  # entries the work folder may hold (max_job_work_files)
     quota_check_s: float = 0.25
     inline_seals: InlineSeals = field(default_factory=InlineSeals)  # shared by its runs
 
@@ -402,26 +403,29 @@ class JobRun:
     async def _quota_watch(self) -> None:
         """Kill the job once its package folder holds more than ``max_output_bytes`` or
         ``max_files`` files, or its work folder (scratch, HOME, caches) more than
-        ``max_work_bytes``.
+        ``max_work_bytes`` or ``max_work_files`` files: a flood of empty files there
+        would use up the inodes of the disk the journal and every package live on.
 
         At once, not after the cancel's grace: a job past its quota would only write
         more. The walks' own cost sets the pace (at most ~5 % of one core).
         """
         cfg = self.cfg
-        quotas = ((self.folder, cfg.max_output_bytes, cfg.max_files, CancelReason.OUTPUT_TOO_LARGE),
-                  (self.work_dir, cfg.max_work_bytes, None, CancelReason.WORK_TOO_LARGE))
+        quotas = ((self.folder, cfg.max_output_bytes, cfg.max_files,
+                   CancelReason.OUTPUT_TOO_LARGE, CancelReason.TOO_MANY_FILES),
+                  (self.work_dir, cfg.max_work_bytes, cfg.max_work_files,
+                   CancelReason.WORK_TOO_LARGE, CancelReason.WORK_TOO_MANY_FILES))
         watched = [quota for quota in quotas if quota[1] or quota[2]]
         interval = cfg.quota_check_s
         while watched and not self._exited.is_set():
             await asyncio.sleep(interval)
             t0 = time.perf_counter()
-            for folder, max_bytes, max_files, too_large in watched:
+            for folder, max_bytes, max_files, too_large, too_many in watched:
                 size, files = await asyncio.to_thread(folder_usage, folder, max_bytes,
                                                       max_files)
                 if max_bytes and size > max_bytes:
                     reason = too_large
                 elif max_files and files > max_files:
-                    reason = CancelReason.TOO_MANY_FILES
+                    reason = too_many
                 else:
                     continue
                 if not self._exited.is_set():

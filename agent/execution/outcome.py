@@ -32,6 +32,10 @@ QUOTA_VERDICTS = {
         Outcome.FAILED, "work_too_large",
         "the job wrote more than max_job_work_mb into its work folder (scratch, HOME, "
         "caches); its package is kept"),
+    CancelReason.WORK_TOO_MANY_FILES: Verdict(
+        Outcome.FAILED, "work_too_large",
+        "the job made more than max_job_work_files files (folders and links count too) in "
+        "its work folder (scratch, HOME, caches); its package is kept"),
 }
 
 

@@ -52,7 +52,7 @@ def node(request: pytest.FixtureRequest,
                          api_key_file=str(key_file), cancel_grace_s="2",
                          allowed_job_types="command,sleep", job_pids_max="256",
                          max_job_output_mb="8", max_job_work_mb="8", job_tmp_mb="16",
-                         max_job_files="50")
+                         max_job_files="50", max_job_work_files="2000")
     client = Client(coord)
     agent.wait_log("registered", timeout=120)
     yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
@@ -441,6 +441,30 @@ def test_work_quota_stops_a_job_that_fills_its_scratch(node: dict[str, Any]) -> 
     work = Path((folder / "artifacts" / "where").read_text().strip())
     assert work.is_relative_to(node["state"]) and not work.exists()
     assert "max_job_work_mb" in node["agent"].log()
+    assert_serving(node)
+
+
+def test_a_flood_of_files_in_the_scratch_stops_the_job(node: dict[str, Any]) -> None:
+    # Given max_job_work_files = 2000 and a job that makes 20,000 empty files in its
+    # work folder and goes on (each takes an inode of the state dir's disk)
+    script = """
+    echo partial > $MINER_RESULT_FILE
+    echo $MINER_WORK_DIR > $MINER_ARTIFACTS_DIR/where
+    cd $MINER_WORK_DIR && seq -f f%05g 20000 | xargs touch
+    sleep 60
+    """
+    job_id, view = run_script(node, script)
+    # Then the quota's walk stops it: work_too_large, naming the limit
+    assert view["status"] == "failed", view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["error"]["code"] == "work_too_large", output["error"]
+    assert "max_job_work_files" in output["error"]["message"]
+    assert output["cancel"]["reason"] == "work_too_many_files", output["cancel"]
+    # And its package is kept, its scratch removed
+    folder = package(node, job_id)
+    assert (folder / "result.txt").read_text().strip() == "partial"
+    work = Path((folder / "artifacts" / "where").read_text().strip())
+    wait_until(lambda: not work.exists(), 30)
     assert_serving(node)
 
 
