@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 import statistics
 import time
@@ -223,10 +224,13 @@ def _zip_files(zf: zipfile.ZipFile, top: str, files: Iterator[Opened]) -> list[d
 
 
 def _replace_at(dir_fd: int, name: str, data: bytes, durable: bool = False) -> None:
-    """Write ``name`` under a temporary name and rename it over the old one."""
+    """Write ``name`` under a temporary name and rename it over the old one.
+
+    Both names are the agent's own (the walk leaves them out). Whatever a job left
+    there, a link or a folder, is removed first: its processes are all gone by now.
+    """
     tmp = f".{name}.tmp"
-    with suppress(FileNotFoundError):  # O_EXCL below: never write through a planted link
-        os.unlink(tmp, dir_fd=dir_fd)
+    _remove_at(dir_fd, tmp)  # O_EXCL below: never write through a planted link
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=dir_fd)
     try:
@@ -235,7 +239,21 @@ def _replace_at(dir_fd: int, name: str, data: bytes, durable: bool = False) -> N
             os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except IsADirectoryError:  # a job's folder where ours goes: a file cannot replace it
+        _remove_at(dir_fd, name)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd``, a file, a link or a whole folder (no link followed)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(name, dir_fd=dir_fd)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -508,8 +526,12 @@ def _restore_from_zip(folder: Path, zip_path: Path) -> bytes | None:
     except (OSError, zipfile.BadZipFile, KeyError):
         return None
     if _json_or_none(body) is not None:
-        _replace_in(folder, CHECKSUMS, sums)
-        _replace_in(folder, OUTPUT_JSON, body)
+        try:
+            _replace_in(folder, CHECKSUMS, sums)
+            _replace_in(folder, OUTPUT_JSON, body)
+        except OSError as exc:  # the zip still says what the seal wrote
+            log.warning("%s: cannot put output.json back from %s: %s", folder, zip_path.name,
+                        exc)
     return body
 
 

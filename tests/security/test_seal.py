@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.execution.package import PackageInfo, build_manifest, write_package
+from agent.execution.package import PackageInfo, build_manifest, read_sealed, write_package
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-FOLDER-" + os.urandom(16).hex().encode()
 OUTPUT = {"job_id": "s", "status": "completed"}
@@ -91,6 +91,31 @@ def test_symlinks_to_outside_file_and_directory_are_skipped(folder: Path,
     assert {"path": "artifacts/leakdir", "reason": "symlink"} in info.skipped
     assert not any(m["path"].startswith("artifacts/leak") for m in info.manifest)
     assert_sealed(info, folder)
+
+
+def test_folders_a_job_left_at_the_agents_own_names_are_replaced(folder: Path,
+                                                                  outside: Path) -> None:
+    # Given folders where the seal writes output.json, output.sha256 and their
+    # temporary names, one holding a link to an outside folder (which rename cannot
+    # replace: the seal failed and the job was reported without a package)
+    for name in ("output.json", "output.sha256", ".output.json.tmp", ".output.sha256.tmp"):
+        (folder / name / "deep").mkdir(parents=True)
+        (folder / name / "deep" / "f").write_text("the job's")
+    (folder / "output.json" / "out").symlink_to(outside.parent)
+    # When it is sealed
+    info = write_package(folder, OUTPUT)
+    # Then the agent's files take those names, and nothing outside was touched
+    assert_sealed(info, folder)
+    assert json.loads((folder / "output.json").read_text())["status"] == "completed"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "artifacts", "logs", "output.json", "output.sha256", "result.txt"]
+    assert outside.read_bytes() == SECRET
+    # And recovery, finding its zip, reads and puts back the same against a new plant
+    (folder / "output.json").unlink()
+    (folder / "output.json" / "deep").mkdir(parents=True)
+    again = read_sealed(folder)
+    assert again is not None and again.output == info.output
+    assert json.loads((folder / "output.json").read_text()) == info.output
 
 
 def test_fifo_and_socket_are_skipped_without_blocking(folder: Path) -> None:
