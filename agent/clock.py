@@ -1,10 +1,12 @@
-"""Time helpers: the one ISO-8601 formatter (every timestamp is UTC) and a timed wait."""
+"""Time helpers: the one ISO-8601 formatter (every timestamp is UTC), a timed wait and
+a pace (a token bucket) for work a stranger can make arrive faster than it should."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -46,3 +48,20 @@ async def within(aw: Awaitable[T], timeout_s: float) -> T:
     """
     async with asyncio.timeout(timeout_s):
         return await aw
+
+
+class Pace:
+    """At most ``rate`` units a second on average, ``burst`` at once (a token bucket)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def take(self, cost: float) -> float:
+        """Spend ``cost`` units; the seconds to wait before the next spend (0: none)."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - cost
+        self._at = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

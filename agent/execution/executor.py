@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from agent.clock import iso, wait_event, within
+from agent.clock import Pace, iso, wait_event, within
 from agent.errors import CancelReason, LaunchError, Outcome, PackageError
 from agent.execution.capture import DEFAULT_MAX_LOG_BYTES, LineTail, StreamCapture, make_pipe
 from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
@@ -54,6 +54,16 @@ log = logging.getLogger(__name__)
 # A job's metrics (its metrics events, merged) land in output.json and in the report:
 # a job that sends metrics without end would otherwise grow the agent without end.
 MAX_METRICS_BYTES = 64 << 10
+# Any program a job runs may write to its events channel, and each line is parsed on the
+# agent's event loop: one job writing flat out had the loop parse 245k events a second,
+# a whole core, slowing every other job's supervision, heartbeats and polls. Each job's
+# events are read at this pace (a line costs one event per EVENT_UNIT_BYTES it holds,
+# plus one); a job that writes faster waits on its own writes. The runtimes send about
+# 4 a second (progress is throttled), and a burst of EVENTS_BURST passes at once.
+EVENTS_PER_S = 200.0
+EVENTS_BURST = 2000.0
+EVENT_UNIT_BYTES = 4096
+EVENT_LINE_MAX = 1 << 16  # a longer line is skipped (the runtimes keep theirs under 4000)
 
 LineCallback = Callable[[str, bytes], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -82,6 +92,7 @@ class ExecutorConfig:
     max_files: int | None = MAX_FILES  # files the package may hold (max_job_files)
     max_work_files: int | None = None  # entries the work folder may hold (max_job_work_files)
     quota_check_s: float = 0.25
+    events_per_s: float | None = EVENTS_PER_S  # None: unpaced (benchmarks compare)
     inline_seals: InlineSeals = field(default_factory=InlineSeals)  # shared by its runs
 
 
@@ -329,19 +340,28 @@ class JobRun:
 
     async def _read_events(self) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
+        reader = asyncio.StreamReader(limit=EVENT_LINE_MAX, loop=loop)
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
             os.fdopen(self._events_read, "rb", buffering=0))
+        rate = self.cfg.events_per_s
+        pace = Pace(rate, EVENTS_BURST) if rate else None
         try:
             while True:
                 try:
                     line = await reader.readline()
+                    size = len(line)
                 except ValueError:  # an over-long line: skip it, keep the channel
-                    continue
-                if not line:
-                    return
-                self._handle_event(line)
+                    size = EVENT_LINE_MAX
+                else:
+                    if not line:
+                        return
+                    self._handle_event(line)
+                # Paced while the job runs; what is left when it has exited is bounded
+                # (the pipe's and the reader's buffers) and read at once.
+                wait = pace.take(1 + size // EVENT_UNIT_BYTES) if pace else 0.0
+                if wait > 0 and not self._exited.is_set():
+                    await wait_event(self._exited, wait)
         finally:
             transport.close()
 

@@ -8,11 +8,19 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.errors import CancelReason, Outcome
-from agent.execution.executor import MAX_METRICS_BYTES, ExecutorConfig, JobReport, JobRun
+from agent.execution.executor import (
+    EVENTS_BURST,
+    EVENTS_PER_S,
+    MAX_METRICS_BYTES,
+    ExecutorConfig,
+    JobReport,
+    JobRun,
+)
 from agent.execution.launcher import make_launcher
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
 
@@ -82,6 +90,34 @@ def test_a_flood_of_metrics_is_bounded(out: Path) -> None:
     assert "m0_0" in metrics and "duration_ms" in metrics
     assert len(json.dumps(metrics)) < 2 * MAX_METRICS_BYTES
     assert (out / "job_t1/output.json").stat().st_size < 4 * MAX_METRICS_BYTES
+
+
+EVENTS_FLOOD = r"""
+import json, os, time
+fd = int(os.environ["MINER_EVENTS_FD"])
+line = (json.dumps({"event": "progress", "fraction": 0.5, "message": "x" * 3000}) + "\n")
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    os.write(fd, line.encode() * 16)
+os.write(fd, b'{"event": "progress", "fraction": 0.75, "stage": "last"}\n')
+"""
+
+
+def test_a_flood_of_events_is_read_at_a_pace(out: Path) -> None:
+    # Given a program that writes events flat out for a second, then one last (unpaced,
+    # the agent's loop parsed 28k in that second here, all the CPU it could get)
+    seen: list[dict[str, Any]] = []
+    started = time.monotonic()
+    report = run(make_job({"type": "command", "argv": [PY, "-c", EVENTS_FLOOD]}), out,
+                 on_event=seen.append)
+    elapsed = time.monotonic() - started
+    # Then the agent read them at its pace: a burst, then EVENTS_PER_S, plus what the
+    # buffers held when the job exited (64 KiB of pipe, 64 KiB of reader: ~45 lines)
+    assert report.outcome == Outcome.COMPLETED, report.output
+    assert len(seen) <= EVENTS_BURST + EVENTS_PER_S * elapsed + 100, (len(seen), elapsed)
+    # And the last event, written after the flood, still landed
+    assert report.output["progress"]["stage"] == "last"
+    assert report.output["progress"]["fraction"] == 1.0  # completed: the bar ends full
 
 
 def test_nonzero_exit_fails_with_its_code(out: Path) -> None:
