@@ -181,6 +181,7 @@ class Agent:
         self.drain_reason: str | None = None  # why it stops: in the heartbeat while draining
         self.registered_at: float | None = None
         self._last_prune = time.monotonic()
+        self._pruning: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self) -> int:
@@ -215,7 +216,7 @@ class Agent:
             return False
         if warm_task is not None:
             await self._until_stopped(warm_task)
-        self.recovery.prune()
+        await self.prune()
         await self.recovery.recover()
         await self.sampler.refresh()
         self.notifier.ready(status=self._status_line())
@@ -235,12 +236,22 @@ class Agent:
 
     def on_tick(self) -> None:
         now = time.monotonic()
-        if now - self._last_prune > PRUNE_INTERVAL_S:
+        if now - self._last_prune > PRUNE_INTERVAL_S and (
+                self._pruning is None or self._pruning.done()):
             self._last_prune = now
-            self.recovery.prune()
+            self._pruning = asyncio.get_running_loop().create_task(self.prune(), name="Prune")
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
         self.metrics.set_running(len(self.held))
+
+    async def prune(self) -> None:
+        """Old packages and orphaned scratch removed, in a thread: a package may hold
+        tens of thousands of files and a scratch a million, and the loop supervises
+        every job meanwhile (the journal's calls take its lock)."""
+        try:
+            await asyncio.to_thread(self.recovery.prune)
+        except Exception:  # noqa: BLE001 - logged; the next pass tries again
+            log.exception("retention: pruning failed; the next pass tries again")
 
     async def drain(self) -> None:
         """Stop leasing; let jobs finish up to the drain timeout; then cancel and report."""
@@ -292,6 +303,8 @@ class Agent:
             self._metrics_server.stop()
         self.sampler.close()
         self.telemetry.close()
+        if self._pruning is not None:  # its thread uses the journal: let it finish first
+            await asyncio.gather(self._pruning, return_exceptions=True)
         self.journal.close()
         log.info("agent stopped")
 

@@ -1,4 +1,5 @@
-"""The real daemon as a subprocess against a real reference coordinator on loopback."""
+"""The real daemon as a subprocess against a real reference coordinator on loopback (or
+in the test's own process, :func:`make_agent`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from agent.config import load_config
+from agent.daemon.lifecycle import Agent
 from agent.reference.coordinator import ReferenceCoordinator
 
 MINER_KEY = "test-miner-key"
@@ -24,6 +27,14 @@ FAST = {"heartbeat_interval_s": "0.5", "poll_interval_s": "0.1", "poll_max_inter
         "log_ship_interval_s": "0.2", "cancel_grace_s": "3", "drain_timeout_s": "30",
         "retry_base_s": "0.05", "retry_cap_s": "0.5", "launcher": "spawn",
         "log_level": "DEBUG", "log_format": "text"}
+
+
+def make_agent(tmp_path: Path, url: str = "http://127.0.0.1:9", **overrides: object) -> Agent:
+    """An agent in this process, not serving yet (nothing listens at the default URL)."""
+    cfg = load_config(Path("/dev/null"), environ={}, overrides={
+        "coordinator_url": url, "miner_id": "gpus-1", "launcher": "spawn",
+        "state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache", **overrides})
+    return Agent(cfg, MINER_KEY)
 
 
 def start_coordinator(tmp: Path, extensions: tuple[str, ...] | None = None,

@@ -3,8 +3,10 @@ journal keeps the record of a pruned package."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ import pytest
 
 from agent.daemon import journal as journal_mod
 from agent.daemon.journal import Journal, Phase
+from agent.daemon.lifecycle import PRUNE_INTERVAL_S
 from agent.daemon.retention import MIB, SUPERSEDED_DIR, Retention
 from agent.layout import job_folder, package_paths
+from tests.agent.daemon.helpers import make_agent
 
 DAY = 86400.0
 KEEP_S = 14 * DAY
@@ -266,3 +270,34 @@ def test_the_migration_upgrades_an_old_journal_and_keeps_its_rows(
     clock.wall += KEEP_S
     assert journal.expired(KEEP_S) == ["old"]
     journal.close()
+
+
+def test_the_hourly_prune_runs_off_the_event_loop(tmp_path: Path) -> None:
+    # Given an agent whose work folder holds a scratch no job holds, of 80,000 names
+    # (a job of a dead agent's; hard links: many names, made fast, each one to unlink)
+    agent = make_agent(tmp_path)
+    orphan = tmp_path / "state" / "work" / "gone-job"
+    for d in range(8):
+        (orphan / f"d{d}").mkdir(parents=True)
+        (orphan / f"d{d}" / "one").touch()
+        for i in range(10000):
+            os.link(orphan / f"d{d}" / "one", orphan / f"d{d}" / str(i))
+
+    async def tick() -> float:
+        # When the hour's prune comes due on the agent's tick
+        agent._last_prune -= 2 * PRUNE_INTERVAL_S
+        worst, start = 0.0, time.perf_counter()
+        agent.on_tick()
+        worst = time.perf_counter() - start
+        while orphan.exists():
+            tick = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - tick)
+        await agent.shutdown()
+        return worst
+
+    # Then the scratch goes while the loop keeps ticking
+    worst = asyncio.run(tick())
+    assert not orphan.exists()
+    # (0.81 s in one stall here when it ran on the loop)
+    assert worst < 0.2, worst

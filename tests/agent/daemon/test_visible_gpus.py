@@ -12,18 +12,10 @@ import pynvml
 import pytest
 
 import agent.node.telemetry as telemetry
-from agent.config import load_config
 from agent.daemon.lifecycle import Agent
 from agent.node.doctor import check_nvml
-from tests.agent.daemon.helpers import MINER_KEY, Client, start_coordinator
+from tests.agent.daemon.helpers import Client, make_agent, start_coordinator
 from tests.agent.node.test_telemetry import BrokenNvml, FakeNvml
-
-
-def make_agent(tmp_path: Path, url: str = "http://127.0.0.1:9", **overrides: object) -> Agent:
-    cfg = load_config(Path("/dev/null"), environ={}, overrides={
-        "coordinator_url": url, "miner_id": "gpus-1", "launcher": "spawn",
-        "state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache", **overrides})
-    return Agent(cfg, MINER_KEY)
 
 
 def close(agent: Agent) -> None:
