@@ -12,6 +12,7 @@ Periodically: done jobs' packages are pruned by age and total size
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from collections.abc import Callable
@@ -75,7 +76,9 @@ class Recovery:
             session = self.session()
             if session.shipper is not None:
                 await session.shipper.resume(record.job_id)
-            report = self._package_leftovers(record.job_id, record.job)
+            # In a thread: a job's folder may hold tens of thousands of files.
+            report = await asyncio.to_thread(self._package_leftovers, record.job_id,
+                                             record.job)
             if disposition(report.outcome, session.caps) is Disposition.DROP:
                 self.journal.set_phase(record.job_id, Phase.DROPPED,
                                        outcome=report.outcome.value)
@@ -126,7 +129,7 @@ class Recovery:
                         job_id)
             raw = {"job_id": job_id}
             self.journal.accept(job_id, raw, None)
-            report = self._package_leftovers(job_id, raw, UNRECORDED)
+            report = await asyncio.to_thread(self._package_leftovers, job_id, raw, UNRECORDED)
             await self.flow.finish(report, None, 0)
 
     def _package_leftovers(self, job_id: str, raw: dict[str, Any],
