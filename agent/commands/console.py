@@ -72,7 +72,8 @@ class JobConsole:
             parts.append(f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {frac * 100:5.1f}%")
         if p.get("stage"):
             parts.append(str(p["stage"]))
-        metrics = p.get("metrics") or {}
+        metrics = p.get("metrics")
+        metrics = metrics if isinstance(metrics, dict) else {}
         parts.extend(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:4])
         if p.get("message"):
             parts.append(str(p["message"]))

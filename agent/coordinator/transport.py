@@ -262,11 +262,26 @@ def _detail(resp: httpx.Response) -> str:
 
 
 def _encode_json(endpoint: str, body: Any) -> bytes:
-    data = jsonlib.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        data = jsonlib.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a NaN or an infinity somewhere: JSON has neither
+        logger.warning("%s body holds a NaN or infinite number; sent as null", endpoint)
+        data = jsonlib.dumps(_finite(body), separators=(",", ":"), allow_nan=False).encode()
     if len(data) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"{endpoint} body is {len(data)} bytes, over the coordinator's "
                            f"{MAX_BODY_BYTES}-byte limit; trim it (e.g. the result's log tail)")
     return data
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinite float replaced by None, as JSON can say."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 _NEVER_SENT = frozenset({"connect"})  # errors that say the request never went out

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -148,6 +149,7 @@ class JobRun:
         self.progress: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self._metrics_full = False  # past MAX_METRICS_BYTES: later metrics are dropped
+        self._subscriber_failed = False  # on_event raised once (logged once)
         self.events_seen: dict[str, Any] = {}
         self.handle: ProcessHandle | None = None
         self.captures: dict[str, StreamCapture] = {}
@@ -378,8 +380,8 @@ class JobRun:
         return now
 
     def _handle_event(self, line: bytes) -> None:
-        try:
-            event = json.loads(line)
+        try:  # NaN and Infinity, which JSON lacks (a diverged loss), arrive as null
+            event = json.loads(line, parse_constant=_no_constant, parse_float=_finite_or_none)
         except ValueError:
             return
         if not isinstance(event, dict) or not isinstance(event.get("event"), str):
@@ -392,13 +394,20 @@ class JobRun:
             if not self.progress:
                 self.times["first_progress"] = time.time()
                 self.mono["first_progress"] = time.monotonic()
-            self.progress = {k: v for k, v in event.items() if k not in ("event",)}
+            self.progress = progress_fields(event)
+            event = {"event": kind, **self.progress}  # subscribers see it as checked
         elif kind in ("metrics", "finished") and isinstance(event.get("metrics"), dict):
             self._merge_metrics(event["metrics"])
         if kind in ("finished", "partial", "error", "device", "cancel_seen"):
             self.events_seen[kind] = event
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a subscriber's bug never ends the run
+                if not self._subscriber_failed:
+                    self._subscriber_failed = True
+                    log.exception("job %s: an event subscriber failed; the job goes on",
+                                  self.job.job_id)
 
     def _merge_metrics(self, metrics: dict[str, Any]) -> None:
         """Take a metrics event's fields while all of them stay under MAX_METRICS_BYTES."""
@@ -722,6 +731,38 @@ def runtime_for(job_type: str, extra: Mapping[str, str],
             f"{', '.join(sorted(allowed)) or 'none'} (config field allowed_job_types, "
             "MINER_AGENT_ALLOWED_JOB_TYPES)", code="job_type_not_allowed")
     return path
+
+
+def _no_constant(_name: str) -> None:
+    return None
+
+
+def _finite_or_none(text: str) -> float | None:
+    value = float(text)  # 1e999 is inf
+    return value if math.isfinite(value) else None
+
+
+def progress_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """A progress event's fields as output.json, the coordinator and the console read
+    them: ``fraction`` a number clamped to 0..1, ``eta_s`` a number of at least 0,
+    ``stage`` and ``message`` strings, ``metrics`` an object. A field of another type
+    is dropped (the job's events are strangers' JSON); other fields are kept as sent."""
+    fields = {k: v for k, v in event.items() if k != "event"}
+    for name in ("fraction", "eta_s"):
+        value = fields.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            del fields[name]
+        elif name == "fraction":
+            fields[name] = min(1.0, max(0.0, float(value)))
+        else:
+            fields[name] = max(0.0, float(value))
+    for name, kind in (("stage", str), ("message", str), ("metrics", dict)):
+        if name in fields and not isinstance(fields[name], kind):
+            del fields[name]
+    return fields
 
 
 def remove_scratch(work_dir: Path, tree: bool = True) -> None:

@@ -212,6 +212,26 @@ def test_body_over_10_mib_is_413(core: ReferenceCoordinator) -> None:
     asyncio.run(flow())
 
 
+def test_a_nan_in_a_body_goes_out_as_null(core: ReferenceCoordinator) -> None:
+    # Given a result whose metrics hold NaN and infinities (JSON has neither; encoding
+    # raised ValueError, which took the agent's outbox loop down, every try)
+    job_id = submit(core, {"type": "sleep"})
+
+    async def flow() -> None:
+        async with miner(core) as client:
+            await client.register(GPU_CAPS, 1)
+            assert (await client.poll()) is not None
+            await client.result(job_id, {"output": "ok", "metrics": {"loss": float("nan")}},
+                                {"duration_ms": 1.0, "tflops": float("inf"),
+                                 "spread": [float("-inf"), 2.0]})
+
+    asyncio.run(flow())
+    # Then the coordinator took it, with null where the numbers were not numbers
+    job = status(core, job_id)
+    assert job["status"] == "completed"
+    assert job["result"]["metrics"] == {"loss": None}
+
+
 def test_keep_alive_requests_are_fast(core: ReferenceCoordinator) -> None:
     async def flow() -> float:
         async with miner(core) as client:

@@ -172,6 +172,34 @@ def test_failure_is_reported_and_the_slot_released(core: ReferenceCoordinator,
     assert core.store.miner("miner-1")["inflight"] == 0
 
 
+def test_a_nan_in_a_jobs_metrics_is_reported_as_null(ext: ReferenceCoordinator,
+                                                     tmp_path: Path,
+                                                     agents: list[AgentProcess]) -> None:
+    # Given a job whose loss diverged: NaN and Infinity in its metrics and progress
+    # (JSON has neither; the outbox refused to encode the report and crashed every
+    # second, and the job stayed running on the coordinator)
+    client = Client(ext)
+    script = """
+    echo '{"event": "metrics", "metrics": {"loss": NaN, "grad": -Infinity, "lr": 1e999}}' >&3
+    echo '{"event": "progress", "fraction": 0.5, "eta_s": Infinity, "metrics": {"l": NaN}}' >&3
+    echo trained > $MINER_RESULT_FILE
+    """
+    job_id = client.submit({"type": "command", "argv": ["sh", "-c", script]})
+    agent = AgentProcess(ext.base_url, tmp_path / "state", burst=True,
+                         allowed_job_types="command")
+    agents.append(agent)
+    assert agent.wait(60) == 0, agent.log()
+    # Then it is reported completed, the non-numbers as null
+    job = client.wait_status(job_id, "completed", timeout=30)
+    metrics = job["result"]["metrics"]
+    assert metrics["loss"] is None and metrics["grad"] is None and metrics["lr"] is None
+    # And its output.json is strict JSON, the job's own fields kept as null
+    text = (tmp_path / "state" / "jobs" / f"job_{job_id}" / "output.json").read_text()
+    output = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in output"))
+    assert output["metrics"]["loss"] is None
+    assert "Outbox.run failed" not in agent.log()
+
+
 def test_two_jobs_run_side_by_side_on_two_slots(core: ReferenceCoordinator, tmp_path: Path,
                                                 agents: list[AgentProcess]) -> None:
     client = Client(core)

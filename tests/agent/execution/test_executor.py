@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.commands.console import JobConsole
 from agent.errors import CancelReason, Outcome
 from agent.execution.executor import (
     EVENTS_BURST,
@@ -20,6 +22,7 @@ from agent.execution.executor import (
     ExecutorConfig,
     JobReport,
     JobRun,
+    progress_fields,
 )
 from agent.execution.launcher import make_launcher
 from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
@@ -118,6 +121,41 @@ def test_a_flood_of_events_is_read_at_a_pace(out: Path) -> None:
     # And the last event, written after the flood, still landed
     assert report.output["progress"]["stage"] == "last"
     assert report.output["progress"]["fraction"] == 1.0  # completed: the bar ends full
+
+
+BAD_PROGRESS = r"""
+import os
+fd = int(os.environ["MINER_EVENTS_FD"])
+os.write(fd, b'{"event": "progress", "fraction": "half", "metrics": [1, 2], "eta_s": true,'
+             b' "stage": {"a": 1}, "message": 7, "tokens": 12}\n')
+os.write(fd, b'{"event": "progress", "fraction": 7, "eta_s": -3, "stage": "work"}\n')
+raise SystemExit(1)
+"""
+
+
+def test_progress_fields_of_the_wrong_type_are_dropped_and_the_console_survives(
+        out: Path) -> None:
+    # Given a program whose progress events hold fields of the wrong types (the
+    # console's bar raised on them, which ended `exec` with a traceback and no package)
+    console = JobConsole("t1", io.StringIO())
+    firsts: list[dict[str, Any]] = []
+
+    def subscriber(event: dict[str, Any]) -> None:
+        console.event(event)
+        firsts.append(event)
+        raise RuntimeError("a subscriber's own bug")
+
+    report = run(make_job({"type": "command", "argv": [PY, "-c", BAD_PROGRESS]}), out,
+                 on_event=subscriber)
+    # Then the run ends as the job did, packaged, whatever its subscriber did
+    assert report.outcome == Outcome.FAILED and report.package is not None
+    assert [e["event"] for e in firsts] == ["started", "progress", "progress", "finished"]
+    # And each field of the wrong type was dropped, a number out of range clamped, in
+    # what subscribers saw and in output.json
+    assert firsts[1] == {"event": "progress", "tokens": 12}
+    assert firsts[2] == {"event": "progress", "fraction": 1.0, "eta_s": 0.0, "stage": "work"}
+    assert report.output["progress"] == {"fraction": 1.0, "eta_s": 0.0, "stage": "work"}
+    assert progress_fields({"fraction": float("nan"), "eta_s": 5}) == {"eta_s": 5.0}
 
 
 def test_nonzero_exit_fails_with_its_code(out: Path) -> None:
