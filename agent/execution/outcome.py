@@ -9,6 +9,11 @@ from typing import Any
 from agent.errors import CancelReason, Outcome
 
 DISK_FULL_MARGIN_BYTES = 1 << 20  # less free than this at the end: the job ran out of room
+# A job's own error code and message (its events) go into the /fail body as they are:
+# a coordinator stores a code as an identifier, and refused a non-string one (422), which
+# left the job running there until it expired.
+MAX_ERROR_CODE_CHARS = 64
+MAX_ERROR_MESSAGE_CHARS = 4000
 UNCHANGED_BY_DISK = (Outcome.CANCELED, Outcome.TIMED_OUT, Outcome.LOST)
 
 
@@ -72,8 +77,8 @@ def classify(status: int | None, finished: dict[str, Any] | None,
     if cancel_reason is not None:
         return Verdict(Outcome.CANCELED, "canceled", f"canceled ({cancel_reason.recorded})")
     if said == "failed" and status != 0:
-        return Verdict(Outcome.FAILED, fin.get("error_code") or "runtime_error",
-                       fin.get("error_message"))
+        return Verdict(Outcome.FAILED, _code(fin.get("error_code"), "runtime_error"),
+                       _message(fin.get("error_message"), None))
     if status is not None and status < 0:
         name = signal_name(-status)
         hint = " (out of memory? see the kernel log)" if -status == signal.SIGKILL else ""
@@ -81,9 +86,21 @@ def classify(status: int | None, finished: dict[str, Any] | None,
     if status == 0:
         return Verdict(Outcome.COMPLETED, None, None)
     if last_error is not None:
-        return Verdict(Outcome.FAILED, str(last_error.get("code") or "runtime_error"),
-                       str(last_error.get("message") or f"exited with status {status}"))
+        return Verdict(Outcome.FAILED, _code(last_error.get("code"), "runtime_error"),
+                       _message(last_error.get("message"), f"exited with status {status}"))
     return Verdict(Outcome.FAILED, "nonzero_exit", f"the job exited with status {status}")
+
+
+def _code(value: Any, default: str) -> str:
+    """A job's error code as a coordinator takes it: a non-empty string, bounded."""
+    text = value.strip() if isinstance(value, str) else ""
+    return text[:MAX_ERROR_CODE_CHARS] or default
+
+
+def _message(value: Any, default: str | None) -> str | None:
+    if value is None or value == "":
+        return default
+    return (value if isinstance(value, str) else str(value))[:MAX_ERROR_MESSAGE_CHARS]
 
 
 def disk_full(verdict: Verdict, cancel_reason: CancelReason | None, free_bytes: int | None,

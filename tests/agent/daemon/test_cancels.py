@@ -9,7 +9,7 @@ from agent.daemon.cancels import CancelInbox, Disposition, disposition
 from agent.daemon.held import Active, HeldJobs
 from agent.daemon.report import Report
 from agent.errors import CancelReason, Outcome
-from agent.execution.outcome import classify
+from agent.execution.outcome import MAX_ERROR_CODE_CHARS, MAX_ERROR_MESSAGE_CHARS, classify
 
 WITH_CANCEL = Capabilities(frozenset({"cancel", "lease"}))
 
@@ -34,6 +34,20 @@ def test_outcome_of_each_kind_of_cancel() -> None:
     verdict = classify(killed, None, CancelReason.DELISTED)
     assert verdict.outcome is Outcome.CANCELED
     assert verdict.error_message == "canceled (coordinator)"
+
+
+def test_a_jobs_own_error_code_and_message_are_bounded_strings() -> None:
+    # Given a runtime's last word, or a job's error event, naming codes of any JSON type
+    # (a coordinator refused a non-string code: the job stayed running there)
+    verdict = classify(1, {"outcome": "failed", "error_code": {"a": 1},
+                           "error_message": ["x"]}, None)
+    assert (verdict.error_code, verdict.error_message) == ("runtime_error", "['x']")
+    verdict = classify(1, None, None, {"code": "c" * 500, "message": "m" * 10_000})
+    assert verdict.error_code == "c" * MAX_ERROR_CODE_CHARS
+    assert verdict.error_message == "m" * MAX_ERROR_MESSAGE_CHARS
+    verdict = classify(1, None, None, {"code": "  ", "message": ""})
+    assert (verdict.error_code, verdict.error_message) == ("runtime_error",
+                                                           "exited with status 1")
 
 
 @pytest.mark.parametrize(("outcome", "caps", "dropped", "expected"), [
