@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from agent.daemon.uploads import plan as upload_plan
 from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
 from agent.execution.package import PackageInfo, has_entries, read_sealed, write_package
+from agent.execution.reclaim import remove_tree
 from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,
@@ -66,7 +66,7 @@ class Recovery:
         if self.work_root is not None and self.work_root.is_dir():
             for work in self.work_root.iterdir():
                 if work.name not in self.held:  # scratch of a job that died with an agent
-                    shutil.rmtree(work, ignore_errors=True)
+                    remove_tree(work)
 
     async def recover(self) -> None:
         """Deal with what a previous run of the agent left unfinished."""

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.daemon.journal import Journal
+from agent.execution.reclaim import remove_tree
 from agent.layout import FOLDER_PREFIX, job_folder, package_paths
 
 log = logging.getLogger(__name__)
@@ -114,13 +114,13 @@ class Retention:
 
     def _remove(self, item: Kept) -> None:
         if item.aside is not None:
-            shutil.rmtree(item.aside, ignore_errors=True)
+            remove_tree(item.aside)
         elif item.job_id is not None:
             self._remove_package(item.job_id)
 
     def _remove_package(self, job_id: str) -> None:
         folder, *files = package_paths(job_folder(self.out_root, job_id))
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         for path in files:
             path.unlink(missing_ok=True)
         self.journal.mark_pruned(job_id)

@@ -45,6 +45,7 @@ from agent.execution.package import (
     write_package,
 )
 from agent.execution.prefetch import find_inputs, prefetch
+from agent.execution.reclaim import remove_tree, unlock
 from agent.execution.sandbox import SandboxPolicy
 from agent.execution.sealwalk import MAX_FILES
 from agent.jobs import Job
@@ -581,7 +582,7 @@ class JobRun:
         if full is not verdict:
             log.error("job %s: %s", self.job.job_id, full.error_message)
             if not self.cfg.keep_work_dir:
-                await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+                await asyncio.to_thread(remove_tree, self.work_dir)
         return full
 
     def _partial(self, verdict: Verdict) -> bool:
@@ -690,17 +691,15 @@ class JobRun:
         """Seal the package, then drop the job's cgroup and scratch: one thread hop, or
         none for a tiny package (:class:`InlineSeals`; then, without ``scratch_tree``,
         only an empty scratch goes)."""
-        try:
-            info: PackageInfo | None = write_package(self.folder, output, self.cfg.make_zip,
-                                                     self.cfg.max_files)
-        except (OSError, PackageError) as exc:
-            log.error("job %s: packaging failed: %s", self.job.job_id, exc)
-            info = None
+        info = self._seal(output)
         if self.cgroup is not None:
             self.cgroup.remove()
         if not self.cfg.keep_work_dir:
             remove_scratch(self.work_dir, tree=scratch_tree)
         return info
+
+    def _seal(self, output: dict[str, Any]) -> PackageInfo | None:
+        return seal_unlocking(self.folder, output, self.cfg.make_zip, self.cfg.max_files)
 
     async def _report_without_process(self, code: str, message: str) -> JobReport:
         """A job refused before its process exists still leaves a package."""
@@ -742,6 +741,27 @@ def _finite_or_none(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def seal_unlocking(folder: Path, output: dict[str, Any], make_zip: bool = True,
+                   max_files: int | None = MAX_FILES) -> PackageInfo | None:
+    """``write_package``, and once more after :func:`unlock` where the job locked its
+    package's top (a locked folder inside is skipped, listed as unreadable); None, with
+    the reason logged, when it cannot be sealed."""
+    for retry in (True, False):
+        try:
+            return write_package(folder, output, make_zip, max_files)
+        except PermissionError as exc:
+            if retry:
+                log.warning("%s: the job locked its package folder (%s); unlocking it",
+                            folder.name, exc)
+                unlock(folder)
+                continue
+            log.error("%s: packaging failed: %s", folder.name, exc)
+        except (OSError, PackageError) as exc:
+            log.error("%s: packaging failed: %s", folder.name, exc)
+            break
+    return None
+
+
 def progress_fields(event: dict[str, Any]) -> dict[str, Any]:
     """A progress event's fields as output.json, the coordinator and the console read
     them: ``fraction`` a number clamped to 0..1, ``eta_s`` a number of at least 0,
@@ -776,7 +796,7 @@ def remove_scratch(work_dir: Path, tree: bool = True) -> None:
         pass
     except OSError:
         if tree:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            remove_tree(work_dir)
 
 
 def folder_usage(folder: Path, stop_bytes: int | None = None,

@@ -166,10 +166,8 @@ class Walk:
                 self.skipped.append({"path": rel, "reason": Skip.TOO_MANY.value})
                 return
             self.seen += 1  # every entry: a million links or folders cost a walk as much
-            try:
-                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-            except FileNotFoundError:
-                self._skip(rel, Skip.CHANGED)
+            mode = self._mode(dir_fd, name, rel)
+            if mode is None:
                 continue
             if stat.S_ISLNK(mode):
                 self._skip(rel, Skip.SYMLINK)
@@ -183,6 +181,16 @@ class Walk:
                 if rel in KEPT:
                     self._kept_seen.add(rel)
                 yield opened
+
+    def _mode(self, dir_fd: int, name: str, rel: str) -> int | None:
+        """The entry's mode (its own, not a link's target); None when skipped."""
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            self._skip(rel, Skip.CHANGED)
+        except PermissionError:  # in a folder the job can list but not enter (mode 600)
+            self._skip(rel, Skip.UNREADABLE)
+        return None
 
     def _subdir(self, parent_fd: int, name: str, rel: str, depth: int) -> Iterator[Opened]:
         if depth > MAX_DEPTH:

@@ -9,18 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.execution.executor import seal_unlocking
 from agent.execution.package import PackageInfo, build_manifest, read_sealed, write_package
+from agent.execution.reclaim import remove_tree
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-FOLDER-" + os.urandom(16).hex().encode()
 OUTPUT = {"job_id": "s", "status": "completed"}
@@ -324,3 +329,85 @@ def test_left_out_entries_are_listed_up_to_a_bound_then_counted(folder: Path) ->
                                   "(only the first 1000 are listed)"}
     assert json.loads((folder / "output.json").read_text())["skipped"] == info.skipped
     assert_sealed(info, folder)
+
+
+def unprivileged(work: Callable[[], Any]) -> Any:
+    """``work()`` as an unprivileged user (root reads and removes whatever a mode says),
+    in a forked child when this runs as root; its JSON-able answer comes back."""
+    if os.geteuid() != 0:
+        return work()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            answer = json.dumps({"ok": work()}).encode()
+        except BaseException as exc:  # noqa: BLE001 - the parent says what failed
+            answer = json.dumps({"error": repr(exc)}).encode()
+        os.write(write, answer)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    answer = json.loads(data)
+    assert "error" not in answer, answer["error"]
+    return answer["ok"]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder an unprivileged user may write in (pytest's tmp_path is root's 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="miner-locked-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # as root: whatever the modes
+
+
+def make_locked_job(root: Path) -> Path:
+    """A job folder whose job took its own permissions away: a folder of mode 000 and
+    one of 600 (listed, not entered) in artifacts/, and the folder's own top at 500."""
+    job = root / "jobs" / "job_locked"
+    (job / "logs").mkdir(parents=True)
+    (job / "logs" / "stdout.log").write_text("ran\n")
+    (job / "result.txt").write_text("done\n")
+    for name, mode in (("sealed", 0o000), ("dark", 0o600)):
+        (job / "artifacts" / name).mkdir(parents=True)
+        (job / "artifacts" / name / "weights.bin").write_bytes(b"w" * 1000)
+        (job / "artifacts" / name).chmod(mode)
+    job.chmod(0o500)
+    return job
+
+
+def test_a_package_whose_job_locked_it_is_still_sealed(shared_dir: Path) -> None:
+    # Given a job that locked its package's folders (the seal met EACCES and the job
+    # was reported without a package)
+    def seal() -> dict[str, Any]:
+        job = make_locked_job(shared_dir)
+        info = seal_unlocking(job, dict(OUTPUT))
+        assert info is not None
+        return {"files": [m["path"] for m in info.manifest], "skipped": info.skipped}
+
+    # When it is sealed by the agent's own (unprivileged) user
+    sealed = unprivileged(seal)
+    # Then the folders were opened back up and everything the job wrote is in it
+    assert sealed["files"] == ["artifacts/dark/weights.bin", "artifacts/sealed/weights.bin",
+                               "logs/stdout.log", "result.txt"], sealed
+    folder = shared_dir / "jobs" / "job_locked"
+    check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"], cwd=folder,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_tree_whose_job_locked_it_is_still_removed(shared_dir: Path) -> None:
+    # Given the same folders, a job's scratch or an old package (rmtree left them)
+    def remove() -> bool:
+        job = make_locked_job(shared_dir)
+        remove_tree(job)
+        return os.path.lexists(job)
+
+    # Then removing it as the agent's user leaves nothing
+    assert unprivileged(remove) is False
+    assert list((shared_dir / "jobs").iterdir()) == []
