@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -802,12 +803,17 @@ def remove_scratch(work_dir: Path, tree: bool = True) -> None:
 def folder_usage(folder: Path, stop_bytes: int | None = None,
                  stop_entries: int | None = None) -> tuple[int, int]:
     """Bytes of the regular files under ``folder`` (no links followed), and how many
-    entries of any kind it holds; the walk stops early once either passes its cap."""
+    entries of any kind it holds; the walk stops early once either passes its cap.
+
+    A folder the job locked (mode 000, or 600: listed, not entered) would hide what it
+    holds from the quota: it is unlocked first (the agent's user owns it)."""
     total = count = 0
     stack = [folder]
     while stack:
         try:
-            with os.scandir(stack.pop()) as entries:
+            path = stack.pop()
+            _enterable(path)
+            with os.scandir(path) as entries:
                 for entry in entries:
                     count += 1
                     try:
@@ -823,6 +829,18 @@ def folder_usage(folder: Path, stop_bytes: int | None = None,
         except OSError:
             continue
     return total, count
+
+
+def _enterable(folder: Path) -> None:
+    """Give the owner read, write and search on ``folder`` where it lacks them; a link
+    in its place is not followed (the job may swap one in while this runs)."""
+    fd = os.open(folder, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
+    finally:
+        os.close(fd)
 
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from agent.execution.executor import seal_unlocking
+from agent.execution.executor import folder_usage, seal_unlocking
 from agent.execution.package import PackageInfo, build_manifest, read_sealed, write_package
 from agent.execution.reclaim import remove_tree
 
@@ -411,3 +411,16 @@ def test_a_tree_whose_job_locked_it_is_still_removed(shared_dir: Path) -> None:
     # Then removing it as the agent's user leaves nothing
     assert unprivileged(remove) is False
     assert list((shared_dir / "jobs").iterdir()) == []
+
+
+def test_a_folder_a_job_locked_hides_nothing_from_its_quota(shared_dir: Path) -> None:
+    # Given the same folders while the job runs (its 2,000 bytes in locked folders were
+    # invisible to the quota's walk, so a job could write past max_job_output_mb)
+    def usage() -> list[int]:
+        job = make_locked_job(shared_dir)
+        return list(folder_usage(job))
+
+    # Then the walk, as the agent's user, counts every byte and every entry
+    size, entries = unprivileged(usage)
+    assert size == 2 * 1000 + len("ran\n") + len("done\n")
+    assert entries == 8  # logs, its log, result.txt, artifacts, 2 folders, 2 files
