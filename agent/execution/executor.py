@@ -544,6 +544,10 @@ class JobRun:
                           "holds the pipe", self.job.job_id, capture.name)
         for stream in self.captures:
             self._deliver_lines(stream, final=True)
+        # The job is gone: a package top it locked is opened back up for what reads it
+        # next (its result text, the partial check, the seal).
+        with contextlib.suppress(OSError):
+            _enterable(self.folder)
         last_error = self.events_seen.get("error")
         if status is None:
             verdict = Verdict(Outcome.FAILED, "launch_failed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -87,6 +88,34 @@ def planted(tmp_path: Path) -> tuple[Path, Path, Path]:
     log_path(fifo, "stderr").parent.mkdir(parents=True)
     os.mkfifo(log_path(fifo, "stderr"))
     return linked, moved, fifo
+
+
+def without_privileges(work: Callable[[], Any]) -> Any:
+    """``work()`` as the agent's user runs it, modes holding: root reads and removes
+    whatever a mode says, so as root it runs in a forked child that dropped every
+    capability first (a job's folders are the agent's own either way); its JSON-able
+    answer comes back, or its error fails the test."""
+    if os.geteuid() != 0:
+        return work()
+    from runtimes import jail
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            jail.drop_privileges()
+            answer = json.dumps({"ok": work()})
+        except BaseException as exc:  # noqa: BLE001 - the parent says what failed
+            answer = json.dumps({"error": repr(exc)})
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    answer = json.loads(data)
+    assert "error" not in answer, answer["error"]
+    return answer["ok"]
 
 
 def pid_alive(pid: int) -> bool:

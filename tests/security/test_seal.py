@@ -9,15 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pytest
 from agent.execution.executor import folder_usage, seal_unlocking
 from agent.execution.package import PackageInfo, build_manifest, read_sealed, write_package
 from agent.execution.reclaim import remove_tree
+from tests.agent.conftest import without_privileges
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-FOLDER-" + os.urandom(16).hex().encode()
 OUTPUT = {"job_id": "s", "status": "completed"}
@@ -331,41 +330,6 @@ def test_left_out_entries_are_listed_up_to_a_bound_then_counted(folder: Path) ->
     assert_sealed(info, folder)
 
 
-def unprivileged(work: Callable[[], Any]) -> Any:
-    """``work()`` as an unprivileged user (root reads and removes whatever a mode says),
-    in a forked child when this runs as root; its JSON-able answer comes back."""
-    if os.geteuid() != 0:
-        return work()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(read)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            answer = json.dumps({"ok": work()}).encode()
-        except BaseException as exc:  # noqa: BLE001 - the parent says what failed
-            answer = json.dumps({"error": repr(exc)}).encode()
-        os.write(write, answer)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    answer = json.loads(data)
-    assert "error" not in answer, answer["error"]
-    return answer["ok"]
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder an unprivileged user may write in (pytest's tmp_path is root's 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="miner-locked-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)  # as root: whatever the modes
-
-
 def make_locked_job(root: Path) -> Path:
     """A job folder whose job took its own permissions away: a folder of mode 000 and
     one of 600 (listed, not entered) in artifacts/, and the folder's own top at 500."""
@@ -381,46 +345,46 @@ def make_locked_job(root: Path) -> Path:
     return job
 
 
-def test_a_package_whose_job_locked_it_is_still_sealed(shared_dir: Path) -> None:
+def test_a_package_whose_job_locked_it_is_still_sealed(tmp_path: Path) -> None:
     # Given a job that locked its package's folders (the seal met EACCES and the job
     # was reported without a package)
     def seal() -> dict[str, Any]:
-        job = make_locked_job(shared_dir)
+        job = make_locked_job(tmp_path)
         info = seal_unlocking(job, dict(OUTPUT))
         assert info is not None
         return {"files": [m["path"] for m in info.manifest], "skipped": info.skipped}
 
-    # When it is sealed by the agent's own (unprivileged) user
-    sealed = unprivileged(seal)
+    # When it is sealed by the agent's own user (no capability: modes hold)
+    sealed = without_privileges(seal)
     # Then the folders were opened back up and everything the job wrote is in it
     assert sealed["files"] == ["artifacts/dark/weights.bin", "artifacts/sealed/weights.bin",
                                "logs/stdout.log", "result.txt"], sealed
-    folder = shared_dir / "jobs" / "job_locked"
+    folder = tmp_path / "jobs" / "job_locked"
     check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"], cwd=folder,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_a_tree_whose_job_locked_it_is_still_removed(shared_dir: Path) -> None:
+def test_a_tree_whose_job_locked_it_is_still_removed(tmp_path: Path) -> None:
     # Given the same folders, a job's scratch or an old package (rmtree left them)
     def remove() -> bool:
-        job = make_locked_job(shared_dir)
+        job = make_locked_job(tmp_path)
         remove_tree(job)
         return os.path.lexists(job)
 
     # Then removing it as the agent's user leaves nothing
-    assert unprivileged(remove) is False
-    assert list((shared_dir / "jobs").iterdir()) == []
+    assert without_privileges(remove) is False
+    assert list((tmp_path / "jobs").iterdir()) == []
 
 
-def test_a_folder_a_job_locked_hides_nothing_from_its_quota(shared_dir: Path) -> None:
+def test_a_folder_a_job_locked_hides_nothing_from_its_quota(tmp_path: Path) -> None:
     # Given the same folders while the job runs (its 2,000 bytes in locked folders were
     # invisible to the quota's walk, so a job could write past max_job_output_mb)
     def usage() -> list[int]:
-        job = make_locked_job(shared_dir)
+        job = make_locked_job(tmp_path)
         return list(folder_usage(job))
 
     # Then the walk, as the agent's user, counts every byte and every entry
-    size, entries = unprivileged(usage)
+    size, entries = without_privileges(usage)
     assert size == 2 * 1000 + len("ran\n") + len("done\n")
     assert entries == 8  # logs, its log, result.txt, artifacts, 2 folders, 2 files

@@ -25,7 +25,7 @@ from agent.execution.executor import (
     progress_fields,
 )
 from agent.execution.launcher import make_launcher
-from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for
+from tests.agent.conftest import PY, make_job, pid_alive, run, wait_for, without_privileges
 
 PROGRESS_SCRIPT = r"""
 import json, os, sys
@@ -156,6 +156,30 @@ def test_progress_fields_of_the_wrong_type_are_dropped_and_the_console_survives(
     assert firsts[2] == {"event": "progress", "fraction": 1.0, "eta_s": 0.0, "stage": "work"}
     assert report.output["progress"] == {"fraction": 1.0, "eta_s": 0.0, "stage": "work"}
     assert progress_fields({"fraction": float("nan"), "eta_s": 5}) == {"eta_s": 5.0}
+
+
+def test_a_failed_job_that_locked_its_package_is_still_reported_and_sealed(
+        out: Path) -> None:
+    # Given a job that locks a folder of its artifacts and its package's top, then fails
+    # (as the agent's user, the run raised PermissionError reading result.txt: in the
+    # daemon, a job never reported)
+    script = ("echo partial > $MINER_RESULT_FILE; mkdir $MINER_ARTIFACTS_DIR/x;"
+              "echo y > $MINER_ARTIFACTS_DIR/x/y; chmod 000 $MINER_ARTIFACTS_DIR/x;"
+              "chmod 000 $MINER_PACKAGE_DIR; exit 3")
+
+    def job() -> dict[str, Any]:
+        report = run(make_job({"type": "command", "argv": ["sh", "-c", script]}), out)
+        assert report.package is not None
+        return {"outcome": report.outcome.value, "partial": report.partial,
+                "files": [m["path"] for m in report.package.manifest],
+                "skipped": report.package.skipped}
+
+    # When the agent's user runs it (no capability: modes hold)
+    seen = without_privileges(job)
+    # Then it fails as it exited, partial, its result kept and the locked folder listed
+    assert (seen["outcome"], seen["partial"]) == ("failed", True), seen
+    assert seen["files"] == ["logs/stderr.log", "logs/stdout.log", "result.txt"]
+    assert seen["skipped"] == [{"path": "artifacts/x", "reason": "unreadable"}]
 
 
 def test_nonzero_exit_fails_with_its_code(out: Path) -> None:
