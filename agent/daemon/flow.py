@@ -28,7 +28,7 @@ from agent.daemon.report import Report, build_report, small_reads
 from agent.daemon.scheduler import Assignment, NoCapacity, Scheduler
 from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
-from agent.errors import AgentError, InvalidJob, LaunchError, UnsupportedConstraint
+from agent.errors import AgentError, InvalidJob, LaunchError, Outcome, UnsupportedConstraint
 from agent.execution.executor import ExecutorConfig, JobReport, JobRun, runtime_for
 from agent.execution.launcher import Launcher
 from agent.execution.warm import WarmPool
@@ -37,6 +37,7 @@ from agent.layout import job_folder, package_paths
 from agent.node.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+MAX_FAULT_CHARS = 500
 # What refuses a job before its process starts: reported as the job's failure, no package.
 REFUSALS = (InvalidJob, NoCapacity, LaunchError, UnsupportedConstraint, HookFailed)
 START_FLUSH_S = 1.0  # a started job's records are on disk within this (see JobFlow._run)
@@ -142,7 +143,13 @@ class JobFlow:
             self.wake_heartbeat()  # nothing is reported: only a heartbeat frees its slot
             return
         try:
-            report = await self._run(active, job, assignment)
+            try:
+                report = await self._run(active, job, assignment)
+            except Exception as exc:  # a fault of the agent's own: the job still ends
+                log.exception("job %s: the agent failed while running it", job_id)
+                self.scheduler.release(job_id)  # both no-ops where _run got to free them
+                self.held.release(job_id)
+                report = _agent_fault(job_id, exc)
             await asyncio.shield(self.conclude(active, report))
         finally:
             self.outbox.unexpect(job_id)  # reported, dropped or failed: no longer awaited
@@ -311,3 +318,12 @@ class JobFlow:
             if path.exists():
                 path.rename(aside / path.name)
         log.info("job %s: a new attempt; the earlier package is kept in %s", job_id, aside)
+
+
+def _agent_fault(job_id: str, exc: Exception) -> JobReport:
+    """The report of a job the agent itself failed (a bug): failed, ``agent_error``, so
+    the coordinator hears of it now rather than when its timeout or lease runs out."""
+    message = f"the agent failed while running the job: {exc!r}"[:MAX_FAULT_CHARS]
+    return JobReport(job_id, Outcome.FAILED, "agent_error", message, False,
+                     {"job_id": job_id, "status": Outcome.FAILED.value, "metrics": {},
+                      "error": {"code": "agent_error", "message": message}}, None)

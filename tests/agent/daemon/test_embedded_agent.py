@@ -17,6 +17,7 @@ import pytest
 from agent.config import load_config
 from agent.daemon.journal import Journal, Phase
 from agent.daemon.lifecycle import Agent
+from agent.execution.executor import JobRun
 from tests.agent.daemon.helpers import FAST, MINER_KEY, Client, start_coordinator
 
 pytestmark = pytest.mark.slow
@@ -59,3 +60,37 @@ def test_served_in_process_restores_signal_handlers_and_forgets_finished_jobs(
     record = journal.get(job_id)
     journal.close()
     assert record is not None and record.phase is Phase.REPORTED
+
+
+def test_a_job_the_agent_fails_on_is_reported_as_agent_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a fault of the agent's own while it finishes a job (a bug, injected here:
+    # a job task raised, and its job stayed running on the coordinator until it expired)
+    coord = start_coordinator(tmp_path / "coordinator", extensions=())
+    client = Client(coord)
+    broken = client.submit({"type": "sleep", "steps": 1, "step_s": 0})
+    settings = {k: v for k, v in FAST.items() if k not in ("log_level", "log_format")}
+    cfg = load_config(Path("/dev/null"), environ={}, overrides={
+        **settings, "coordinator_url": coord.base_url, "miner_id": "embedded-2",
+        "state_dir": tmp_path / "state", "cache_dir": tmp_path / "cache", "cpu_slots": 1})
+    finish = JobRun._finish
+
+    async def failing_once(run: JobRun, *args: object) -> object:
+        if run.job.job_id == broken:
+            raise RuntimeError("an injected fault")
+        return await finish(run, *args)
+
+    monkeypatch.setattr(JobRun, "_finish", failing_once)
+    try:
+        agent = Agent(cfg, MINER_KEY, burst=True)
+        # When it serves until the coordinator has no work, another job behind it
+        after = client.submit({"type": "sleep", "steps": 1, "step_s": 0})
+        assert asyncio.run(agent.serve()) == 0
+        # Then the coordinator heard of the fault, and the agent went on to the next job
+        job = client.job(broken)
+        assert job["status"] == "failed" and job["error"]["code"] == "agent_error", job
+        assert "an injected fault" in job["error"]["message"]
+        assert client.job(after)["status"] == "completed"
+    finally:
+        client.close()
+        coord.stop()
