@@ -383,8 +383,8 @@ class JobRun:
 
     def _handle_event(self, line: bytes) -> None:
         try:  # NaN and Infinity, which JSON lacks (a diverged loss), arrive as null
-            event = json.loads(line, parse_constant=_no_constant, parse_float=_finite_or_none)
-        except ValueError:
+            event = _EVENTS_JSON.decode(line.decode())
+        except ValueError:  # UnicodeDecodeError too
             return
         if not isinstance(event, dict) or not isinstance(event.get("event"), str):
             return
@@ -765,6 +765,10 @@ def seal_unlocking(folder: Path, output: dict[str, Any], make_zip: bool = True,
             log.error("%s: packaging failed: %s", folder.name, exc)
             break
     return None
+
+
+# One decoder for every job's events (json.loads with hooks builds one per call).
+_EVENTS_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_or_none)
 
 
 def progress_fields(event: dict[str, Any]) -> dict[str, Any]:
