@@ -133,3 +133,20 @@ def test_bench_agent_prints_both_event_loops_side_by_side() -> None:
     assert "== (e) the daemon's event loop: 1 pairs of 10 tiny jobs" in out
     assert "event loop: asyncio" in out and "event loop: uvloop" in out
     assert "pair 1: asyncio " in out and "uvloop/asyncio per pair" in out and "n=1)" in out
+
+
+@pytest.mark.slow
+def test_bench_events_prints_both_arms_and_their_ratio() -> None:
+    # Given the checkout, when the events benchmark runs one short pair
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_events", "--seconds", "0.3",
+                           "--pairs", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then its method, both arms and the per-pair ratio are printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "the order alternating pair by pair" in out and "pace 200/s" in out
+    for arm in ("  paced   : agent CPU ", "  unpaced : agent CPU "):
+        line = next(x for x in out.splitlines() if x.startswith(arm))
+        assert "events parsed" in line and "each run's longest" in line, line
+    assert "agent CPU, paced/unpaced per pair: median " in out
