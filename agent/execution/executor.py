@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 # a job that sends metrics without end would otherwise grow the agent without end.
 MAX_METRICS_BYTES = 64 << 10
 # Any program a job runs may write to its events channel, and each line is parsed on the
-# agent's event loop: one job writing flat out had the loop parse 245k events a second,
-# a whole core, slowing every other job's supervision, heartbeats and polls. Each job's
+# agent's event loop: one job writing flat out had the loop parse 587k events in 3 s, a
+# whole core, slowing every other job's supervision, heartbeats and polls (measured by
+# benchmarks/bench_events.py, which compares this pace with none). Each job's
 # events are read at this pace (a line costs one event per EVENT_UNIT_BYTES it holds,
 # plus one); a job that writes faster waits on its own writes. The runtimes send about
 # 4 a second (progress is throttled), and a burst of EVENTS_BURST passes at once.
