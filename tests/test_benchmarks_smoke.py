@@ -13,12 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> ARGS`` from the checkout, its output captured."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_bench_runtimes_tiny_prints_both_workloads_and_ratios() -> None:
     # Given the checkout, when the runtime benchmark runs at its smoke-test size
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_runtimes", "--tiny"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = bench("bench_runtimes", "--tiny", timeout=240)
     # Then both workloads ran in a fresh bare process and through the daemon, in pairs,
     # and each has its per-pair ratio line
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -37,9 +42,7 @@ def test_bench_runtimes_tiny_prints_both_workloads_and_ratios() -> None:
 @pytest.mark.slow
 def test_bench_sandbox_tiny_prints_both_modes_side_by_side() -> None:
     # Given the checkout, when the sandbox benchmark runs at its smoke-test size
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_sandbox", "--tiny"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    proc = bench("bench_sandbox", "--tiny", timeout=90)
     if proc.returncode == 13:
         pytest.skip(f"no job sandbox on this machine: {proc.stdout.strip()}")
     # Then every figure is there for both modes, with its ratio and the summary block
@@ -58,9 +61,7 @@ def test_bench_sandbox_tiny_prints_both_modes_side_by_side() -> None:
 @pytest.mark.slow
 def test_bench_logs_tiny_prints_its_method_ratio_and_memory() -> None:
     # Given the checkout, when the log shipping benchmark runs at its smoke-test size
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_logs", "--tiny"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = bench("bench_logs", "--tiny")
     # Then the jobs ran in both modes, the copies matched, and every figure is printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -74,9 +75,7 @@ def test_bench_logs_tiny_prints_its_method_ratio_and_memory() -> None:
 
 def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
     # Given the checkout, when the transport benchmark runs one round
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_transport", "--rounds", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = bench("bench_transport", "--rounds", "1")
     # Then both arms made their calls against the coordinator, and the ratio is printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -87,10 +86,8 @@ def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
 
 def test_bench_seal_prints_both_arms_and_the_limit_holds(tmp_path: Path) -> None:
     # Given the checkout, when the seal benchmark runs on 600 files with a limit of 100
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_seal", "--files", "600",
-                           "--limit", "100", "--pairs", "2", "--dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = bench("bench_seal", "--files", "600", "--limit", "100", "--pairs", "2",
+                 "--dir", str(tmp_path))
     # Then its method, both arms (n=2 each), what each packaged and the ratios are printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -106,9 +103,7 @@ def test_bench_seal_prints_both_arms_and_the_limit_holds(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_bench_fork_prints_both_arms_and_their_ratio() -> None:
     # Given the checkout, when the fork benchmark runs two pairs
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fork", "--pairs", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = bench("bench_fork", "--pairs", "2")
     # Then its method, both arms' figures (n=2 each) and the per-pair ratio are printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -123,10 +118,7 @@ def test_bench_fork_prints_both_arms_and_their_ratio() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
 def test_bench_agent_prints_both_event_loops_side_by_side() -> None:
     # Given the checkout, when the agent benchmark compares the event loops on one pair
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_agent", "--only", "e",
-                           "--pairs", "1", "--jobs", "10"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = bench("bench_agent", "--only", "e", "--pairs", "1", "--jobs", "10", timeout=240)
     # Then both agents ran on the loop asked for, and the pair's ratio is printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -138,10 +130,7 @@ def test_bench_agent_prints_both_event_loops_side_by_side() -> None:
 @pytest.mark.slow
 def test_bench_events_prints_both_arms_and_their_ratio() -> None:
     # Given the checkout, when the events benchmark runs one short pair
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_events", "--seconds", "0.3",
-                           "--pairs", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = bench("bench_events", "--seconds", "0.3", "--pairs", "1")
     # Then its method, both arms and the per-pair ratio are printed
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
