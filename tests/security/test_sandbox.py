@@ -423,48 +423,37 @@ def test_a_flood_of_files_stops_the_job_and_never_reaches_the_seal(
     assert_serving(node)
 
 
-def test_work_quota_stops_a_job_that_fills_its_scratch(node: dict[str, Any]) -> None:
-    # Given max_job_work_mb = 8 and a job that writes without end into its work folder
-    script = """
+@pytest.mark.parametrize(("fill", "limit", "reason"), [
+    # bytes: max_job_work_mb = 8, a job that writes without end into its work folder
+    ("while :; do head -c 1048576 /dev/zero >> $MINER_WORK_DIR/big; sleep 0.02; done",
+     "max_job_work_mb", "work_too_large"),
+    # entries: max_job_work_files = 2000, a job that makes 20,000 empty files there and
+    # goes on (each takes an inode of the state dir's disk)
+    ("cd $MINER_WORK_DIR && seq -f f%05g 20000 | xargs touch; sleep 60",
+     "max_job_work_files", "work_too_many_files"),
+], ids=["bytes", "entries"])
+def test_work_quota_stops_a_job_that_fills_its_scratch(node: dict[str, Any], fill: str,
+                                                       limit: str, reason: str) -> None:
+    # Given a job that fills its work folder past one of its limits
+    script = f"""
     echo partial > $MINER_RESULT_FILE
     echo $MINER_WORK_DIR > $MINER_ARTIFACTS_DIR/where
-    while :; do head -c 1048576 /dev/zero >> $MINER_WORK_DIR/big; sleep 0.02; done
-    """
-    job_id, view = run_script(node, script)
-    # Then it fails work_too_large, its package is kept, and the scratch is gone
-    assert view["status"] == "failed", view
-    output = assert_sealed_and_clean(node, job_id)
-    assert output["error"]["code"] == "work_too_large", output["error"]
-    assert "max_job_work_mb" in output["error"]["message"]
-    folder = package(node, job_id)
-    assert (folder / "result.txt").read_text().strip() == "partial"
-    work = Path((folder / "artifacts" / "where").read_text().strip())
-    assert work.is_relative_to(node["state"]) and not work.exists()
-    assert "max_job_work_mb" in node["agent"].log()
-    assert_serving(node)
-
-
-def test_a_flood_of_files_in_the_scratch_stops_the_job(node: dict[str, Any]) -> None:
-    # Given max_job_work_files = 2000 and a job that makes 20,000 empty files in its
-    # work folder and goes on (each takes an inode of the state dir's disk)
-    script = """
-    echo partial > $MINER_RESULT_FILE
-    echo $MINER_WORK_DIR > $MINER_ARTIFACTS_DIR/where
-    cd $MINER_WORK_DIR && seq -f f%05g 20000 | xargs touch
-    sleep 60
+    {fill}
     """
     job_id, view = run_script(node, script)
     # Then the quota's walk stops it: work_too_large, naming the limit
     assert view["status"] == "failed", view
     output = assert_sealed_and_clean(node, job_id)
     assert output["error"]["code"] == "work_too_large", output["error"]
-    assert "max_job_work_files" in output["error"]["message"]
-    assert output["cancel"]["reason"] == "work_too_many_files", output["cancel"]
+    assert limit in output["error"]["message"]
+    assert output["cancel"]["reason"] == reason, output["cancel"]
     # And its package is kept, its scratch removed
     folder = package(node, job_id)
     assert (folder / "result.txt").read_text().strip() == "partial"
     work = Path((folder / "artifacts" / "where").read_text().strip())
+    assert work.is_relative_to(node["state"])
     wait_until(lambda: not work.exists(), 30)
+    assert limit in node["agent"].log()
     assert_serving(node)
 
 
