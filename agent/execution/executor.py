@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import signal
-import stat
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from agent.execution.package import (
     write_package,
 )
 from agent.execution.prefetch import find_inputs, prefetch
-from agent.execution.reclaim import remove_tree, unlock
+from agent.execution.reclaim import remove_tree, unlock, unlock_folder
 from agent.execution.sandbox import SandboxPolicy
 from agent.execution.sealwalk import MAX_FILES
 from agent.jobs import Job
@@ -548,7 +547,7 @@ class JobRun:
         # The job is gone: a package top it locked is opened back up for what reads it
         # next (its result text, the partial check, the seal).
         with contextlib.suppress(OSError):
-            _enterable(self.folder)
+            unlock_folder(self.folder)
         last_error = self.events_seen.get("error")
         if status is None:
             verdict = Verdict(Outcome.FAILED, "launch_failed",
@@ -815,21 +814,26 @@ def folder_usage(folder: Path, stop_bytes: int | None = None,
     entries of any kind it holds; the walk stops early once either passes its cap.
 
     A folder the job locked (mode 000, or 600: listed, not entered) would hide what it
-    holds from the quota: it is unlocked first (the agent's user owns it)."""
+    holds from the quota: where a read is refused, the folder is unlocked (the agent's
+    user owns it) and read again."""
     total = count = 0
     stack = [folder]
     while stack:
         try:
             path = stack.pop()
-            _enterable(path)
-            with os.scandir(path) as entries:
+            try:
+                listing = os.scandir(path)
+            except PermissionError:  # mode 000
+                unlock_folder(path)
+                listing = os.scandir(path)
+            with listing as entries:
                 for entry in entries:
                     count += 1
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(Path(entry.path))
                         elif entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
+                            total += _size_unlocking(entry, path)
                     except OSError:
                         continue
                     if (stop_bytes and total > stop_bytes) or \
@@ -840,16 +844,12 @@ def folder_usage(folder: Path, stop_bytes: int | None = None,
     return total, count
 
 
-def _enterable(folder: Path) -> None:
-    """Give the owner read, write and search on ``folder`` where it lacks them; a link
-    in its place is not followed (the job may swap one in while this runs)."""
-    fd = os.open(folder, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+def _size_unlocking(entry: os.DirEntry[str], folder: Path) -> int:
     try:
-        mode = os.fstat(fd).st_mode
-        if mode & stat.S_IRWXU != stat.S_IRWXU:
-            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
-    finally:
-        os.close(fd)
+        return entry.stat(follow_symlinks=False).st_size
+    except PermissionError:  # in a folder listed, not entered
+        unlock_folder(folder)
+        return entry.stat(follow_symlinks=False).st_size
 
 
 def run_job_sync(job: Job, out_root: Path, launcher: str = "spawn", **kwargs: Any) -> JobReport:

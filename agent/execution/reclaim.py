@@ -16,21 +16,33 @@ import stat
 from pathlib import Path
 
 
-def unlock(path: Path) -> None:
-    """Give the owner read, write and search on ``path`` and every folder under it.
+def unlock_folder(folder: Path | str) -> None:
+    """Give the owner read, write and search on ``folder`` where it lacks them.
 
-    Links are never followed (a link is not a folder here); best effort: what cannot
-    be changed is left as it is.
+    Through an O_PATH descriptor opened without following a link: while the job still
+    runs (the quotas' walk) it may swap a link in. OSError where ``folder`` is a link,
+    is gone, or is not a folder.
     """
+    mode = os.lstat(folder).st_mode
+    if stat.S_ISDIR(mode) and mode & stat.S_IRWXU == stat.S_IRWXU:
+        return  # a folder its owner may use already: one lstat, the usual case
+    fd = os.open(folder, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
+    finally:
+        os.close(fd)
+
+
+def unlock(path: Path) -> None:
+    """:func:`unlock_folder` on ``path`` and every folder under it (no link followed);
+    best effort: what cannot be changed is left as it is."""
     stack = [os.fspath(path)]
     while stack:
         folder = stack.pop()
         try:
-            mode = os.lstat(folder).st_mode
-            if not stat.S_ISDIR(mode):
-                continue
-            if mode & stat.S_IRWXU != stat.S_IRWXU:
-                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
+            unlock_folder(folder)
             with os.scandir(folder) as entries:
                 stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
         except OSError:
