@@ -55,13 +55,14 @@ from agent.coordinator.retry import RetryPolicy
 from agent.coordinator.transport import (
     AmbiguousSend,
     BadAnswer,
+    BodyTooLarge,
     CoordinatorHTTPError,
     LeaseLost,
 )
 from agent.daemon.cancel_check import RunningList
 from agent.daemon.cancels import Disposition, disposition
 from agent.daemon.journal import Journal, Phase
-from agent.daemon.report import Report
+from agent.daemon.report import Report, fit
 from agent.daemon.session import Session
 from agent.daemon.uploads import errors as upload_errors
 from agent.daemon.uploads import location as upload_location
@@ -226,7 +227,7 @@ class Outbox:
                 log.warning("job %s: lease lost; the coordinator gave it to another miner; "
                             "not reporting", p.job_id)
                 ended = Phase.DROPPED
-            except CoordinatorHTTPError as exc:
+            except (CoordinatorHTTPError, BodyTooLarge) as exc:
                 log.error("job %s: the coordinator refused the report (%s); kept in the "
                           "journal as rejected", p.job_id, exc)
                 p.delivery["error"] = str(exc)[:500]
@@ -289,6 +290,20 @@ class Outbox:
         return p.job_id in await self.running.since(moment, deadline_s=self.try_s)
 
     async def _send(self, p: Pending, attempts: int | None) -> None:
+        """Send the report; one an earlier agent journaled over the body limit is cut to
+        fit (:func:`~agent.daemon.report.fit`) and sent at once (nothing went out)."""
+        try:
+            await self._send_as_is(p, attempts)
+        except BodyTooLarge as exc:
+            fitted = await asyncio.to_thread(fit, p.report)  # megabytes: off the loop
+            if fitted is p.report:
+                raise
+            log.warning("job %s: %s; sent cut to fit", p.job_id, exc)
+            p.report = fitted
+            self.journal.set_delivery(p.job_id, p.delivery, report=p.report.to_dict())
+            await self._send_as_is(p, attempts)
+
+    async def _send_as_is(self, p: Pending, attempts: int | None) -> None:
         body = p.report.body
         if p.report.kind == "result":
             await self.client.result(p.job_id, body["result"], body.get("metrics"),

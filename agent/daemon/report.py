@@ -5,10 +5,18 @@ In the core protocol everything a client gets is the ``result`` object (under
 hash, where the package is, the tail of both logs, and the metrics. ``metrics``
 carries ``duration_ms``, ``units`` and ``unit_type`` ("gpu_seconds") for the
 coordinator's signed receipt.
+
+The body always fits the coordinator's limit, whatever the job left and however the
+operator sized the text and tails (:func:`fit`): a report over 10 MiB is refused with 413
+and was retried for ever, the job never reported. A job's names make the manifest long
+(a path may be 64 folders of 255 bytes, each byte escaped to six), so it stops at
+MAX_MANIFEST_BYTES of JSON as it stops at MAX_MANIFEST_ENTRIES.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -21,6 +29,16 @@ from agent.execution.executor import JobReport
 from agent.layout import RESULT_TEXT, STREAMS, log_path
 
 MAX_MANIFEST_ENTRIES = 2000
+MAX_MANIFEST_BYTES = 1 << 20  # of JSON
+# Of JSON: the coordinator refuses a body over 10 MiB; the rest is room for what is
+# added after the build (the upload's location and errors, the release's metrics).
+MAX_REPORT_BYTES = 9 << 20
+# What a report holds besides its text, tails and manifest, encoded, at most: metrics
+# (64 KiB), the runtime's device summary (one event line, 64 KiB, escaped), the error
+# message (4000 characters) and the fixed fields.
+_REST_MAX_BYTES = 1 << 20
+_ENTRY_BYTES = 120  # a manifest entry's JSON besides its path: size, sha256, keys
+_ESCAPED = 6  # the most bytes a character takes in JSON ("\u00e9")
 SMALL_READS_MAX_BYTES = 64 << 10
 _THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "steps_per_s", "images_per_s")
 
@@ -109,7 +127,7 @@ def package_block(report: JobReport, location: str | None) -> dict[str, Any]:
     pkg = report.package
     if pkg is None:
         return {"error": "the package could not be written"}
-    manifest = pkg.manifest[:MAX_MANIFEST_ENTRIES]
+    manifest = listed(pkg.manifest, MAX_MANIFEST_BYTES)
     return {"result_hash": pkg.result_hash, "manifest": manifest,
             "manifest_truncated": len(pkg.manifest) > len(manifest),
             "zip_sha256": pkg.zip_sha256,
@@ -140,7 +158,7 @@ def build_report(report: JobReport, *, gpu_count: int, location: str | None,
         body: dict[str, Any] = {"result": result, "metrics": metrics}
         if lease_id:
             body["lease_id"] = lease_id
-        return Report("result", body)
+        return fit(Report("result", body))
     metrics["package"] = package_block(report, location)
     metrics["logs"] = logs
     metrics["partial"] = report.partial
@@ -149,4 +167,95 @@ def build_report(report: JobReport, *, gpu_count: int, location: str | None,
             "metrics": metrics}
     if lease_id:
         body["lease_id"] = lease_id
-    return Report("fail", body)
+    return fit(Report("fail", body))
+
+
+def listed(manifest: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """The manifest's first entries, at most MAX_MANIFEST_ENTRIES and ``max_bytes`` of JSON."""
+    head = manifest[:MAX_MANIFEST_ENTRIES]
+    if sum(len(m["path"]) for m in head) * _ESCAPED + _ENTRY_BYTES * len(head) <= max_bytes:
+        return head  # short names, the usual case: nothing to measure
+    total = 0
+    for i, entry in enumerate(head):
+        total += len(_dumps(entry)) + 1
+        if total > max_bytes:
+            return head[:i]
+    return head
+
+
+def fit(report: Report, limit: int = MAX_REPORT_BYTES) -> Report:
+    """``report`` with a body of at most ``limit`` bytes of JSON, cut where it must be.
+
+    Cut in this order, each only as far as needed: the manifest to MAX_MANIFEST_BYTES
+    (a report journaled before that bound), the log tails, stdout's first (their ends
+    kept; the package and the shipped logs hold them whole), the result text (its start kept;
+    ``output_truncated``), then the rest of the manifest (its first entries kept;
+    ``manifest_truncated``; the package holds it whole). Everything else is bounded
+    well under the limit where it is made. A report that fits is returned as it is,
+    most without being encoded.
+    """
+    holder = report.body.get("result" if report.kind == "result" else "metrics")
+    if not isinstance(holder, dict) or _at_most(holder) <= limit:
+        return report
+    over = len(_dumps(report.body)) - limit
+    if over <= 0:
+        return report
+    body = copy.deepcopy(report.body)
+    holder = body["result" if report.kind == "result" else "metrics"]
+    package = holder.get("package")
+    manifest = package.get("manifest") if isinstance(package, dict) else None
+    manifest = manifest if isinstance(manifest, list) else []
+    over = _drop_entries(package, manifest, over, keep_bytes=MAX_MANIFEST_BYTES)
+    logs = holder.get("logs")
+    # stdout's first: a failed job's traceback is at stderr's end
+    for name in sorted(logs, reverse=True) if isinstance(logs, dict) else ():
+        if over > 0 and isinstance(logs[name], str):
+            logs[name], over = _cut(logs[name], over, keep_end=True)
+    if over > 0 and isinstance(holder.get("output"), str) and holder["output"]:
+        holder["output"], over = _cut(holder["output"], over, keep_end=False)
+        holder["output_truncated"] = True
+    _drop_entries(package, manifest, over, keep_bytes=0)
+    return Report(report.kind, body)
+
+
+def _drop_entries(package: Any, manifest: list[Any], over: int, *, keep_bytes: int) -> int:
+    """Drop the manifest's last entries while ``over`` > 0 and it holds more than
+    ``keep_bytes`` of JSON; what is still over."""
+    size = sum(len(_dumps(m)) + 1 for m in manifest) if over > 0 and manifest else 0
+    while over > 0 and manifest and size > keep_bytes:
+        dropped = len(_dumps(manifest.pop())) + 1
+        size -= dropped
+        over -= dropped
+        package["manifest_truncated"] = True
+    return over
+
+
+def _at_most(holder: dict[str, Any]) -> int:
+    """A bound on the encoded size of a report whose text, tails and manifest these are."""
+    logs = holder.get("logs")
+    texts = [holder.get("output"), *(logs.values() if isinstance(logs, dict) else ())]
+    chars = sum(len(text) for text in texts if isinstance(text, str))
+    package = holder.get("package")
+    manifest = package.get("manifest") if isinstance(package, dict) else None
+    entries = manifest if isinstance(manifest, list) else []
+    # An entry is the agent's own {"path", "size", "sha256"}; anything else is measured.
+    chars += sum(len(m["path"]) if isinstance(m, dict) and isinstance(m.get("path"), str)
+                 else _REST_MAX_BYTES for m in entries)
+    return chars * _ESCAPED + _ENTRY_BYTES * len(entries) + _REST_MAX_BYTES
+
+
+def _cut(text: str, over: int, *, keep_end: bool) -> tuple[str, int]:
+    """``text`` shortened until its JSON is ``over`` bytes shorter (or it is empty), and
+    what is still over. Characters escape to 1 to 12 bytes, so the cut is measured."""
+    size = len(_dumps(text))
+    target = size - over
+    while size > target and text:
+        keep = min(len(text) - 1, int(len(text) * max(0, target) / size))
+        text = text[len(text) - keep:] if keep_end else text[:keep]
+        size = len(_dumps(text))
+    return text, size - target
+
+
+def _dumps(value: Any) -> str:
+    """``value`` as the transport encodes it (ASCII, escaped; no spaces)."""
+    return json.dumps(value, separators=(",", ":"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from agent.daemon.journal import Journal, Phase
 from agent.reference.coordinator import ReferenceCoordinator
 from tests.agent.daemon.helpers import AgentProcess, Client, start_coordinator, wait_until
 
@@ -222,3 +223,83 @@ def test_sigterm_is_honoured_within_the_drain_budget_while_an_upload_hangs(
     row = journal_row(state, job_id)
     assert row["phase"] == "finished"
     assert "1 report(s) not delivered within the drain budget" in agent.log()
+
+
+def test_a_manifest_of_long_names_is_cut_to_fit_the_report(
+        tmp_path: Path, agents: list[AgentProcess],
+        coordinators: Callable[..., ReferenceCoordinator]) -> None:
+    # Given a job that leaves 400 files 60 folders down, every name 80 three-byte
+    # characters long: each path is 30 KiB of JSON, the manifest 12 MiB, past the
+    # coordinator's 10 MiB body limit (the report was retried for ever, never sent)
+    coord = coordinators(extensions=())
+    client = Client(coord)
+    script = """if True:
+        import os
+        name = "\\u20ac" * 80
+        os.chdir(os.environ["MINER_ARTIFACTS_DIR"])
+        for _ in range(60):  # one folder at a time: the path is past PATH_MAX
+            os.mkdir(name)
+            os.chdir(name)
+        for i in range(400):
+            open(f"{name}{i}", "w").close()
+        with open(os.environ["MINER_RESULT_FILE"], "w") as fh:
+            fh.write("made\\n")
+        """
+    job_id = client.submit({"type": "command", "argv": ["python3", "-c", script]})
+    agent = AgentProcess(coord.base_url, tmp_path / "state", allowed_job_types="command")
+    agents.append(agent)
+    # Then the job is reported completed, its text whole and its manifest cut
+    job = client.wait_status(job_id, "completed", "failed", timeout=60)
+    assert job["status"] == "completed", (job, agent.log()[-3000:])
+    result = job["result"]
+    assert result["output"] == "made\n"
+    package = result["package"]
+    assert package["manifest_truncated"] is True
+    assert 0 < len(package["manifest"]) < 400
+    assert len(json.dumps(result)) < 10 << 20
+    # And what the report lists is the package's own manifest, from its start
+    output = json.loads((tmp_path / "state/jobs" / f"job_{job_id}/output.json").read_text())
+    assert len(output["files"]) == 400 + 3
+    assert package["manifest"] == output["files"][:len(package["manifest"])]
+    assert package["result_hash"] == output["result_hash"]
+
+
+def test_a_report_journaled_over_the_limit_by_an_older_agent_is_cut_and_sent(
+        tmp_path: Path, agents: list[AgentProcess],
+        coordinators: Callable[..., ReferenceCoordinator]) -> None:
+    # Given a job that ran here when the agent was killed, and its report journaled at
+    # 12 MiB (a manifest of long names), as agents before the cut wrote them
+    coord = coordinators(extensions=())
+    client = Client(coord)
+    job_id = client.submit({"type": "sleep", "steps": 1000, "step_s": 0.05})
+    state = tmp_path / "state"
+    agent = AgentProcess(coord.base_url, state)
+    agents.append(agent)
+    agent.wait_log(f"job {job_id}: started")
+    agent.kill()
+    manifest = [{"path": "\u20ac" * 4000 + str(i), "size": 0, "sha256": "0" * 64}
+                for i in range(500)]
+    result = {"status": "completed", "partial": False, "output": "done\n",
+              "output_truncated": False, "logs": {"stdout_tail": "", "stderr_tail": ""},
+              "package": {"result_hash": "0" * 64, "manifest": manifest,
+                          "manifest_truncated": False}, "metrics": {}}
+    report = {"kind": "result", "body": {"result": result, "metrics": {"duration_ms": 1.0}}}
+    assert len(json.dumps(report)) > 10 << 20
+    journal = Journal(state / "journal.db")
+    journal.set_phase(job_id, Phase.FINISHED, outcome="completed", report=report)
+    journal.close()
+    # When the agent starts again
+    again = AgentProcess(coord.base_url, state)
+    agents.append(again)
+    # Then the report is cut to fit and sent, once: text whole, manifest from its start
+    job = client.wait_status(job_id, "completed", "failed", timeout=60)
+    assert job["status"] == "completed", (job, again.log()[-3000:])
+    assert job["result"]["output"] == "done\n"
+    package = job["result"]["package"]
+    assert package["manifest_truncated"] is True
+    assert 0 < len(package["manifest"]) < 500
+    assert package["manifest"] == manifest[:len(package["manifest"])]
+    wait_until(lambda: journal_row(state, job_id)["phase"] == "reported", 10)
+    assert len(client.receipts(job_id)) == 1
+    assert journal_row(state, job_id)["delivery"]["tries"] == 1
+    assert "sent cut to fit" in again.log()

@@ -1,12 +1,29 @@
-"""Which reports are built on the event loop: only those that read a few small files."""
+"""Reports: which are built on the event loop (only those that read a few small files),
+and that every one fits the coordinator's body limit, cut where it must be."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from agent.daemon.report import SMALL_READS_MAX_BYTES, read_text, small_reads
+import pytest
+
+from agent.coordinator.transport import MAX_BODY_BYTES
+from agent.daemon.report import (
+    MAX_MANIFEST_BYTES,
+    MAX_REPORT_BYTES,
+    SMALL_READS_MAX_BYTES,
+    Report,
+    build_report,
+    fit,
+    read_text,
+    small_reads,
+)
+from agent.errors import Outcome
 from agent.execution.capture import tail_bytes
+from agent.execution.executor import JobReport
+from agent.execution.package import write_package
 
 BOUNDS = {"max_text_bytes": 256 << 10, "log_tail_bytes": 8 << 10}
 
@@ -73,3 +90,89 @@ def test_a_log_tail_reads_at_most_its_bound(tmp_path: Path) -> None:
     folder = package(tmp_path, log=1 << 20)
     tail = tail_bytes(folder / "logs/stdout.log", 1000)
     assert 0 < len(tail) <= 1000 and tail.startswith("line\n")
+
+
+def sealed(folder: Path, outcome: Outcome = Outcome.COMPLETED) -> JobReport:
+    """The run's report of ``folder``, sealed for real (output.json, sums, zip)."""
+    output = {"job_id": "t1", "status": outcome.value, "metrics": {"duration_ms": 5.0}}
+    code = None if outcome is Outcome.COMPLETED else "nonzero_exit"
+    return JobReport("t1", outcome, code, code, False, output, write_package(folder, output))
+
+
+def encoded(report: Report) -> int:
+    return len(json.dumps(report.body, separators=(",", ":")))
+
+
+@pytest.mark.parametrize("outcome", [Outcome.COMPLETED, Outcome.FAILED])
+def test_a_text_and_tails_sized_past_the_body_limit_are_cut_to_fit(
+        tmp_path: Path, outcome: Outcome) -> None:
+    # Given an operator who reads 4 MiB of result text and 2 MiB of each log's tail, and
+    # a job whose text and logs are control bytes, each escaped to six in JSON (36 MiB)
+    folder = package(tmp_path)
+    (folder / "result.txt").write_bytes(b"\x01" * (4 << 20))
+    for stream in ("stdout", "stderr"):
+        (folder / f"logs/{stream}.log").write_bytes(b"\x02" * (2 << 20))
+    # When its report is built
+    report = build_report(sealed(folder, outcome), gpu_count=0, location=None,
+                          lease_id="l1", max_text_bytes=4 << 20, log_tail_bytes=2 << 20)
+    # Then it fits: the tails are cut first, stdout's before stderr's, then the text (to
+    # its start); the manifest is whole
+    assert MAX_REPORT_BYTES - 100 < encoded(report) <= MAX_REPORT_BYTES < MAX_BODY_BYTES
+    holder = report.body["result"] if report.kind == "result" else report.body["metrics"]
+    assert holder["package"]["manifest_truncated"] is False
+    assert len(holder["package"]["manifest"]) == 3
+    assert holder["logs"]["stdout_tail"] == ""
+    if report.kind == "result":
+        assert holder["logs"]["stderr_tail"] == ""
+        assert holder["output_truncated"] is True
+        assert 0 < len(holder["output"]) < 4 << 20 and set(holder["output"]) == {"\x01"}
+    else:  # no text: stderr's tail, where a traceback is, keeps what fits
+        assert 1 << 20 < len(holder["logs"]["stderr_tail"]) < 2 << 20
+    assert report.body["lease_id"] == "l1"
+
+
+def test_tails_alone_past_the_limit_are_cut_and_the_text_kept_whole(tmp_path: Path) -> None:
+    folder = package(tmp_path, result=100)
+    for stream in ("stdout", "stderr"):
+        (folder / f"logs/{stream}.log").write_bytes(b"a" * (1 << 20) + b"\x02" * (1 << 20))
+    report = build_report(sealed(folder), gpu_count=0, location=None, lease_id=None,
+                          max_text_bytes=256 << 10, log_tail_bytes=2 << 20)
+    assert encoded(report) <= MAX_REPORT_BYTES
+    result = report.body["result"]
+    assert result["output"] == "r" * 100 and result["output_truncated"] is False
+    tails = result["logs"]
+    assert tails["stderr_tail"] == "a" * (1 << 20) + "\x02" * (1 << 20)  # whole
+    assert 0 < len(tails["stdout_tail"]) < 1 << 20  # stdout's cut, to its end
+    assert tails["stdout_tail"] == "\x02" * len(tails["stdout_tail"])
+
+
+def test_a_manifest_stops_at_its_bytes_of_json_as_at_its_entries(tmp_path: Path) -> None:
+    # Given a job that left 300 files 15 folders down, each folder named 80 three-byte
+    # characters (7 KiB of JSON a path)
+    folder = package(tmp_path)
+    deep = folder.joinpath(*["\u20ac" * 80] * 15)
+    deep.mkdir(parents=True)
+    for i in range(300):
+        (deep / f"{i:03}").write_bytes(b"")
+    run = sealed(folder)
+    # When its report is built
+    report = build_report(run, gpu_count=0, location=None, lease_id=None,
+                          max_text_bytes=256 << 10, log_tail_bytes=8 << 10)
+    # Then it lists the manifest's first entries, within MAX_MANIFEST_BYTES of JSON
+    block = report.body["result"]["package"]
+    listed = block["manifest"]
+    assert block["manifest_truncated"] is True and 0 < len(listed) < len(run.package.manifest)
+    assert listed == run.package.manifest[:len(listed)]
+    size = len(json.dumps(listed, separators=(",", ":")))
+    assert MAX_MANIFEST_BYTES - 10_000 < size <= MAX_MANIFEST_BYTES
+    assert block["result_hash"] == run.package.result_hash
+
+
+def test_a_report_that_fits_is_sent_as_it_is(tmp_path: Path) -> None:
+    report = build_report(sealed(package(tmp_path)), gpu_count=0, location=None,
+                          lease_id=None, max_text_bytes=256 << 10, log_tail_bytes=8 << 10)
+    assert fit(report) is report and fit(report, limit=encoded(report)) is report
+    assert report.body["result"]["package"]["manifest_truncated"] is False
+    # And a limit it is past cuts it to that limit exactly or under
+    cut = fit(report, limit=encoded(report) - 30)
+    assert cut is not report and encoded(cut) <= encoded(report) - 30
