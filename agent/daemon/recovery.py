@@ -151,7 +151,9 @@ class Recovery:
                   "status": Outcome.FAILED.value, "partial": partial, "progress": {},
                   "metrics": {}, "error": {"code": "agent_restart", "message": message}}
         try:
-            info = write_package(folder, output, max_files=self.flow.cfg.max_job_files or None)
+            cfg = self.flow.cfg
+            info = write_package(folder, output, max_files=cfg.max_job_files or None,
+                                 max_bytes=cfg.max_job_output_mb << 20 or None)
         except (OSError, PackageError) as exc:
             log.error("job %s: cannot package leftovers: %s", job_id, exc)
             return JobReport(job_id, Outcome.FAILED, "agent_restart", message, partial,

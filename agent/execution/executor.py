@@ -555,23 +555,29 @@ class JobRun:
         else:
             verdict = await self._out_of_room(classify(
                 status, self.events_seen.get("finished"), self.cancel_reason, last_error))
-            verdict = await self._too_many_files(verdict)
+            verdict = await self._past_quota(verdict)
         return await self._package(verdict, status)
 
-    async def _too_many_files(self, verdict: Verdict) -> Verdict:
-        """A job that completed with more entries in its package than the seal takes fails
-        (the quota's walk may not have come round yet): the package holds only the first."""
-        cap = self.cfg.max_files
-        if verdict.outcome is not Outcome.COMPLETED or not cap:
+    async def _past_quota(self, verdict: Verdict) -> Verdict:
+        """A job that completed with more in its package than its quota fails: more
+        entries than the seal takes, or more bytes (the quota's walk may not have come
+        round yet: a sparse file of any size takes a job a millisecond). The package
+        holds only the first entries, and the files that fit."""
+        cap, max_bytes = self.cfg.max_files, self.cfg.max_output_bytes
+        if verdict.outcome is not Outcome.COMPLETED or not (cap or max_bytes):
             return verdict
-        if cap >= 32:  # a tiny package: no thread hop (and the seal need not look again)
+        if (not cap or cap >= 32) and (not max_bytes or max_bytes >= 256 << 10):
+            # A tiny package: no thread hop (and the seal need not look again)
             self._small = small_folder(self.folder)
             if self._small:
                 return verdict
-        _, files = await asyncio.to_thread(folder_usage, self.folder, None, cap)
-        if files <= cap:
+        size, files = await asyncio.to_thread(folder_usage, self.folder, max_bytes, cap)
+        if max_bytes and size > max_bytes:
+            verdict = QUOTA_VERDICTS[CancelReason.OUTPUT_TOO_LARGE]
+        elif cap and files > cap:
+            verdict = QUOTA_VERDICTS[CancelReason.TOO_MANY_FILES]
+        else:
             return verdict
-        verdict = QUOTA_VERDICTS[CancelReason.TOO_MANY_FILES]
         log.error("job %s: %s", self.job.job_id, verdict.error_message)
         return verdict
 
@@ -704,7 +710,8 @@ class JobRun:
         return info
 
     def _seal(self, output: dict[str, Any]) -> PackageInfo | None:
-        return seal_unlocking(self.folder, output, self.cfg.make_zip, self.cfg.max_files)
+        return seal_unlocking(self.folder, output, self.cfg.make_zip, self.cfg.max_files,
+                              self.cfg.max_output_bytes)
 
     async def _report_without_process(self, code: str, message: str) -> JobReport:
         """A job refused before its process exists still leaves a package."""
@@ -747,13 +754,14 @@ def _finite_or_none(text: str) -> float | None:
 
 
 def seal_unlocking(folder: Path, output: dict[str, Any], make_zip: bool = True,
-                   max_files: int | None = MAX_FILES) -> PackageInfo | None:
+                   max_files: int | None = MAX_FILES,
+                   max_bytes: int | None = None) -> PackageInfo | None:
     """``write_package``, and once more after :func:`unlock` where the job locked its
     package's top (a locked folder inside is skipped, listed as unreadable); None, with
     the reason logged, when it cannot be sealed."""
     for retry in (True, False):
         try:
-            return write_package(folder, output, make_zip, max_files)
+            return write_package(folder, output, make_zip, max_files, max_bytes)
         except PermissionError as exc:
             if retry:
                 log.warning("%s: the job locked its package folder (%s); unlocking it",

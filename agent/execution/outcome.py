@@ -28,7 +28,8 @@ class Verdict:
 QUOTA_VERDICTS = {
     CancelReason.OUTPUT_TOO_LARGE: Verdict(
         Outcome.FAILED, "output_too_large",
-        "the job wrote more than max_job_output_mb into its package; what it had is kept"),
+        "the job wrote more than max_job_output_mb into its package; the files that fit "
+        "are kept, the rest listed under skipped"),
     CancelReason.TOO_MANY_FILES: Verdict(
         Outcome.FAILED, "output_too_large",
         "the job wrote more than max_job_files files (folders and links count too) into its "

@@ -383,15 +383,17 @@ def _sealed_output(output: dict[str, Any], manifest: list[dict[str, Any]],
 
 
 def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True,
-                  max_files: int | None = MAX_FILES) -> PackageInfo:
+                  max_files: int | None = MAX_FILES,
+                  max_bytes: int | None = None) -> PackageInfo:
     """Seal a job folder whose processes are all gone: output.json, output.sha256, the zip.
 
     The folder's output.json is written last, once the zip is durable: a folder that
-    has one had its zip finished first. The walk stops past ``max_files`` entries (see
-    :mod:`agent.execution.sealwalk`; None: no limit).
+    has one had its zip finished first. The walk stops past ``max_files`` entries and
+    leaves out files past ``max_bytes`` (see :mod:`agent.execution.sealwalk`; None: no
+    limit).
     """
     zip_path = zip_of(folder) if make_zip else None
-    with Walk(folder, max_files) as walk:
+    with Walk(folder, max_files, max_bytes) as walk:
         if zip_path is None:
             manifest = _hash_files(walk.files())
             sealed, body, sums = _sealed_output(output, manifest, walk.skipped)

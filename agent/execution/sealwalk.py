@@ -15,6 +15,13 @@ stops at the first entry past ``max_files`` (files, folders, links and the rest 
 count; listed as "past max_job_files", every later entry left out unlisted), then
 takes the agent's own logs and result.txt wherever the stop fell; and it lists at most
 MAX_SKIPPED left-out entries, then one line of how many more there were.
+
+So are its bytes: a job can make a file of any size at no cost (``truncate -s 1T``
+makes a sparse one in a millisecond, and exits before the quota's walk comes round),
+and the seal would read and zip all of it (20 GiB took it 2 minutes and 21 GB of disk).
+Past ``max_bytes`` in all, a file is left out ("past max_job_output_mb"); result.txt's
+share is set aside first, and the agent's logs (bounded where they are written) are
+always taken.
 """
 
 from __future__ import annotations
@@ -53,10 +60,12 @@ class Skip(StrEnum):
     UNREADABLE = "unreadable"
     TOO_DEEP = "too deep"
     TOO_MANY = "past max_job_files: this and every later entry left out"
+    TOO_LARGE = "past max_job_output_mb: left out"
 
 
 # What a package always holds, past max_files too: what the agent itself wrote.
-KEPT = (RESULT_TEXT, *(f"{LOGS_DIR}/{stream}.log" for stream in STREAMS))
+LOGS = tuple(f"{LOGS_DIR}/{stream}.log" for stream in STREAMS)
+KEPT = (RESULT_TEXT, *LOGS)
 # Names the seal writes at the top of the folder; a previous seal's copies are replaced.
 _OURS = {OUTPUT_JSON, CHECKSUMS, f".{OUTPUT_JSON}.tmp", f".{CHECKSUMS}.tmp"}
 
@@ -87,9 +96,14 @@ class Walk:
     ``skipped``. The root and every directory descriptor are closed on leaving the block.
     """
 
-    def __init__(self, folder: Path, max_files: int | None = MAX_FILES) -> None:
+    def __init__(self, folder: Path, max_files: int | None = MAX_FILES,
+                 max_bytes: int | None = None) -> None:
         self.folder = folder
         self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.over_bytes = False  # a file was left out past max_bytes
+        self._bytes_left = max_bytes or 0
+        self._result_share = 0  # set aside for result.txt, wherever the walk meets it
         self.root_fd = -1
         self.skipped: list[dict[str, str]] = []
         self.seen = 0  # entries walked: files, folders, links and the rest
@@ -108,7 +122,31 @@ class Walk:
                 raise
             raise PackageError(f"package folder {self.folder} is not a directory "
                                "(a symlink is never followed)") from exc
+        if self.max_bytes is not None:
+            self._set_aside_result()
         return self
+
+    def _set_aside_result(self) -> None:
+        try:
+            st = os.stat(RESULT_TEXT, dir_fd=self.root_fd, follow_symlinks=False)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_size <= self._bytes_left:
+            self._result_share = st.st_size
+            self._bytes_left -= st.st_size
+
+    def _within_bytes(self, rel: str, size: int) -> bool:
+        """Whether a file of ``size`` bytes fits what is left of ``max_bytes`` (taken)."""
+        if self.max_bytes is None or rel in LOGS:
+            return True
+        if rel == RESULT_TEXT:
+            self._bytes_left += self._result_share
+            self._result_share = 0
+        if size > self._bytes_left:
+            self.over_bytes = True
+            return False
+        self._bytes_left -= size
+        return True
 
     def __exit__(self, *exc: object) -> None:
         if self._files is not None:
@@ -209,10 +247,11 @@ class Walk:
         if fd is None:
             return None
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._within_bytes(rel, st.st_size):
             return Opened(rel, fd, st)
         os.close(fd)
-        self._skip(rel, Skip.NOT_REGULAR if not stat.S_ISREG(st.st_mode) else Skip.HARD_LINK)
+        self._skip(rel, Skip.NOT_REGULAR if not stat.S_ISREG(st.st_mode) else
+                   Skip.HARD_LINK if st.st_nlink != 1 else Skip.TOO_LARGE)
         return None
 
     def _open(self, dir_fd: int, name: str, rel: str, flags: int) -> int | None:

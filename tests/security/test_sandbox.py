@@ -398,6 +398,30 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert_serving(node)
 
 
+def test_a_sparse_file_past_the_quota_is_left_out_of_the_seal(node: dict[str, Any]) -> None:
+    # Given max_job_output_mb = 8 and a job that makes a 2 GiB sparse file (no disk, a
+    # millisecond) and exits before the quota's walk comes round (the seal read and
+    # zipped all of it: 2 GiB of disk; `truncate -s 1T` would have filled the disk)
+    script = """
+    truncate -s 2G $MINER_ARTIFACTS_DIR/sparse
+    echo kept > $MINER_ARTIFACTS_DIR/small
+    echo partial > $MINER_RESULT_FILE
+    """
+    job_id, view = run_script(node, script)
+    # Then the job fails as past its quota, though it exited 0
+    assert view["status"] == "failed", view
+    output = assert_sealed_and_clean(node, job_id)
+    assert output["error"]["code"] == "output_too_large", output["error"]
+    # And its package holds what fits, and lists the sparse file as left out
+    assert {"path": "artifacts/sparse", "reason": "past max_job_output_mb: left out"} \
+        in output["skipped"]
+    assert {"artifacts/small", "result.txt"} <= {f["path"] for f in output["files"]}
+    zip_path = package(node, job_id).with_suffix(".zip")
+    assert zip_path.stat().st_size < 1 << 20
+    assert result_text(node, job_id).strip() == "partial"
+    assert_serving(node)
+
+
 def test_a_flood_of_files_stops_the_job_and_never_reaches_the_seal(
         node: dict[str, Any]) -> None:
     # Given max_job_files = 50 and a job that makes 20,000 empty files and goes on

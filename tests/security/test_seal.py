@@ -302,6 +302,31 @@ def test_a_flood_of_files_is_cut_at_max_files_and_the_agents_own_are_kept(
     assert len(write_package(folder, OUTPUT, max_files=None).manifest) == 303
 
 
+def test_files_past_max_bytes_are_left_out_and_the_agents_own_kept(folder: Path) -> None:
+    # Given a job that made a sparse file of 2 GiB at no cost (truncate), files that
+    # fill a 1 MiB budget before result.txt, a file that fits after the sparse one, and
+    # logs past the budget on their own
+    with open(folder / "artifacts/sparse", "wb") as sparse:
+        sparse.truncate(2 << 30)
+    (folder / "artifacts/a-fill").write_bytes(b"f" * ((1 << 20) - 5))
+    (folder / "artifacts/b-big").write_bytes(b"b" * 100)
+    (folder / "logs/stderr.log").write_bytes(b"e" * (2 << 20))
+    # When the folder is sealed with max_bytes = 1 MiB
+    started = time.monotonic()
+    info = write_package(folder, OUTPUT, max_bytes=1 << 20)
+    # Then the sparse file and the one that no longer fits are left out, each listed;
+    # result.txt (its share set aside first) and the logs are kept whole
+    assert time.monotonic() - started < 10  # 2 GiB read and zipped took ~12 s
+    assert [m["path"] for m in info.manifest] == [
+        "artifacts/a-fill", "logs/stderr.log", "logs/stdout.log", "result.txt"]
+    assert info.skipped == [{"path": path, "reason": "past max_job_output_mb: left out"}
+                            for path in ("artifacts/b-big", "artifacts/sparse")]
+    assert info.zip_path is not None and info.zip_path.stat().st_size < 4 << 20
+    assert_sealed(info, folder)
+    # And the folder still holds what was left out, for the operator to look at
+    assert (folder / "artifacts/sparse").stat().st_size == 2 << 30
+
+
 def test_links_count_against_max_files_too(folder: Path) -> None:
     # Given 5,000 symlinks (never packaged, but each one a name for the walk)
     for i in range(5000):

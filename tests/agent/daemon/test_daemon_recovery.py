@@ -136,6 +136,43 @@ def test_an_output_json_a_job_forged_is_not_reported_after_a_restart(
         coord.stop()
 
 
+def test_leftovers_past_the_quota_are_left_out_of_the_seal_after_a_restart(
+        tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a job that made a 2 GiB sparse file (under the first agent's quota) and runs
+    # on when the agent dies, and an agent that comes back with max_job_output_mb = 8
+    coord = start_coordinator(tmp_path)
+    try:
+        client = Client(coord)
+        script = """
+        truncate -s 2G $MINER_ARTIFACTS_DIR/sparse
+        echo partial > $MINER_RESULT_FILE
+        echo made; sleep 60
+        """
+        job_id = client.submit({"type": "command", "argv": ["sh", "-c", script]})
+        state = tmp_path / "state"
+        agent = AgentProcess(coord.base_url, state, allowed_job_types="command",
+                             max_job_output_mb=4096)
+        agents.append(agent)
+        wait_until(lambda: b"made" in coord.store.read_log(job_id, "stdout"), 60, agent.log)
+        agent.kill()
+        again = AgentProcess(coord.base_url, state, allowed_job_types="command",
+                             max_job_output_mb=8)
+        agents.append(again)
+        # Then its leftovers are sealed without the sparse file (it was read and zipped
+        # whole) and the job fails as agent_restart
+        job = client.wait_status(job_id, "failed", "completed", timeout=60)
+        assert job["error"]["code"] == "agent_restart", job
+        folder = state / "jobs" / f"job_{job_id}"
+        output = json.loads((folder / "output.json").read_text())
+        assert {"path": "artifacts/sparse", "reason": "past max_job_output_mb: left out"} \
+            in output["skipped"]
+        assert "result.txt" in {f["path"] for f in output["files"]}
+        assert folder.with_suffix(".zip").stat().st_size < 1 << 20
+        assert verify(folder).ok
+    finally:
+        coord.stop()
+
+
 def test_leases_are_renewed_in_time_and_a_lost_one_stops_its_attempt(
         tmp_path: Path, agents: list[AgentProcess]) -> None:
     # Given 1.5 s leases and an agent whose own heartbeat interval is 5 s
