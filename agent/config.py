@@ -118,7 +118,8 @@ class AgentConfig:
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
     # MiB each of a sandboxed job's private /tmp and /dev/shm may hold (tmpfs, in RAM).
-    # 0: a quarter of the node's memory, at most job_memory_max_mb, at least 64.
+    # 0: a quarter of the node's memory shared among its slots, at most job_memory_max_mb,
+    # at least 64.
     job_tmp_mb: int = 0
     # A GPU a finished job's contexts still hold after this long is given to no job until
     # it is free (the slot drains, with the reason in the heartbeat).
@@ -318,7 +319,7 @@ def _validate_limits(cfg: AgentConfig) -> None:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
     if cfg.job_tmp_mb < 0:
         raise ConfigError("config field job_tmp_mb must not be negative (0: a quarter of the "
-                          "node's memory)")
+                          "node's memory shared among its slots)")
     if not 1 <= cfg.job_cpu_weight <= 10000:
         raise ConfigError("job_cpu_weight must be between 1 and 10000 (100 is an equal share)")
     if cfg.model_memory_budget_mb < 0 or not 0 < cfg.model_idle_s < float("inf"):

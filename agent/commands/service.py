@@ -104,7 +104,7 @@ max_job_work_files = 1000000
 job_memory_max_mb = 0
 job_pids_max = 16384
 # Each sandboxed job's private /tmp and /dev/shm, in MiB of RAM (0: a quarter of
-# the node's memory, at most job_memory_max_mb).
+# the node's memory shared among its slots, at most job_memory_max_mb).
 job_tmp_mb = 0
 # Your own executables `pre-job` and `post-job` in this folder run around each job, as
 # this user, for at most hook_timeout_s; a failing pre-job refuses the job.

@@ -56,7 +56,7 @@ from agent.daemon.view import NodeView
 from agent.errors import CancelReason, CoordinatorError, ExitCode
 from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
-from agent.execution.isolation import Isolation, for_agent
+from agent.execution.isolation import Isolation, for_agent, share_tmp
 from agent.execution.launcher import make_launcher
 from agent.execution.modelstore import resolve_models
 from agent.execution.warm import WarmPool, WarmSettings
@@ -98,6 +98,7 @@ class Agent:
         job_environ = scrubbed_environ(os.environ)
         self._owns_isolation = isolation is None
         self.isolation = isolation or for_agent(cfg, None)
+        share_tmp(self.isolation, cfg, self.scheduler.capacity)
         self.launcher = make_launcher(cfg.launcher, env=job_environ,
                                       sandbox=self.isolation.sandbox)
         exec_cfg = ExecutorConfig(cfg.jobs_dir, work_root=cfg.state_dir / "work",

@@ -9,6 +9,7 @@ and the executor falls back to the process-group (and PID-namespace) kill.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,19 @@ def for_agent(cfg: AgentConfig, config_file: Path | None) -> Isolation:
         hidden=secret_paths(cfg.state_dir, config_file, cfg.api_key_file),
         read_only=read_only, network=cfg.sandbox_network, limits=limits,
         tmp_bytes=job_tmp_bytes(cfg.job_tmp_mb, cfg.job_memory_max_mb))
+
+
+def share_tmp(isolation: Isolation, cfg: AgentConfig, slots: int) -> None:
+    """Size each job's ``/tmp`` and ``/dev/shm`` for the ``slots`` jobs the node runs at
+    once (:func:`job_tmp_bytes`), where the config leaves it to the agent (job_tmp_mb 0)."""
+    policy = isolation.sandbox
+    if policy is None or cfg.job_tmp_mb:
+        return
+    size = job_tmp_bytes(0, cfg.job_memory_max_mb, slots)
+    if size != policy.tmp_bytes:
+        isolation.sandbox = dataclasses.replace(policy, tmp_bytes=size)
+        log.info("each job's /tmp and /dev/shm hold %d MiB: a quarter of the RAM shared by "
+                 "%d slots (config job_tmp_mb sets it)", size >> 20, slots)
 
 
 def set_non_dumpable() -> None:

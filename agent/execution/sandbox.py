@@ -57,13 +57,14 @@ class SandboxUnavailable(Exception):
     """The sandbox cannot be built on this node; the message says why and what to do."""
 
 
-def job_tmp_bytes(tmp_mb: int, memory_mb: int = 0) -> int:
+def job_tmp_bytes(tmp_mb: int, memory_mb: int = 0, slots: int = 1) -> int:
     """The size of each of a job's private ``/tmp`` and ``/dev/shm`` (tmpfs, held in RAM).
 
-    ``tmp_mb`` (config ``job_tmp_mb``) when set; else a quarter of the node's memory,
-    at most the job's memory limit (``job_memory_max_mb``), and never under 64 MiB: one
-    job's two together hold at most half the RAM, where the kernel's default would let
-    each take half.
+    ``tmp_mb`` (config ``job_tmp_mb``) when set; else a quarter of the node's memory
+    shared among the ``slots`` jobs it runs at once, at most the job's memory limit
+    (``job_memory_max_mb``), and never under 64 MiB: the two of every job running
+    together hold at most half the RAM, where the kernel's default would let each take
+    half (without the memory controller, eight jobs could have held four times the RAM).
     """
     if tmp_mb > 0:
         return tmp_mb << 20
@@ -71,7 +72,7 @@ def job_tmp_bytes(tmp_mb: int, memory_mb: int = 0) -> int:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         ram = 4 << 30
-    size = ram // 4
+    size = ram // (4 * max(1, slots))
     if memory_mb > 0:
         size = min(size, memory_mb << 20)
     return max(size, 64 << 20)

@@ -23,6 +23,7 @@ from tests.agent.daemon.helpers import (
     CLIENT_KEY,
     AgentProcess,
     Client,
+    make_agent,
     start_coordinator,
 )
 
@@ -149,6 +150,9 @@ def test_each_jobs_tmp_is_sized_from_the_config_or_the_ram() -> None:
     assert job_tmp_bytes(0) == max(ram // 4, 64 << 20)
     assert job_tmp_bytes(0, memory_mb=512) == min(ram // 4, 512 << 20)
     assert job_tmp_bytes(0, memory_mb=8) == 64 << 20
+    # And that quarter is shared among the jobs the node runs at once
+    assert job_tmp_bytes(0, slots=8) == max(ram // 32, 64 << 20)
+    assert job_tmp_bytes(100, slots=8) == 100 << 20
     # And the daemon's jail request carries it (the config's, through the env)
     cfg = load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_TMP_MB": "16"})
     policy = SandboxPolicy(jobs_root=Path("/j"), work_root=Path("/w"),
@@ -156,6 +160,26 @@ def test_each_jobs_tmp_is_sized_from_the_config_or_the_ram() -> None:
     request = JailRequest.from_dict(policy.jail(Path("/j/a"), Path("/w/a"), "sleep", None))
     assert request.tmp_size == 16 << 20
     assert JailRequest.from_dict({"package_dir": "p", "work_dir": "w"}).tmp_size is None
+
+
+@needs_bwrap
+@pytest.mark.parametrize(("slots", "tmp_mb"), [(1, 0), (4, 0), (4, 16)])
+def test_the_daemon_shares_the_default_tmp_among_its_slots(
+        tmp_path: Path, slots: int, tmp_mb: int) -> None:
+    # Given a daemon of `slots` CPU slots (no GPU here), job_tmp_mb left to it or set
+    agent = make_agent(tmp_path, gpus="", cpu_slots=slots, job_tmp_mb=tmp_mb)
+    try:
+        # Then each job's /tmp and /dev/shm hold a quarter of the RAM shared by them all
+        # (every job's two together at most half the RAM), or what the config says
+        assert agent.scheduler.capacity == slots
+        sandbox = agent.isolation.sandbox
+        assert sandbox is not None
+        assert sandbox.tmp_bytes == (tmp_mb << 20 if tmp_mb else job_tmp_bytes(0, 0, slots))
+        request = JailRequest.from_dict(sandbox.jail(Path("/j/a"), Path("/w/a"), "sleep",
+                                                     None))
+        assert request.tmp_size == sandbox.tmp_bytes
+    finally:
+        asyncio.run(agent.shutdown())
 
 
 @pytest.fixture
