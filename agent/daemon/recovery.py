@@ -28,8 +28,10 @@ from agent.daemon.session import Session
 from agent.daemon.uploads import plan as upload_plan
 from agent.errors import CoordinatorError, InvalidJob, Outcome, PackageError
 from agent.execution.executor import JobReport
-from agent.execution.package import PackageInfo, has_entries, read_sealed, write_package
+from agent.execution.package import PackageInfo, write_package
 from agent.execution.reclaim import remove_tree
+from agent.execution.sealed import read_sealed
+from agent.execution.sealwalk import has_entries
 from agent.jobs import Job, valid_job_id
 from agent.layout import (
     ARTIFACTS_DIR,

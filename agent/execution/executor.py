@@ -37,17 +37,11 @@ from agent.execution.cgroups import CgroupTree, JobCgroup, Limits
 from agent.execution.environment import environment_info, job_environ
 from agent.execution.launcher import Launcher, LaunchRequest, ProcessHandle, make_launcher
 from agent.execution.outcome import QUOTA_VERDICTS, Verdict, classify, disk_full, signal_name
-from agent.execution.package import (
-    InlineSeals,
-    PackageInfo,
-    has_entries,
-    small_folder,
-    write_package,
-)
+from agent.execution.package import InlineSeals, PackageInfo, write_package
 from agent.execution.prefetch import find_inputs, prefetch
 from agent.execution.reclaim import remove_tree, unlock, unlock_folder
 from agent.execution.sandbox import SandboxPolicy
-from agent.execution.sealwalk import MAX_FILES
+from agent.execution.sealwalk import MAX_FILES, has_entries, small_folder
 from agent.jobs import Job
 from agent.layout import ARTIFACTS_DIR, LOGS_DIR, RESULT_TEXT, STREAMS, job_folder, log_path
 from runtimes.registry import resolve_path

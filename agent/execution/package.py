@@ -47,11 +47,19 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.execution.sealwalk import DIR_FLAGS, MAX_DEPTH, MAX_FILES, Opened, Skip, Walk
+from agent.execution.sealwalk import (
+    DIR_FLAGS,
+    MAX_DEPTH,
+    MAX_FILES,
+    Opened,
+    Skip,
+    Walk,
+    small_folder,
+)
 from agent.layout import CHECKSUMS, OUTPUT_JSON, checksum_of, zip_of
 
 __all__ = ["HASH_CHUNK", "MAX_DEPTH", "PackageInfo", "Skip", "build_manifest", "collect_files",
-           "read_sealed", "result_hash", "sha256_file", "sha256_many", "write_package"]
+           "replace_at", "result_hash", "sha256_file", "sha256_many", "write_package"]
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
@@ -223,7 +231,7 @@ def _zip_files(zf: zipfile.ZipFile, top: str, files: Iterator[Opened]) -> list[d
     return manifest
 
 
-def _replace_at(dir_fd: int, name: str, data: bytes, durable: bool = False) -> None:
+def replace_at(dir_fd: int, name: str, data: bytes, durable: bool = False) -> None:
     """Write ``name`` under a temporary name and rename it over the old one.
 
     Both names are the agent's own (the walk leaves them out). Whatever a job left
@@ -275,8 +283,11 @@ class _ZipBuffer:
         self._limit = limit
         self._mem: io.BytesIO | None = io.BytesIO()
         self._pos = 0  # in the draft file, once spilled
+        self.discard = False  # the draft is abandoned: writes go nowhere
 
     def write(self, data: bytes, /) -> int:
+        if self.discard:
+            return len(data)
         if self._mem is not None:
             if self._mem.tell() + len(data) <= self._limit:
                 return self._mem.write(data)
@@ -351,12 +362,25 @@ class _ZipDraft:
         try:
             if exc_type is None:
                 self._commit()
+        except BaseException:
+            self._abandon()
+            raise
         finally:
+            if exc_type is not None:
+                self._abandon()
             os.close(self._fd)
             if exc_type is not None or not self.sha256:
                 with suppress(FileNotFoundError):
                     os.unlink(self._tmp, dir_fd=self._dir_fd)
             os.close(self._dir_fd)
+
+    def _abandon(self) -> None:
+        """Let the zip object go without another write: left open, its finaliser would
+        write the central directory to a closed descriptor (or a full disk)."""
+        self._buffer.discard = True
+        with suppress(Exception):
+            self.zf.close()
+        self.zf.fp = None
 
     def _commit(self) -> None:
         self.zf.close()
@@ -365,7 +389,7 @@ class _ZipDraft:
         os.replace(self._tmp, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         self.sha256 = digest
         sidecar = checksum_of(self.path).name
-        _replace_at(self._dir_fd, sidecar, f"{digest}  {self.path.name}\n".encode())
+        replace_at(self._dir_fd, sidecar, f"{digest}  {self.path.name}\n".encode())
         os.fsync(self._dir_fd)
 
 
@@ -390,23 +414,46 @@ def write_package(folder: Path, output: dict[str, Any], make_zip: bool = True,
     The folder's output.json is written last, once the zip is durable: a folder that
     has one had its zip finished first. The walk stops past ``max_files`` entries and
     leaves out files past ``max_bytes`` (see :mod:`agent.execution.sealwalk`; None: no
-    limit).
+    limit). Where the disk has no room for the zip (a copy of every file), the folder
+    is sealed alone, its output.json saying why (``zip_error``): a package that
+    ``sha256sum -c`` accepts, where there was none.
     """
-    zip_path = zip_of(folder) if make_zip else None
+    if make_zip:
+        try:
+            return _seal(folder, output, zip_of(folder), max_files, max_bytes)
+        except _NoRoomForZip as exc:
+            log.warning("%s: no room on the disk for the zip (%s); sealing the folder alone",
+                        folder.name, exc)
+            output = {**output, "zip_error": f"no room on the node's disk for the zip: {exc}"}
+    return _seal(folder, output, None, max_files, max_bytes)
+
+
+class _NoRoomForZip(Exception):
+    """Raised when the zip draft could not be written for lack of space (or quota)."""
+
+
+def _seal(folder: Path, output: dict[str, Any], zip_path: Path | None,
+          max_files: int | None, max_bytes: int | None) -> PackageInfo:
     with Walk(folder, max_files, max_bytes) as walk:
         if zip_path is None:
             manifest = _hash_files(walk.files())
             sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
         else:
-            with _ZipDraft(zip_path) as draft:
-                manifest = _zip_files(draft.zf, folder.name, walk.files())
-                sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
-                for name, data in ((OUTPUT_JSON, body), (CHECKSUMS, sums)):
-                    draft.zf.writestr(_zip_info(f"{folder.name}/{name}", stat.S_IFREG | 0o644,
-                                                time.time(), len(data)), data)
+            try:
+                with _ZipDraft(zip_path) as draft:
+                    manifest = _zip_files(draft.zf, folder.name, walk.files())
+                    sealed, body, sums = _sealed_output(output, manifest, walk.skipped)
+                    for name, data in ((OUTPUT_JSON, body), (CHECKSUMS, sums)):
+                        draft.zf.writestr(_zip_info(f"{folder.name}/{name}",
+                                                    stat.S_IFREG | 0o644, time.time(),
+                                                    len(data)), data)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _NoRoomForZip(str(exc)) from exc
+                raise
         # Without a zip the folder is the only copy: then its output.json is made durable.
-        _replace_at(walk.root_fd, CHECKSUMS, sums)
-        _replace_at(walk.root_fd, OUTPUT_JSON, body, durable=zip_path is None)
+        replace_at(walk.root_fd, CHECKSUMS, sums)
+        replace_at(walk.root_fd, OUTPUT_JSON, body, durable=zip_path is None)
         if zip_path is None:
             os.fsync(walk.root_fd)
     info = PackageInfo(folder, None, None, manifest, sealed["result_hash"], walk.skipped, sealed)
@@ -454,107 +501,3 @@ class InlineSeals:
                      seconds * 1000, len(self._recent),
                      statistics.median(self._recent) * 1000, self.backoff_s)
             self._recent.clear()
-
-
-def has_entries(folder: Path) -> bool:
-    """Whether ``folder`` holds anything: one read of its first entries, where
-    ``any(folder.iterdir())`` lists every name first (a million, in a job's folder)."""
-    try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is not None
-    except OSError:
-        return False
-
-
-def small_folder(folder: Path, max_entries: int = 32, max_bytes: int = 256 << 10) -> bool:
-    """At most ``max_entries`` entries under ``folder``, regular files of ``max_bytes`` in
-    all, nothing else but folders: a walk that stops at the first sign of more."""
-    entries = total = 0
-    stack = [str(folder)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as found:
-                for entry in found:
-                    entries += 1
-                    if entries > max_entries:
-                        return False
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
-                        if total > max_bytes:
-                            return False
-                    else:  # a link, a FIFO, a device: the thread's walk deals with it
-                        return False
-        except OSError:
-            return False
-    return True
-
-
-def read_sealed(folder: Path) -> PackageInfo | None:
-    """What an earlier seal of ``folder`` wrote, or None where it never finished.
-
-    For recovery after a crash. Only the zip is trusted: every seal the daemon makes
-    writes it first (see :class:`_ZipDraft`), beside the folder, where no job reaches.
-    The folder is the job's own: a job may have left an ``output.json`` of its making
-    there (any status, metrics or job id) before the agent died, and a power cut may
-    have left the seal's copy empty. So the folder's output.json and output.sha256 are
-    put back from the zip, and without a readable zip the seal never finished.
-    """
-    zip_path = zip_of(folder)
-    output = _json_or_none(_restore_from_zip(folder, zip_path)) if zip_path.is_file() \
-        else None
-    if output is None:
-        return None
-    zip_sha = None
-    if zip_path.is_file():
-        words = (_read_or_none(checksum_of(zip_path)) or b"").split()
-        zip_sha = words[0].decode() if words and len(words[0]) == 64 else None
-        if zip_sha is None:
-            zip_sha = sha256_file(zip_path)
-            _replace_in(zip_path.parent, checksum_of(zip_path).name,
-                        f"{zip_sha}  {zip_path.name}\n".encode())
-    return PackageInfo(folder, zip_path if zip_sha else None, zip_sha,
-                       output.get("files", []), output.get("result_hash", ""),
-                       output.get("skipped", []), output)
-
-
-def _restore_from_zip(folder: Path, zip_path: Path) -> bytes | None:
-    """The zip's output.json, put back in the folder with its output.sha256."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            body = zf.read(f"{folder.name}/{OUTPUT_JSON}")
-            sums = zf.read(f"{folder.name}/{CHECKSUMS}")
-    except (OSError, zipfile.BadZipFile, KeyError):
-        return None
-    if _json_or_none(body) is not None:
-        try:
-            _replace_in(folder, CHECKSUMS, sums)
-            _replace_in(folder, OUTPUT_JSON, body)
-        except OSError as exc:  # the zip still says what the seal wrote
-            log.warning("%s: cannot put output.json back from %s: %s", folder, zip_path.name,
-                        exc)
-    return body
-
-
-def _replace_in(directory: Path, name: str, data: bytes) -> None:
-    dir_fd = os.open(directory, DIR_FLAGS)
-    try:
-        _replace_at(dir_fd, name, data)
-    finally:
-        os.close(dir_fd)
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def _json_or_none(data: bytes | None) -> dict[str, Any] | None:
-    try:
-        value = json.loads(data) if data else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None

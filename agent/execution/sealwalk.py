@@ -265,3 +265,38 @@ class Walk:
             else:
                 raise
             return None
+
+
+def has_entries(folder: Path) -> bool:
+    """Whether ``folder`` holds anything: one read of its first entries, where
+    ``any(folder.iterdir())`` lists every name first (a million, in a job's folder)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
+def small_folder(folder: Path, max_entries: int = 32, max_bytes: int = 256 << 10) -> bool:
+    """At most ``max_entries`` entries under ``folder``, regular files of ``max_bytes`` in
+    all, nothing else but folders: a walk that stops at the first sign of more."""
+    entries = total = 0
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    if entries > max_entries:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                        if total > max_bytes:
+                            return False
+                    else:  # a link, a FIFO, a device: the thread's walk deals with it
+                        return False
+        except OSError:
+            return False
+    return True

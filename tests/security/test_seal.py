@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from agent.execution.executor import folder_usage, seal_unlocking
-from agent.execution.package import PackageInfo, build_manifest, read_sealed, write_package
+from agent.execution.package import PackageInfo, build_manifest, write_package
 from agent.execution.reclaim import remove_tree
+from agent.execution.sealed import read_sealed
 from tests.agent.conftest import without_privileges
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-FOLDER-" + os.urandom(16).hex().encode()

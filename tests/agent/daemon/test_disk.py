@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +95,41 @@ def test_a_job_that_fills_the_disk_fails_with_disk_full(
     after = client.submit(SLEEP)
     assert client.wait_status(after, "completed", "failed", timeout=60)["status"] == "completed"
     assert agent.proc.poll() is None
+
+
+def test_a_package_without_room_for_its_zip_is_sealed_as_a_folder(
+        small_disk: Path, coord: ReferenceCoordinator, agents: list[AgentProcess]) -> None:
+    # Given a job that leaves 9 MB on a 16 MiB disk: no room for the zip's copy of it
+    # (the seal failed: no package at all, and the report lost the text and the logs)
+    client = Client(coord)
+    job_id = client.submit({"type": "command", "argv": ["sh", "-c", (
+        "echo printed; head -c 9000000 /dev/urandom > $MINER_ARTIFACTS_DIR/big; "
+        "echo done > $MINER_RESULT_FILE")]})
+    agent = AgentProcess(coord.base_url, small_disk, min_free_disk_mb=1,
+                         allowed_job_types="command,sleep")
+    agents.append(agent)
+    # Then it completes, its report whole: text, logs, and the folder as its package
+    job = client.wait_status(job_id, "completed", "failed", timeout=60)
+    assert job["status"] == "completed", job
+    result = job["result"]
+    assert result["output"] == "done\n"
+    assert result["logs"]["stdout_tail"] == "printed\n"
+    folder = small_disk / "jobs" / f"job_{job_id}"
+    package = result["package"]
+    assert package["zip_sha256"] is None and package["location"] == folder.as_uri()
+    assert {m["path"] for m in package["manifest"]} >= {"artifacts/big", "result.txt"}
+    # And the folder is sealed: its output.json says why there is no zip, and it verifies
+    output = json.loads((folder / "output.json").read_text())
+    assert output["zip_error"].startswith("no room on the node's disk for the zip")
+    assert not folder.with_suffix(".zip").exists()
+    assert not any(p.name.endswith(".tmp") for p in folder.parent.iterdir())
+    check = subprocess.run(["sha256sum", "-c", "--strict", "output.sha256"], cwd=folder,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Exception ignored" not in agent.log()
+    # And the agent keeps serving
+    after = client.submit(SLEEP)
+    assert client.wait_status(after, "completed", "failed", timeout=60)["status"] == "completed"
 
 
 def test_no_inodes_left_pauses_polling_as_low_disk_does(

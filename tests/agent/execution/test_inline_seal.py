@@ -15,7 +15,8 @@ import agent.execution.executor as executor_module
 from agent.errors import Outcome
 from agent.execution.executor import ExecutorConfig, JobRun, remove_scratch
 from agent.execution.launcher import make_launcher
-from agent.execution.package import InlineSeals, small_folder
+from agent.execution.package import InlineSeals
+from agent.execution.sealwalk import small_folder
 from tests.agent.conftest import PY, make_job
 
 TINY = "print('hi')"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.execution import package
-from agent.execution.package import read_sealed, write_package
+from agent.execution.package import write_package
+from agent.execution.sealed import read_sealed
 from agent.execution.verify import verify
 
 
