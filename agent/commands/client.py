@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.commands.console import printable
 from agent.commands.options import Sub, client_args, load
 from agent.coordinator.transport import CoordinatorUnavailable, path_segment
 from agent.errors import ConfigError, ExitCode
@@ -218,7 +219,7 @@ def line(job: dict[str, Any]) -> str:
             parts.append(str(detail[key]))
     for key, value in list((detail.get("metrics") or {}).items())[:4]:
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts)
+    return printable(" ".join(parts), one_line=True)  # a job's words, from a miner
 
 
 def summary(job: dict[str, Any], where: Target) -> list[str]:
@@ -226,9 +227,10 @@ def summary(job: dict[str, Any], where: Target) -> list[str]:
     out = [line(job)]
     result = job.get("result") or {}
     if job.get("error"):
-        out.append(f"error: {job['error'].get('code')}: {job['error'].get('message')}")
+        out.append(printable(f"error: {job['error'].get('code')}: "
+                             f"{job['error'].get('message')}"))
     if isinstance(result, dict) and result.get("output"):
-        out.append(str(result["output"])[-2000:])
+        out.append(printable(str(result["output"])[-2000:]))
     return out + package_lines(job, where)
 
 

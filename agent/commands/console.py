@@ -1,7 +1,15 @@
-"""The terminal view of a foreground job: a live progress bar and a log tail."""
+"""The terminal view of a foreground job: a live progress bar and a log tail.
+
+What a job wrote (its output, its progress's stage and message, its file names) is a
+stranger's bytes: shown on a terminal, an escape sequence in them would be acted on
+(retitle the window, rewrite lines already shown, set the clipboard). :func:`printable`
+shows every control character as ``\\xNN`` instead, wherever the agent's commands print
+such text for a person to read; log lines written to a file or a pipe stay as they are.
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -9,6 +17,19 @@ from typing import Any, TextIO
 
 BAR_WIDTH = 24
 REDRAW_S = 0.1
+# C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROLS_AND_NEWLINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, *, one_line: bool = False, overwrite: bool = False) -> str:
+    """``text`` safe to print on a terminal: each control character shown as ``\\xNN``,
+    never acted on (tab kept; newline too unless ``one_line``). ``overwrite``: only what
+    follows the last carriage return, as a terminal shows a redrawn line (tqdm's)."""
+    if overwrite:
+        text = text.rsplit("\r", 1)[-1]
+    pattern = _CONTROLS_AND_NEWLINE if one_line else _CONTROLS
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class JobConsole:
@@ -30,6 +51,8 @@ class JobConsole:
         if self.quiet:
             return
         text = data.decode("utf-8", errors="replace").rstrip("\n")
+        if self.tty:
+            text = printable(text, one_line=True, overwrite=True)
         self._clear_bar()
         prefix = "" if stream == "stdout" else "! "
         self.out.write(f"{prefix}{text}\n")
@@ -45,7 +68,7 @@ class JobConsole:
 
     def note(self, text: str) -> None:
         self._clear_bar()
-        self.out.write(f"[{self.job_id}] {text}\n")
+        self.out.write(f"[{self.job_id}] {printable(text)}\n")
         self.out.flush()
 
     def complete(self) -> None:
@@ -80,7 +103,7 @@ class JobConsole:
         if isinstance(p.get("eta_s"), (int, float)):
             parts.append(f"eta {p['eta_s']:.0f}s")
         parts.append(f"{time.monotonic() - self.t0:.0f}s")
-        return " ".join(parts)
+        return printable(" ".join(parts), one_line=True)
 
     def _draw(self, force: bool = False) -> None:
         if self.quiet or not self.progress:

@@ -31,7 +31,7 @@ from agent.commands.client import (
     target,
     verb,
 )
-from agent.commands.console import JobConsole
+from agent.commands.console import JobConsole, printable
 from agent.commands.options import Sub
 from agent.coordinator.jobs_api import JobsClient
 from agent.errors import ExitCode
@@ -57,7 +57,9 @@ def add_parsers(sub: Sub) -> None:
 
     p = verb(sub, "logs", "print a job's log",
              "Print a job's log: its stdout on stdout and its stderr on stderr, or one stream "
-             "with --stream. With -f, keep printing new output until the job ends. Exit 0, "
+             "with --stream. With -f, keep printing new output until the job ends. On a "
+             "terminal, control characters show as \\xNN (a job's escape sequences are not "
+             "acted on); piped or redirected, the bytes are as the job wrote them. Exit 0, "
              "or 11 when there is no such job.")
     p.add_argument("--stream", choices=STREAMS, help="only this stream, on stdout")
     p.add_argument("-f", "--follow", action="store_true",
@@ -118,13 +120,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
             for stream in streams:
                 data = call(where, client.log, jid, stream)
                 out = _out(stream, args.stream)
-                out.buffer.write(data)
+                if out.isatty():  # a terminal would act on the job's escape sequences
+                    out.write(printable(data.decode("utf-8", errors="replace")))
+                else:
+                    out.buffer.write(data)
                 out.flush()
             return ExitCode.OK
         for event, _ in events(client, where, jid):
             if event.get("type") == "log" and event.get("stream") in streams:
                 out = _out(str(event["stream"]), args.stream)
-                out.write(str(event.get("data", "")))
+                text = str(event.get("data", ""))
+                out.write(printable(text) if out.isatty() else text)
                 out.flush()
     return ExitCode.OK
 

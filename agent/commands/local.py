@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from agent.commands.console import JobConsole
+from agent.commands.console import JobConsole, printable
 from agent.commands.options import config_args, load
 from agent.config import LAUNCHER_KINDS, default_state_dir
 from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob, Outcome
@@ -78,8 +78,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     code = ExitCode.OK
     for path in paths:
         report = verify(path)
-        for problem in report.problems:
-            print(f"FAIL {problem}")
+        for problem in report.problems:  # a job's file names: shown, never acted on
+            print(f"FAIL {printable(problem, one_line=True)}")
         if report.ok:
             print(f"OK {path}: {report.checked} files match their checksums")
             continue
@@ -200,7 +200,8 @@ async def _exec(job: Job, cfg: ExecutorConfig, args: argparse.Namespace,
     where = report.folder or cfg.out_root
     detail = f" ({report.error_code}: {report.error_message})" if report.error_code else ""
     partial = " with partial results" if report.partial else ""
-    print(f"{job.job_id}: {report.outcome.value}{partial}{detail}", file=sys.stderr)
+    print(printable(f"{job.job_id}: {report.outcome.value}{partial}{detail}"),
+          file=sys.stderr)
     print(f"package: {where}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.output, indent=2))
