@@ -12,12 +12,18 @@ see a reset that no fault asked for. TCP_NODELAY is set on every accepted socket
 writes an answer's head and body in two segments, and without it the second waits for
 the peer's delayed ACK, about 40 ms a request. (asyncio sets it only on sockets whose
 ``proto`` says TCP, which a socket from ``socket.create_server`` does not.)
+
+Every connection accepted is tracked here too, not only in uvicorn's list: one accepted
+in the instant ``down`` cuts the others is not in that list yet, and ``close`` aborts
+whatever is still open before the loop ends, so no socket is left to the garbage
+collector (a ResourceWarning in whichever test ran next).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import socket
@@ -43,8 +49,10 @@ class Listener:
 
     def __init__(self, app: Any, host: str, port: int) -> None:
         self._app = app
+        self._accepted: set[asyncio.BaseTransport] = set()
+        protocol = type("_Tracked", (_Protocol,), {"accepted": self._accepted})
         self._config = uvicorn.Config(
-            self._asgi, host=host, port=port, http=_Protocol, ws="websockets-sansio",
+            self._asgi, host=host, port=port, http=protocol, ws="websockets-sansio",
             lifespan="off", interface="asgi3", log_config=None, proxy_headers=False,
             timeout_keep_alive=KEEP_ALIVE_S)
         self.host, self.port = host, port
@@ -98,6 +106,8 @@ class Listener:
             asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(5)
         except (concurrent.futures.TimeoutError, RuntimeError):
             logger.warning("reference coordinator: tasks still running at close")
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(_abort_all(self._accepted), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         if not thread.is_alive():
@@ -138,17 +148,28 @@ class Listener:
 
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with TCP_NODELAY on the accepted socket and no access log
-    (query strings can hold presigned signatures; the app logs requests redacted)."""
+    (query strings can hold presigned signatures; the app logs requests redacted).
+    ``accepted``: the listener's own set of open connections (a subclass per listener)."""
+
+    accepted: set[asyncio.BaseTransport] = set()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.access_log = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.accepted) >= 1024:  # WebSockets' ends never come here: drop the closed
+            self.accepted.difference_update([t for t in self.accepted if t.is_closing()])
+        self.accepted.add(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # reset by the peer already
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(cast(asyncio.Transport, transport))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.accepted.discard(self.transport)
+        super().connection_lost(exc)
 
 
 def _rst(transport: asyncio.Transport | None) -> None:
@@ -174,6 +195,18 @@ async def _cut_all(server: uvicorn.Server) -> None:
             transport.abort()
     server.should_exit = server.force_exit = True
     await asyncio.sleep(0)  # let connection_lost run, so handlers see the disconnect
+
+
+async def _abort_all(accepted: set[asyncio.BaseTransport]) -> None:
+    """Abort every connection still open (a WebSocket's too, whose protocol was switched
+    from ours), and let each close its socket before the loop ends."""
+    for _ in range(2):  # a connection_made still queued registers on the first pass
+        await asyncio.sleep(0)
+        for transport in list(accepted):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+    await asyncio.sleep(0)
+    accepted.clear()
 
 
 async def _cancel_tasks() -> None:

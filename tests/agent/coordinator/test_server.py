@@ -6,6 +6,7 @@ server must not read), httpx elsewhere.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import socket
 import threading
@@ -142,3 +143,24 @@ def test_accepted_sockets_have_tcp_nodelay(core: ReferenceCoordinator) -> None:
                    for c in core._listener._server.server_state.connections]  # type: ignore[union-attr]
         assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                                for s in sockets)
+
+
+def test_stop_closes_every_accepted_connection_even_one_the_server_lost(
+        make_coordinator: Callable[..., ReferenceCoordinator]) -> None:
+    # Given a keep-alive connection the uvicorn server no longer lists, as one accepted
+    # in the instant the coordinator went down (its socket was left to the garbage
+    # collector: a ResourceWarning in whichever test ran next)
+    coord = make_coordinator()
+    kept = http.client.HTTPConnection(*address(coord), timeout=5)
+    kept.request("GET", "/health")
+    assert kept.getresponse().read()
+    coord._listener._server.server_state.connections.clear()  # type: ignore[union-attr]
+    # When the coordinator stops
+    coord.stop()
+    gc.collect()  # a socket left open would warn here (warnings are errors)
+    # Then the connection was closed on the server's side
+    with kept.sock:
+        try:
+            assert read_all(kept.sock) == b""
+        except ConnectionResetError:
+            pass
