@@ -9,8 +9,8 @@ coordinator's signed receipt.
 The body always fits the coordinator's limit, whatever the job left and however the
 operator sized the text and tails (:func:`fit`): a report over 10 MiB is refused with 413
 and was retried for ever, the job never reported. A job's names make the manifest long
-(a path may be 64 folders of 255 bytes, each byte escaped to six), so it stops at
-MAX_MANIFEST_BYTES of JSON as it stops at MAX_MANIFEST_ENTRIES.
+(a path may be 64 folders of 255 bytes, and a character may take six bytes escaped),
+so it stops at MAX_MANIFEST_BYTES of JSON as it stops at MAX_MANIFEST_ENTRIES.
 """
 
 from __future__ import annotations
@@ -188,9 +188,9 @@ def fit(report: Report, limit: int = MAX_REPORT_BYTES) -> Report:
 
     Cut in this order, each only as far as needed: the manifest to MAX_MANIFEST_BYTES
     (a report journaled before that bound), the log tails, stdout's first (their ends
-    kept; the package and the shipped logs hold them whole), the result text (its start kept;
-    ``output_truncated``), then the rest of the manifest (its first entries kept;
-    ``manifest_truncated``; the package holds it whole). Everything else is bounded
+    kept; the package and the shipped logs hold them whole), the result text (its
+    start kept; ``output_truncated``), then the rest of the manifest (its first entries
+    kept; ``manifest_truncated``; the package holds it whole). Everything else is bounded
     well under the limit where it is made. A report that fits is returned as it is,
     most without being encoded.
     """

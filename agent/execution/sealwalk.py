@@ -101,7 +101,6 @@ class Walk:
         self.folder = folder
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self.over_bytes = False  # a file was left out past max_bytes
         self._bytes_left = max_bytes or 0
         self._result_share = 0  # set aside for result.txt, wherever the walk meets it
         self.root_fd = -1
@@ -143,7 +142,6 @@ class Walk:
             self._bytes_left += self._result_share
             self._result_share = 0
         if size > self._bytes_left:
-            self.over_bytes = True
             return False
         self._bytes_left -= size
         return True
