@@ -22,6 +22,7 @@ import asyncio
 import enum
 import errno
 import logging
+import math
 import os
 import time
 import zlib
@@ -55,6 +56,13 @@ NOT_A_LOG = (errno.ELOOP, errno.ENOTDIR, errno.EINVAL)
 # A tick that found at least this much new log (a job logging flat out) looks again
 # after BUSY_WAIT_S rather than the ship interval.
 BUSY_WAIT_S = 0.05
+
+# What a progress call carries of a job's progress (docs/protocol-extensions.md, progress):
+# the protocol's metrics are a flat object of numbers; output.json keeps all it sent.
+MAX_STAGE_CHARS = 200
+MAX_MESSAGE_CHARS = 1000
+MAX_PROGRESS_METRICS = 32
+MAX_METRIC_NAME_CHARS = 64
 
 _pool: ThreadPoolExecutor | None = None  # the reading thread, one per process
 
@@ -306,15 +314,35 @@ class ProgressSender:
         if sent == progress or now - sent_at < self.interval_s:
             return False
         self._last[job_id] = (now, dict(progress))
-        metrics = progress.get("metrics") if isinstance(progress.get("metrics"), dict) else None
         try:
             return await self.client.progress(
                 job_id, lease_id=lease_id, fraction=progress.get("fraction"),
-                stage=progress.get("stage"), message=progress.get("message"),
-                eta_s=progress.get("eta_s"), metrics=metrics)
+                stage=_cut(progress.get("stage"), MAX_STAGE_CHARS),
+                message=_cut(progress.get("message"), MAX_MESSAGE_CHARS),
+                eta_s=progress.get("eta_s"), metrics=wire_metrics(progress.get("metrics")))
         except CoordinatorError as exc:
             log.warning("job %s: progress not sent: %s", job_id, exc)
             return False
 
     def forget(self, job_id: str) -> None:
         self._last.pop(job_id, None)
+
+
+def wire_metrics(metrics: Any) -> dict[str, int | float] | None:
+    """A job's progress metrics as the protocol carries them: only finite numbers (not
+    booleans), named in at most MAX_METRIC_NAME_CHARS, the first MAX_PROGRESS_METRICS."""
+    if not isinstance(metrics, dict):
+        return None
+    numbers: dict[str, int | float] = {}
+    for name, value in metrics.items():
+        if len(numbers) >= MAX_PROGRESS_METRICS:
+            break
+        if isinstance(name, str) and len(name) <= MAX_METRIC_NAME_CHARS and \
+                isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                math.isfinite(value):
+            numbers[name] = value
+    return numbers
+
+
+def _cut(text: Any, limit: int) -> str | None:
+    return text[:limit] if isinstance(text, str) else None

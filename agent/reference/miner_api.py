@@ -364,7 +364,8 @@ def _valid_progress(body: Mapping[str, Any]) -> dict[str, Any]:
         raise Problem(422, "eta_s must be a number >= 0")
     if metrics is not None and not isinstance(metrics, dict):
         raise Problem(422, "metrics must be a JSON object")
-    out = {"fraction": fraction, "stage": body.get("stage"), "eta_s": eta,
+    out = {"fraction": fraction, "eta_s": eta,
+           "stage": str(body["stage"])[:200] if body.get("stage") is not None else None,
            "message": str(body["message"])[:1000] if body.get("message") is not None else None,
            "metrics": metrics}
     return {k: v for k, v in out.items() if v is not None}

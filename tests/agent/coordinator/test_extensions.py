@@ -89,6 +89,11 @@ def test_progress_shows_to_the_client_and_answers_cancel(
             assert view["status"] == "running" and view["progress"] == 45.0
             assert view["progress_detail"]["metrics"]["loss"] == 0.7
             assert view["estimated_completion"] is not None
+            # A stage and a message past their bounds are cut (an agent before the cut)
+            await client.progress(job_id, lease_id=polled.lease_id, fraction=0.46,
+                                  stage="s" * 5000, message="m" * 5000)
+            detail = status(coordinator, job_id)["progress_detail"]
+            assert detail["stage"] == "s" * 200 and detail["message"] == "m" * 1000
             # When the client cancels, the next progress and heartbeat answers say so
             with client_http(coordinator) as http:
                 assert http.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "canceling"

@@ -200,6 +200,35 @@ def test_a_nan_in_a_jobs_metrics_is_reported_as_null(ext: ReferenceCoordinator,
     assert "Outbox.run failed" not in agent.log()
 
 
+def test_progress_goes_out_as_the_protocol_says_whatever_the_job_sent(
+        ext: ReferenceCoordinator, tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a job whose progress holds a 20,000-character stage and message and metrics
+    # that are not numbers (the protocol's progress metrics are a flat object of numbers)
+    client = Client(ext)
+    stage, message = "s" * 20_000, "m" * 20_000
+    metrics = {"loss": 0.5, "step": 7, "name": "x", "nested": {"a": 1}, "ok": True,
+               "k" * 100: 1.0, **{f"m{i:02}": i for i in range(40)}}
+    event = json.dumps({"event": "progress", "fraction": 0.5, "stage": stage,
+                        "message": message, "metrics": metrics})
+    script = f"echo '{event}' >&3; sleep 1.5; echo done > $MINER_RESULT_FILE"
+    job_id = client.submit({"type": "command", "argv": ["sh", "-c", script]})
+    agent = AgentProcess(ext.base_url, tmp_path / "state", allowed_job_types="command")
+    agents.append(agent)
+    # Then the coordinator hears it bounded: stage and message cut, only numbers kept
+    wait_until(lambda: (client.job(job_id).get("progress_detail") or {}).get("stage"), 60,
+               agent.log)
+    detail = client.job(job_id)["progress_detail"]
+    assert detail["stage"] == "s" * 200 and detail["message"] == "m" * 1000
+    sent = detail["metrics"]
+    assert sent["loss"] == 0.5 and sent["step"] == 7
+    assert not {"name", "nested", "ok", "k" * 100} & set(sent)
+    assert len(sent) == 32 and all(isinstance(v, (int, float)) for v in sent.values())
+    # And the job's own record keeps what it sent
+    assert client.wait_status(job_id, "completed")["status"] == "completed"
+    output = json.loads((tmp_path / "state/jobs" / f"job_{job_id}/output.json").read_text())
+    assert output["progress"]["stage"] == stage and output["progress"]["metrics"] == metrics
+
+
 def test_two_jobs_run_side_by_side_on_two_slots(core: ReferenceCoordinator, tmp_path: Path,
                                                 agents: list[AgentProcess]) -> None:
     client = Client(core)
