@@ -51,7 +51,9 @@ def add_parsers(sub: Sub) -> None:
 
     p = verb(sub, "export", "write every matching job as CSV or JSON",
              "Write the jobs that match the filters (all of them, newest first) as CSV (one "
-             f"row a job: {', '.join(CSV_COLUMNS)}) or JSON (a list of job views).", job=False)
+             f"row a job: {', '.join(CSV_COLUMNS)}; a text cell that a spreadsheet would run "
+             "as a formula, such as an error message starting with '=', gets a ' before it) "
+             "or JSON (a list of job views).", job=False)
     filter_args(p)
     p.add_argument("--format", choices=("csv", "json"), default="json", help="(json)")
     p.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here (stdout)")
@@ -192,10 +194,11 @@ def job_type(job: dict[str, Any]) -> str:
 
 
 def csv_row(job: dict[str, Any]) -> dict[str, Any]:
+    """One job as a CSV row; its text cells never open as a spreadsheet formula."""
     error = job.get("error") or {}
     package = job.get("package") or {}
     secs = duration_s(job)
-    return {"job_id": job["job_id"], "status": job.get("status"), "type": job_type(job),
+    row = {"job_id": job["job_id"], "status": job.get("status"), "type": job_type(job),
             "created_at": job.get("created_at"), "started_at": job.get("started_at"),
             "finished_at": job.get("finished_at"),
             "duration_s": None if secs is None else round(secs, 3),
@@ -203,6 +206,16 @@ def csv_row(job: dict[str, Any]) -> dict[str, Any]:
             "error_code": error.get("code"), "error_message": error.get("message"),
             "package_sha256": package.get("sha256"), "package_size": package.get("size"),
             "gpu_seconds": gpu_seconds(job)}
+    return {name: _inert(value) for name, value in row.items()}
+
+
+def _inert(value: Any) -> Any:
+    """A text cell a spreadsheet would take for a formula (a job's error message of
+    ``=HYPERLINK(...)``, a miner id of ``@SUM(...)``), with a ``'`` before it: shown as
+    text, never run (OWASP's advice for CSV injection). Numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _stats_line(name: str, f: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from agent.cli import run_command
+from agent.commands.history import CSV_COLUMNS, csv_row
 from agent.errors import ExitCode
 from agent.reference.coordinator import ReferenceCoordinator
 from tests.agent.daemon.helpers import (
@@ -204,6 +205,25 @@ def test_list_export_and_stats_over_a_window(node: Node, tmp_path: Path) -> None
     assert stats["duration_s"]["count"] == 3 and stats["duration_s"]["p95"] > 0
     assert stats["gpu_seconds"] > 0 and list(stats["by_type"]) == ["sleep"]
     assert "success 66.7%" in node.cli("stats", "--since", t0).stdout
+
+
+def test_an_exported_csv_opens_a_jobs_words_as_text_never_as_a_formula() -> None:
+    # Given a job whose error message, and a miner whose id, a spreadsheet would run
+    job = {"job_id": "j1", "status": "failed", "payload": {"type": "+cmd"},
+           "miner_id": "@SUM(A1:A9)", "progress": -1.5,
+           "error": {"code": "-bad", "message": '=HYPERLINK("http://x.example","open")'}}
+    # When it is written as a CSV row and read back
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerow(csv_row(job))
+    [row] = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    # Then each such cell starts with a quote (text), and numbers are left as they are
+    assert row["error_message"] == \
+        """'=HYPERLINK("http://x.example","open")"""
+    assert row["miner_id"] == "'@SUM(A1:A9)" and row["error_code"] == "'-bad"
+    assert row["type"] == "'+cmd" and row["progress"] == "-1.5"
+    assert row["job_id"] == "j1" and row["status"] == "failed"
 
 
 def test_delete_cancel_force_and_retry(node: Node) -> None:
