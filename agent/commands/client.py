@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.commands.console import printable
 from agent.commands.options import Sub, client_args, load
 from agent.coordinator.transport import CoordinatorUnavailable, path_segment
 from agent.errors import ConfigError, ExitCode
+from agent.text import printable
 
 TERMINAL = ("completed", "failed", "canceled", "expired")
 _SPAN_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")

@@ -1,35 +1,22 @@
 """The terminal view of a foreground job: a live progress bar and a log tail.
 
-What a job wrote (its output, its progress's stage and message, its file names) is a
-stranger's bytes: shown on a terminal, an escape sequence in them would be acted on
-(retitle the window, rewrite lines already shown, set the clipboard). :func:`printable`
-shows every control character as ``\\xNN`` instead, wherever the agent's commands print
-such text for a person to read; log lines written to a file or a pipe stay as they are.
+What a job wrote (its output, its progress's stage and message) is a stranger's bytes:
+on a terminal, the view shows every control character in them as ``\\xNN``
+(:func:`agent.text.printable`), so no escape sequence is acted on; job lines written to
+a file or a pipe stay as they are.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
 from typing import Any, TextIO
 
+from agent.text import printable
+
 BAR_WIDTH = 24
 REDRAW_S = 0.1
-# C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI)
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_CONTROLS_AND_NEWLINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def printable(text: str, *, one_line: bool = False, overwrite: bool = False) -> str:
-    """``text`` safe to print on a terminal: each control character shown as ``\\xNN``,
-    never acted on (tab kept; newline too unless ``one_line``). ``overwrite``: only what
-    follows the last carriage return, as a terminal shows a redrawn line (tqdm's)."""
-    if overwrite:
-        text = text.rsplit("\r", 1)[-1]
-    pattern = _CONTROLS_AND_NEWLINE if one_line else _CONTROLS
-    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class JobConsole:

@@ -31,11 +31,12 @@ from agent.commands.client import (
     target,
     verb,
 )
-from agent.commands.console import JobConsole, printable
+from agent.commands.console import JobConsole
 from agent.commands.options import Sub
 from agent.coordinator.jobs_api import JobsClient
 from agent.errors import ExitCode
 from agent.layout import STREAMS
+from agent.text import printable
 
 WAIT_S = 25.0  # one long-poll; the server answers sooner whenever there is news
 STREAM_MAX_MESSAGE_BYTES = 4 << 20  # one event (a log chunk is at most 1 MiB)

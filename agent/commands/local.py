@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from agent.commands.console import JobConsole, printable
+from agent.commands.console import JobConsole
 from agent.commands.options import config_args, load
 from agent.config import LAUNCHER_KINDS, default_state_dir
 from agent.errors import OUTCOME_EXIT, CancelReason, ExitCode, InvalidJob, Outcome
@@ -23,6 +23,7 @@ from agent.execution.verify import verify
 from agent.jobs import Job
 from agent.layout import FOLDER_PREFIX, ZIP_SUFFIX, job_folder, package_paths
 from agent.signals import capture_signals
+from agent.text import printable
 
 
 def add_exec_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -3,6 +3,12 @@
 Under systemd (``JOURNAL_STREAM`` set) each line carries a ``<N>`` syslog priority
 prefix, which journald turns into the entry's level, and no timestamp, since the
 journal adds its own. ``json`` writes one object a line for log shippers.
+
+A message is one line whatever it quotes: strangers choose some of what the agent logs
+(a job's error message, a coordinator's answer), and a newline in it would start a line
+of its own, prefix and all, that reads as the agent's (``<6>agent.daemon.outbox: job ...
+reported``); an escape sequence would act on the terminal that shows the log. Both show
+as ``\\xNN`` (:func:`agent.text.printable`); a traceback keeps its lines.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import os
 import sys
 import time
 
+from agent.text import printable
+
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
 
@@ -22,10 +30,21 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prio = _PRIORITY.get(record.levelno, 6)
-        text = f"{record.name}: {record.getMessage()}"
+        text = f"{record.name}: {printable(record.getMessage(), one_line=True)}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL name: message``, the message on one line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message, one_line=True)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,7 +75,7 @@ def setup_logging(fmt: str = "auto", level: str = "INFO") -> None:
     elif chosen == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

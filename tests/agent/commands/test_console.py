@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from agent.commands.client import Target, summary
-from agent.commands.console import JobConsole, printable
+from agent.commands.console import JobConsole
 from agent.execution.package import write_package
+from agent.text import printable
 
 # Retitle the window, then erase the screen: what a hostile job would print
 ATTACK = "\x1b]0;owned\x07\x1b[2J"

@@ -229,6 +229,25 @@ def test_progress_goes_out_as_the_protocol_says_whatever_the_job_sent(
     assert output["progress"]["stage"] == stage and output["progress"]["metrics"] == metrics
 
 
+def test_a_coordinators_words_cannot_write_a_line_into_the_agents_log(
+        core: ReferenceCoordinator, tmp_path: Path, agents: list[AgentProcess]) -> None:
+    # Given a coordinator that refuses a report with a detail holding a newline, a line
+    # forged in the agent's own format, and an escape sequence (the agent logs it)
+    client = Client(core)
+    job_id = client.submit(SLEEP)
+    forged = "2026-01-01 00:00:00,000 INFO agent.daemon.outbox: job FORGED: reported"
+    core.faults.set(400, paths=(f"/v1/miners/{job_id}/result",),
+                    body={"detail": f"no\n{forged}\x1b]0;t\x07"})
+    agent = AgentProcess(core.base_url, tmp_path / "state", burst=True)
+    agents.append(agent)
+    assert agent.wait(60) == 0, agent.log()
+    # Then the agent's log has the detail inline, shown, and no line of its making
+    log = agent.log()
+    assert f"no\\x0a{forged}\\x1b]0;t\\x07" in log, log[-2000:]
+    assert not any(line.startswith(forged) for line in log.splitlines())
+    assert "\x1b" not in log
+
+
 def test_two_jobs_run_side_by_side_on_two_slots(core: ReferenceCoordinator, tmp_path: Path,
                                                 agents: list[AgentProcess]) -> None:
     client = Client(core)
