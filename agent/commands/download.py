@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -24,6 +25,9 @@ from agent.coordinator.transport import CoordinatorHTTPError
 from agent.errors import ExitCode
 from agent.execution.verify import VerifyReport, verify_folder, verify_zip
 from agent.layout import checksum_of, job_folder
+from agent.text import printable
+
+UNPACK_MARGIN_BYTES = 256 << 20  # left free on the disk an unpacked package goes to
 
 
 def add_parsers(sub: Sub) -> None:
@@ -35,7 +39,9 @@ def add_parsers(sub: Sub) -> None:
     p.add_argument("--out", "--output", dest="out", type=Path, default=Path("."),
                    metavar="DIR", help="where to write it (the current folder)")
     p.add_argument("--extract", action="store_true",
-                   help="also unpack it to DIR/job_<ID>/ and check the files there")
+                   help="also unpack it to DIR/job_<ID>/ and check the files there; a "
+                   "package that would leave DIR's disk with under 256 MiB free is not "
+                   "unpacked (exit 12; the zip is kept)")
     p.add_argument("--checksum", action="store_true",
                    help="the guide's spelling: checking is always on, and the .sha256 "
                    "sidecar is always written")
@@ -89,22 +95,35 @@ def cmd_download(args: argparse.Namespace) -> int:
     if expected and expected != actual:
         problems.append(f"{zip_path.name}: sha256 {actual} is not the coordinator's "
                         f"{expected} (the transfer was damaged: download it again)")
-    report, folder = _check(zip_path, args.out, jid, args.extract)
+    report, folder, not_unpacked = _check(zip_path, args.out, jid, args.extract)
     problems += report.problems
-    return _say(args, zip_path, folder, actual, size, report.checked, problems)
+    code = _say(args, zip_path, folder, actual, size, report.checked, problems)
+    if not_unpacked is not None and code == ExitCode.OK:
+        print(f"not unpacked: {not_unpacked}", file=sys.stderr)
+        return ExitCode.REFUSED
+    return code
 
 
 def _check(zip_path: Path, out: Path, jid: str,
-           extract: bool) -> tuple[VerifyReport, Path | None]:
+           extract: bool) -> tuple[VerifyReport, Path | None, str | None]:
+    """The zip's check, and with ``extract`` the unpacked folder's; or why it was not
+    unpacked (a package a miner made may unpack to far more than it weighs)."""
     report = verify_zip(zip_path)
     if not extract or any("not a readable zip" in p or "leaves the package" in p
                           for p in report.problems):
-        return report, None
+        return report, None, None
     with zipfile.ZipFile(zip_path) as zf:
+        unpacked = sum(info.file_size for info in zf.infolist())
+        free = shutil.disk_usage(out).free
+        if unpacked > free - UNPACK_MARGIN_BYTES:
+            return report, None, (f"it unpacks to {unpacked / 2**30:.1f} GiB and {out} has "
+                                  f"{free / 2**30:.1f} GiB free (keeping "
+                                  f"{UNPACK_MARGIN_BYTES >> 20} MiB); the zip is kept: "
+                                  "unpack it where there is room")
         zf.extractall(out)  # verify_zip refused any name that leaves the folder
         tops = {n.split("/", 1)[0] for n in zf.namelist()}
     folder = out / tops.pop() if len(tops) == 1 else job_folder(out, jid)
-    return verify_folder(folder), folder
+    return verify_folder(folder), folder, None
 
 
 def _say(args: argparse.Namespace, zip_path: Path, folder: Path | None, sha: str, size: int,
@@ -115,8 +134,8 @@ def _say(args: argparse.Namespace, zip_path: Path, folder: Path | None, sha: str
                                "ok": not problems, "checked": checked, "problems": problems}
         print(json.dumps(out, indent=2))
     else:
-        for problem in problems:
-            print(f"FAIL {problem}")
+        for problem in problems:  # names a miner chose: shown, never acted on
+            print(f"FAIL {printable(problem, one_line=True)}")
         if not problems:
             where = f", unpacked to {folder}" if folder else ""
             print(f"OK {zip_path}: {checked} files match their checksums (sha256 {sha}, "

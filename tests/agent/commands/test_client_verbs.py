@@ -38,6 +38,7 @@ from tests.agent.daemon.helpers import (
     AgentProcess,
     Client,
     start_coordinator,
+    tmpfs,
     wait_until,
 )
 
@@ -164,6 +165,54 @@ def test_download_checks_the_package_and_says_which_file_is_wrong(node: Node,
         assert "FAIL result.txt: checksum mismatch" in bad.stdout
     missing = node.cli("download", "no-such-job", "--out", str(tmp_path))
     assert missing.returncode == ExitCode.NOT_FOUND
+
+
+def test_a_package_that_unpacks_past_the_disk_is_kept_zipped(node: Node,
+                                                              tmp_path: Path) -> None:
+    # Given a package a miner made to unpack to 600 MiB (zeros: under 1 MiB zipped) and
+    # a download folder on a disk of 512 MiB (unpacked, it filled the disk)
+    job_id = node.done(STEPS)
+    node.cli("download", job_id, "--out", str(tmp_path / "first"))
+    plain = (tmp_path / "first" / f"job_{job_id}.zip").read_bytes()
+    bomb = _with_member(plain, "artifacts/zeros", 600 << 20)
+    node.coord.store.put_package(job_id, hashlib.sha256(bomb).hexdigest(), bomb)
+    with tmpfs(tmp_path / "small", 512) as small:
+        # When it is downloaded with --extract
+        proc = node.cli("download", job_id, "--out", str(small), "--extract")
+        # Then the zip is kept and checked, nothing is unpacked, and it says why (exit 12)
+        assert proc.returncode == ExitCode.REFUSED, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"OK {small / f'job_{job_id}.zip'}")
+        assert "not unpacked: it unpacks to 0.6 GiB" in proc.stderr
+        assert sorted(p.name for p in small.iterdir()) == [f"job_{job_id}.zip",
+                                                           f"job_{job_id}.zip.sha256"]
+
+
+def _with_member(data: bytes, name: str, zeros: int) -> bytes:
+    """The package ``data`` with one more file of ``zeros`` zero bytes, deflated, listed
+    in its output.json and output.sha256 so that it checks out."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        top = src.namelist()[0].split("/", 1)[0]
+        digest = hashlib.sha256(b"\0" * zeros).hexdigest()
+        output = json.loads(src.read(f"{top}/output.json"))
+        output["files"].append({"path": name, "size": zeros, "sha256": digest})
+        body = json.dumps(output).encode()
+        sums = [f"{hashlib.sha256(body).hexdigest()}  output.json\n"]
+        sums += [line + "\n" for line in src.read(f"{top}/output.sha256").decode()
+                 .splitlines()[1:]]
+        sums.append(f"{digest}  {name}\n")
+        for item in src.infolist():
+            if item.filename.endswith(("/output.json", "/output.sha256")):
+                continue
+            dst.writestr(item, src.read(item))
+        dst.writestr(f"{top}/output.json", body)
+        dst.writestr(f"{top}/output.sha256", "".join(sums))
+        with dst.open(f"{top}/{name}", "w", force_zip64=True) as fh:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(zeros >> 20):
+                fh.write(chunk)
+    return out.getvalue()
 
 
 def _changed(data: bytes, name: str) -> bytes:
