@@ -40,8 +40,8 @@ def add_parsers(sub: Sub) -> None:
                    metavar="DIR", help="where to write it (the current folder)")
     p.add_argument("--extract", action="store_true",
                    help="also unpack it to DIR/job_<ID>/ and check the files there; a "
-                   "package that would leave DIR's disk with under 256 MiB free is not "
-                   "unpacked (exit 12; the zip is kept)")
+                   f"package that would leave DIR's disk with under {UNPACK_MARGIN_BYTES >> 20} "
+                   "MiB free is not unpacked (exit 12; the zip is kept)")
     p.add_argument("--checksum", action="store_true",
                    help="the guide's spelling: checking is always on, and the .sha256 "
                    "sidecar is always written")
