@@ -35,6 +35,9 @@ from agent.reference.share_api import ShareAPI
 from agent.reference.store import Store
 
 MAX_PAGE = 1000
+# One answer of GET .../logs: a log may be gigabytes, and the embedded coordinator lives
+# in the agent's process; a client reads on from X-Log-End until X-Log-Size.
+MAX_LOG_ANSWER_BYTES = 8 << 20
 
 
 class ClientAPI:
@@ -169,11 +172,14 @@ class ClientAPI:
         stream = req.query.get("stream", "stdout")
         if stream not in STREAMS:
             raise Problem(422, "stream must be stdout or stderr")
-        offset = max(0, int(req.query.get("offset", "0")))
+        offset = min(1 << 62, max(0, _int(req.query.get("offset", "0"), "offset")))
+        asked = _int(req.query.get("limit", "0"), "limit")
+        limit = min(MAX_LOG_ANSWER_BYTES, asked) if asked > 0 else MAX_LOG_ANSWER_BYTES
         job = self.store.job_or_404(req.params["job_id"])
-        data = self.store.read_log(job["job_id"], stream, offset)
+        data = self.store.read_log(job["job_id"], stream, offset, limit)
         return Response(200, data, {"X-Log-Offset": str(offset),
-                                    "X-Log-End": str(offset + len(data))},
+                                    "X-Log-End": str(offset + len(data)),
+                                    "X-Log-Size": str(self.store.log_ends(job["job_id"])[stream])},
                         content_type="text/plain; charset=utf-8")
 
     def package(self, req: Request) -> Response:

@@ -24,7 +24,7 @@ import pytest
 from agent.reference.coordinator import ReferenceCoordinator
 from agent.reference.events_api import EventsAPI
 from agent.reference.model import CLIENT_STATUSES
-from agent.reference.store import STATUS_WHERE, Store
+from agent.reference.store import LOG_CHUNKS_SQL, STATUS_WHERE, Store
 from tests.agent.coordinator.conftest import GPU_CAPS, MINER_KEY, client_http, submit
 
 TRAINING = {"type": "training", "model": {"arch": "mlp"}, "steps": 8}
@@ -328,3 +328,38 @@ def test_retention_drops_old_and_over_cap_packages_but_keeps_the_records(
     assert store.job(ids[0]) is not None  # the record stays
     with client_http(coord) as http:
         assert http.get(f"/v1/jobs/{ids[0]}/download").status_code == 404
+
+
+def test_a_long_log_is_read_a_page_at_a_time(coordinator: ReferenceCoordinator,
+                                             hand: HandMiner,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a log stored as three chunks
+    job_id = submit(coordinator)
+    hand.take()
+    for i, byte in enumerate(b"abc"):
+        hand.log(job_id, bytes([byte]) * 1000, offset=1000 * i)
+    with client_http(coordinator) as http:
+        def logs(**params: Any) -> httpx.Response:
+            return http.get(f"/v1/jobs/{job_id}/logs", params={"stream": "stdout", **params})
+
+        # A page across a chunk boundary: its bytes, where it ends and where the log does
+        page = logs(offset=500, limit=1000)
+        assert page.content == b"a" * 500 + b"b" * 500
+        assert (page.headers["X-Log-Offset"], page.headers["X-Log-End"],
+                page.headers["X-Log-Size"]) == ("500", "1500", "3000")
+        assert logs(offset=2900, limit=1000).content == b"c" * 100
+        assert logs().content == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
+        assert logs(offset=10 ** 30).content == b""
+        assert logs(limit="many").status_code == 422
+        # Without a limit, one answer stops at the coordinator's own bound (a log may be
+        # gigabytes, and the embedded coordinator lives in the agent's process)
+        monkeypatch.setattr("agent.reference.client_api.MAX_LOG_ANSWER_BYTES", 1200)
+        capped = logs()
+        assert capped.content == b"a" * 1000 + b"b" * 200
+        assert capped.headers["X-Log-End"] == "1200" and capped.headers["X-Log-Size"] == "3000"
+    # And the events read a log's chunks along an index, not by sorting every chunk left
+    # (blobs and all) for each page
+    with sqlite3.connect(coordinator.store.path) as db:
+        plan = " ".join(str(row) for row in db.execute("EXPLAIN QUERY PLAN " + LOG_CHUNKS_SQL,
+                                                       (job_id, 0)))
+    assert "TEMP B-TREE" not in plan and "logs_seq" in plan, plan
