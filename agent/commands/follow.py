@@ -10,6 +10,7 @@ from the last event seen, so nothing is skipped or shown twice.
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import datetime as dt
 import json
@@ -41,6 +42,10 @@ from agent.text import printable
 WAIT_S = 25.0  # one long-poll; the server answers sooner whenever there is news
 STREAM_MAX_MESSAGE_BYTES = 4 << 20  # one event (a log chunk is at most 1 MiB)
 TAIL_LINES = 10
+# A job's line without its newline is shown in pieces of this many characters: held
+# whole, a job printing a gigabyte on one line held a gigabyte here, and each chunk that
+# arrived copied all of it again (a 100 MB line took 25 s and 580 MB).
+MAX_LINE_CHARS = 64 * 1024
 
 
 def add_parsers(sub: Sub) -> None:
@@ -119,13 +124,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     with JobsClient(where.url, where.key) as client:
         if not args.follow:
             for stream in streams:
-                data = call(where, client.log, jid, stream)
-                out = _out(stream, args.stream)
-                if out.isatty():  # a terminal would act on the job's escape sequences
-                    out.write(printable(data.decode("utf-8", errors="replace")))
-                else:
-                    out.buffer.write(data)
-                out.flush()
+                call(where, _print_log, client, jid, stream, _out(stream, args.stream))
             return ExitCode.OK
         for event, _ in events(client, where, jid):
             if event.get("type") == "log" and event.get("stream") in streams:
@@ -134,6 +133,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 out.write(printable(text) if out.isatty() else text)
                 out.flush()
     return ExitCode.OK
+
+
+def _print_log(client: JobsClient, jid: str, stream: str, out: TextIO) -> None:
+    """One stream's log to ``out`` as it arrives (a log may be larger than memory)."""
+    tty = out.isatty()  # a terminal would act on the job's escape sequences
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in client.log(jid, stream):
+        if tty:
+            out.write(printable(decoder.decode(chunk)))
+        else:
+            out.buffer.write(chunk)
+    if tty:
+        out.write(printable(decoder.decode(b"", final=True)))
+    out.flush()
 
 
 def _out(stream: str, only: str | None) -> TextIO:
@@ -199,7 +212,15 @@ class Watch:
     def _log(self, name: str, data: str) -> None:
         if name not in self.partial:
             return
-        *lines, self.partial[name] = (self.partial[name] + data).split("\n")
+        *ended, rest = (self.partial[name] + data).split("\n")
+        # A line too long is shown in pieces, ended or not: held whole, a line without its
+        # end grew with each chunk. Pieces of the unended one go out while more of it
+        # follows (the rest stays), so where chunks end never changes what is shown.
+        cut = (len(rest) - 1) // MAX_LINE_CHARS * MAX_LINE_CHARS if rest else 0
+        lines = [piece for line in ended for piece in _pieces(line)]
+        if cut:
+            lines += _pieces(rest[:cut])
+        self.partial[name] = rest[cut:]
         for text in lines:
             if self.live:
                 self.console.line(name, text.encode())
@@ -222,6 +243,11 @@ class Watch:
                                 "stage": event.get("stage"), "eta_s": event.get("eta_s"),
                                 "metrics": event.get("metrics") or {},
                                 "message": event.get("message")})
+
+
+def _pieces(line: str) -> list[str]:
+    """``line`` in pieces of at most :data:`MAX_LINE_CHARS` (an empty line is one)."""
+    return [line[i:i + MAX_LINE_CHARS] for i in range(0, len(line), MAX_LINE_CHARS)] or [""]
 
 
 def _epoch(text: str) -> float:

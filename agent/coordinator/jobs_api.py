@@ -8,6 +8,7 @@ authenticated with a client key in ``X-Api-Key``. Errors are the typed ones of
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,7 @@ from agent.coordinator.transport import (
 
 DEFAULT_TIMEOUT_S = 10.0
 DOWNLOAD_CHUNK = 1024 * 1024
+LOG_PAGE_BYTES = 4 << 20  # one GET .../logs answer (its limit)
 
 
 class JobsClient:
@@ -96,11 +98,34 @@ class JobsClient:
                           params={"after": after, "wait_s": wait_s},
                           timeout=self._timeout_s + wait_s)
 
-    def log(self, job_id: str, stream: str, offset: int = 0) -> bytes:
-        """One stream's log bytes from ``offset``."""
-        resp = self._request("GET", f"/v1/jobs/{path_segment(job_id)}/logs",
-                             params={"stream": stream, "offset": offset})
-        return resp.content
+    def log(self, job_id: str, stream: str, offset: int = 0) -> Iterator[bytes]:
+        """One stream's log bytes from ``offset`` as they arrive, a page at a time.
+
+        A log may be gigabytes: pages of :data:`LOG_PAGE_BYTES` (``limit``), each read
+        in chunks, until the end the first answer names (``X-Log-Size``) or, where no
+        end is named, until a page comes back short. A coordinator that ignores
+        ``limit`` answers the rest at once; it is still read in chunks, never held whole.
+        """
+        path = f"/v1/jobs/{path_segment(job_id)}/logs"
+        end: int | None = None
+        while True:
+            got = 0
+            try:
+                with self._http.stream("GET", path, params={
+                        "stream": stream, "offset": offset, "limit": LOG_PAGE_BYTES}) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        self._raise(resp, path)
+                    if end is None:
+                        end = _header_int(resp.headers.get("X-Log-Size"))
+                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                        got += len(chunk)
+                        yield chunk
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from None
+            offset += got
+            if got == 0 or (offset >= end if end is not None else got < LOG_PAGE_BYTES):
+                return
 
     def download(self, job_id: str, dest: Path) -> tuple[str, str | None, int]:
         """Stream the job's package zip into ``dest``: (its sha256 as written, the
@@ -144,6 +169,13 @@ class JobsClient:
         body = response_json(resp)
         raise CoordinatorHTTPError(_problem(resp.status_code, path, body, resp.text),
                                    resp.status_code, body)
+
+
+def _header_int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _problem(status: int, path: str, body: Any, text: str) -> str:

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from agent.cli import run_command
+from agent.commands.follow import MAX_LINE_CHARS
 from agent.commands.history import CSV_COLUMNS, csv_row
 from agent.errors import ExitCode
 from agent.reference.coordinator import ReferenceCoordinator
@@ -131,6 +132,28 @@ def test_logs_prints_each_stream_and_follows_live(node: Node) -> None:
     assert node.cli("logs", job_id).stdout == "out1\nout2\n"
     only = node.cli("logs", "--job-id", job_id, "--stream", "stderr")
     assert only.stdout == "err1\n" and only.stderr == ""
+
+
+def test_a_log_larger_than_a_page_and_a_line_without_end(node: Node) -> None:
+    # Given a job that printed 20 MiB on one line (held whole, `watch` copied all of it
+    # again for each chunk that came, and `logs` held the log in memory more than twice)
+    job_id = node.done({"type": "command", "argv": [
+        "sh", "-c", "head -c 20971520 /dev/zero | tr '\\0' a; echo; echo end"]})
+    # Then `logs` prints it exactly, read from the coordinator a page at a time
+    before = node.coord.faults.arrived(f"/v1/jobs/{job_id}/logs")
+    proc = subprocess.run(node.argv("logs", job_id, "--stream", "stdout"), capture_output=True,
+                          timeout=90, env=node.env(), cwd=node.home)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"a" * (20 << 20) + b"\nend\n"
+    assert node.coord.faults.arrived(f"/v1/jobs/{job_id}/logs") - before >= 5
+    # And `watch` shows the line in pieces of at most MAX_LINE_CHARS, none of it lost
+    watched = node.cli("watch", job_id, "--tail", "1000")
+    assert watched.returncode == ExitCode.OK, watched.stderr[-2000:]
+    lines = watched.stderr.splitlines()
+    pieces = [line for line in lines if line.startswith("a")]
+    assert max(len(line) for line in lines) <= MAX_LINE_CHARS
+    assert len(pieces) == 320 and "".join(pieces) == "a" * (20 << 20)
+    assert lines[max(i for i, line in enumerate(lines) if line.startswith("a")) + 1] == "end"
 
 
 def test_status_json_carries_the_guides_fields(node: Node) -> None:
