@@ -114,6 +114,7 @@ class AgentConfig:
     max_job_work_mb: int = 102400  # a job whose work folder (scratch) grows past this fails
     max_job_files: int = 20000  # ... more entries (files, folders, links) fails
     max_job_work_files: int = 1000000  # ... more entries in its work folder fails
+    max_job_log_mb: int = 4096  # each of a job's two logs keeps this much; the rest is dropped
     job_memory_max_mb: int = 0  # cgroup memory.max per job (0: the job's constraint or none)
     job_pids_max: int = 16384  # cgroup pids.max per job: a fork bomb stops here
     job_cpu_weight: int = 100  # cgroup cpu.weight per job (1-10000; 100 is an equal share)
@@ -314,7 +315,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _validate_limits(cfg: AgentConfig) -> None:
     """The limits a job and a coordinator answer are held to."""
     for name in ("max_job_output_mb", "max_job_work_mb", "max_job_files", "max_job_work_files",
-                 "job_memory_max_mb", "job_pids_max", "min_free_disk_mb"):
+                 "max_job_log_mb", "job_memory_max_mb", "job_pids_max", "min_free_disk_mb"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config field {name} must not be negative (0: no limit)")
     if cfg.job_tmp_mb < 0:

@@ -100,6 +100,9 @@ max_job_files = 20000
 # A job that makes more entries than this in its work folder is stopped
 # (work_too_large): a flood of empty files would use up the disk's inodes.
 max_job_work_files = 1000000
+# Each of a job's stdout and stderr logs keeps this many MiB; what the job prints past
+# it is dropped (output.json counts it) and the job goes on (0: no cap).
+max_job_log_mb = 4096
 # Per-job cgroup limits where the controllers are enabled (0: no limit).
 job_memory_max_mb = 0
 job_pids_max = 16384

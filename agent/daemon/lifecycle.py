@@ -54,6 +54,7 @@ from agent.daemon.session import Session
 from agent.daemon.shipping import ShipLoop
 from agent.daemon.view import NodeView
 from agent.errors import CancelReason, CoordinatorError, ExitCode
+from agent.execution.capture import NO_LOG_CAP
 from agent.execution.environment import scrubbed_environ
 from agent.execution.executor import ExecutorConfig
 from agent.execution.isolation import Isolation, for_agent, share_tmp
@@ -113,7 +114,8 @@ class Agent:
                                   max_output_bytes=cfg.max_job_output_mb << 20 or None,
                                   max_work_bytes=cfg.max_job_work_mb << 20 or None,
                                   max_files=cfg.max_job_files or None,
-                                  max_work_files=cfg.max_job_work_files or None)
+                                  max_work_files=cfg.max_job_work_files or None,
+                                  max_log_bytes=cfg.max_job_log_mb << 20 or NO_LOG_CAP)
         self.warm = WarmPool(WarmSettings(cfg.state_dir / "warm", cfg.model_memory_budget_mb,
                                           cfg.model_idle_s)) if cfg.warm_models else None
         self.metrics = AgentMetrics()

@@ -34,6 +34,7 @@ _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 MOVE_BYTES = 1 << 20
 DEFAULT_MAX_LOG_BYTES = 4 << 30
+NO_LOG_CAP = 1 << 62  # max_job_log_mb = 0: no cap (the disk's own checks still hold)
 # After a pass that moved a lot, or moved anything soon after the last one did, the hub
 # lets output gather for BATCH_S before it looks again: a chatty job (line-buffered
 # prints, a write per line) is then moved in large reads, not one wake-up per line. A

@@ -140,6 +140,8 @@ def test_sandbox_config_fields() -> None:
         load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_CPU_WEIGHT": "0"})
     with pytest.raises(ConfigError, match="job_tmp_mb"):
         load_config(Path("/dev/null"), environ={"MINER_AGENT_JOB_TMP_MB": "-1"})
+    with pytest.raises(ConfigError, match="max_job_log_mb must not be negative"):
+        load_config(Path("/dev/null"), environ={"MINER_AGENT_MAX_JOB_LOG_MB": "-1"})
 
 
 def test_each_jobs_tmp_is_sized_from_the_config_or_the_ram() -> None:

@@ -52,7 +52,8 @@ def node(request: pytest.FixtureRequest,
                          api_key_file=str(key_file), cancel_grace_s="2",
                          allowed_job_types="command,sleep", job_pids_max="256",
                          max_job_output_mb="8", max_job_work_mb="8", job_tmp_mb="16",
-                         max_job_files="50", max_job_work_files="2000")
+                         max_job_files="50", max_job_work_files="2000",
+                         max_job_log_mb="2")
     client = Client(coord)
     agent.wait_log("registered", timeout=120)
     yield {"agent": agent, "client": client, "state": state, "key_file": key_file,
@@ -395,6 +396,27 @@ def test_output_quota_stops_a_job_and_keeps_what_it_had(node: dict[str, Any]) ->
     assert output["error"]["code"] == "output_too_large", output["error"]
     assert 7 << 20 < (package(node, job_id) / "artifacts" / "big").stat().st_size < 64 << 20
     assert (package(node, job_id) / "result.txt").read_text().strip() == "partial"
+    assert_serving(node)
+
+
+def test_a_log_keeps_max_job_log_mb_and_the_job_goes_on(node: dict[str, Any]) -> None:
+    # Given max_job_log_mb = 2 and a job that prints 6 MiB (its logs lie outside
+    # max_job_output_mb: they were kept up to 4 GiB a stream, whatever the operator set)
+    script = """
+    head -c 6291456 /dev/zero | tr '\\0' x
+    echo to-stderr >&2
+    echo done > $MINER_RESULT_FILE
+    """
+    job_id, view = run_script(node, script)
+    # Then its stdout log holds the first 2 MiB, the rest is counted as dropped, and
+    # the job ran on to its end
+    assert view["status"] == "completed", view
+    output = assert_sealed_and_clean(node, job_id)
+    folder = package(node, job_id)
+    assert (folder / "logs" / "stdout.log").read_bytes() == b"x" * (2 << 20)
+    assert output["logs"]["stdout"] == {"bytes": 2 << 20, "dropped_bytes": 4 << 20}
+    assert (folder / "logs" / "stderr.log").read_text() == "to-stderr\n"
+    assert result_text(node, job_id).strip() == "done"
     assert_serving(node)
 
 
