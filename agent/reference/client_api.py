@@ -31,7 +31,7 @@ from agent.reference.model import (
 )
 from agent.reference.retry_api import RetryAPI
 from agent.reference.server import Request, Response, Route, route
-from agent.reference.share_api import ShareAPI
+from agent.reference.share_api import ShareAPI, package_body
 from agent.reference.store import Store
 
 MAX_PAGE = 1000
@@ -185,11 +185,11 @@ class ClientAPI:
     def package(self, req: Request) -> Response:
         job = self.store.job_or_404(req.params["job_id"])
         info = self.store.package_info(job["job_id"])
-        data = self.store.package_data(job["job_id"])
-        if info is None or data is None:
+        if info is None:
             raise Problem(404, "no package uploaded for this job")
         name = f"job_{job['job_id']}.zip"
-        return Response(200, data, {"X-Content-SHA256": info["sha256"],
+        return Response(200, package_body(self.store, job["job_id"], info),
+                        {"X-Content-SHA256": info["sha256"],
                                     "Content-Disposition": f'attachment; filename="{name}"'},
                         content_type="application/zip")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import time
 import zlib
@@ -52,7 +51,7 @@ class LogsAPI:
             route("POST", "/v1/miners/{job_id}/logs/{stream}", self.append_binary, "miner",
                   "logs"),
             route("PUT", "/v1/miners/{job_id}/package", self.package, "miner",
-                  max_body_bytes=self.settings.max_package_bytes),
+                  max_body_bytes=self.settings.max_package_bytes, spool=True),
         ]
 
     def append(self, req: Request) -> Response:
@@ -108,14 +107,15 @@ class LogsAPI:
         if not _SHA256_RE.match(expected):
             raise Problem(422, "X-Content-SHA256 must be the package's hex sha256",
                           error="sha256_missing")
-        actual = hashlib.sha256(req.body).hexdigest()
-        if actual != expected:
+        upload = req.upload
+        assert upload is not None  # a spooled route
+        if upload.sha256 != expected:
             raise Problem(422, "sha256 mismatch", error="sha256_mismatch",
-                          expected=expected, actual=actual)
+                          expected=expected, actual=upload.sha256)
         with self.store.tx():
             job = self.owned_job(req, req.headers.get("X-Lease-ID"))
-            self.store.put_package(job["job_id"], actual, req.body)
-        return Response(200, {"status": "ok", "sha256": actual, "size": len(req.body),
+            self.store.put_package_file(job["job_id"], upload.sha256, upload.file, upload.size)
+        return Response(200, {"status": "ok", "sha256": upload.sha256, "size": upload.size,
                               "url": f"/v1/jobs/{job['job_id']}/package"})
 
 

@@ -10,6 +10,9 @@ runs its store work through :meth:`HTTPApp.run_sync`, and sees ``request.gone`` 
 the moment its client disconnects. Answers are FastAPI-shaped JSON,
 ``{"detail": ...}``, on every error: unknown paths (404) and wrong methods (405) too.
 
+A spooled route's body (a package's hundreds of MiB) goes to a temporary file, hashed on
+the way, and a :class:`Streamed` answer is read a piece at a time: the embedded
+coordinator lives in the agent's process, which held a 200 MB package three times over.
 A body over its limit is drained, up to 64 MiB, and answered 413 with ``max_bytes``
 and ``Connection: close``; past that the connection is cut unread (a TCP RST), as the
 real server's proxy does. WebSocket routes (:func:`ws_route`) check the API key before
@@ -22,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -60,6 +65,29 @@ T = TypeVar("T")
 
 
 @dataclass
+class Upload:
+    """A large body (a package) as it arrived: spooled to a temporary file while it was
+    hashed, never held whole in memory. Closed once the route has answered."""
+
+    file: BinaryIO
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """An answer body read a piece at a time: ``read(offset, size)`` runs in a worker
+    thread for each piece (a package from the store), so a download of any size holds
+    one piece in memory. A short read ends the answer early: the connection is cut."""
+
+    length: int
+    read: Callable[[int, int], bytes]
+
+
+STREAM_PIECE_BYTES = 1 << 20
+
+
+@dataclass
 class Request:
     """One decoded HTTP request as routes see it."""
 
@@ -73,6 +101,7 @@ class Request:
     miner_id: str = ""
     # Held routes only: set once the client has gone (read from worker threads too).
     gone: asyncio.Event | None = None
+    upload: Upload | None = None  # a spooled route's body (``body`` is then empty)
 
     def left(self) -> bool:
         """Whether the client has disconnected (always False outside a held route)."""
@@ -121,13 +150,17 @@ class Route:
     max_body_bytes: int | None = None
     path: str = ""
     held: HeldHandler | None = None  # a coroutine on the loop, in place of ``handler``
+    spool: bool = False  # the body goes to a temporary file (``request.upload``)
 
 
 def route(method: str, path: str, handler: Handler, role: str | None = None,
-          group: str | None = None, max_body_bytes: int | None = None) -> Route:
-    """A route whose ``{name}`` path segments become ``request.params``."""
+          group: str | None = None, max_body_bytes: int | None = None, *,
+          spool: bool = False) -> Route:
+    """A route whose ``{name}`` path segments become ``request.params``; with ``spool``
+    its body comes as ``request.upload`` (for bodies of hundreds of MiB)."""
     regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-    return Route(method, re.compile(f"^{regex}$"), handler, role, group, max_body_bytes, path)
+    return Route(method, re.compile(f"^{regex}$"), handler, role, group, max_body_bytes, path,
+                 spool=spool)
 
 
 def held_route(method: str, path: str, handler: HeldHandler, role: str | None = None,
@@ -223,13 +256,25 @@ class HTTPApp:
     async def serve(self, r: Route, scope: Scope, receive: Receive, send: Send) -> None:
         """One matched request: body, rate limit, auth, then the route in a thread."""
         limit = self.max_body_bytes if r.max_body_bytes is None else r.max_body_bytes
+        spool = _Spool() if r.spool else None
         try:
-            body = await self._read_body(scope, receive, limit)
+            await self._answer(r, scope, receive, send, limit, spool)
+        finally:
+            if spool is not None:
+                spool.file.close()
+
+    async def _answer(self, r: Route, scope: Scope, receive: Receive, send: Send, limit: int,
+                      spool: _Spool | None) -> None:
+        try:
+            body = await self._read_body(scope, receive, limit, spool)
             if body is None:
                 return
             client = scope.get("client")
             req = Request(scope["method"], scope["path"], _query(scope), Headers(scope=scope),
                           body, client[0] if client else "", dict(scope["path_params"]))
+            if spool is not None:
+                spool.file.seek(0)
+                req.upload = Upload(spool.file, spool.size, spool.digest.hexdigest())
             if r.group is not None:
                 self.limiter.check(r.group, req.client_ip)
             self._authorize(r, req)
@@ -270,9 +315,11 @@ class HTTPApp:
                                      "msg": "Field required"}])
             req.miner_id = miner_id
 
-    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
-        """The whole body; a 413 Problem past ``limit``; None when the connection is gone
-        (the client left, or a body past the drain limit was cut)."""
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int,
+                         spool: _Spool | None = None) -> bytes | None:
+        """The whole body (empty when it went to ``spool``); a 413 Problem past
+        ``limit``; None when the connection is gone (the client left, or a body past the
+        drain limit was cut)."""
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await self._refuse(scope, receive, limit, declared, 0, more=True)
@@ -288,7 +335,10 @@ class HTTPApp:
             if size > limit:  # a body without a length (chunked) that ran past it
                 await self._refuse(scope, receive, limit, None, size, more=more)
                 return None
-            chunks.append(chunk)
+            if spool is not None:
+                spool.add(chunk)
+            else:
+                chunks.append(chunk)
             if not more:
                 return b"".join(chunks)
 
@@ -313,7 +363,25 @@ class HTTPApp:
         prefix = "websocket." if scope["type"] == "websocket" else ""
         await send({"type": f"{prefix}http.response.start", "status": status,
                     "headers": headers})
+        if isinstance(resp.body, Streamed):
+            await self._send_streamed(send, resp.body)
+            return
         await send({"type": f"{prefix}http.response.body", "body": data})
+
+    async def _send_streamed(self, send: Send, body: Streamed) -> None:
+        """The body a piece at a time, each read in a worker thread."""
+        offset = 0
+        while offset < body.length:
+            want = min(STREAM_PIECE_BYTES, body.length - offset)
+            piece = await self.run_sync(body.read, offset, want)
+            if len(piece) != want:  # changed or gone meanwhile: the answer cannot be whole
+                raise ConnectionAbortedError(f"streamed body ended at {offset + len(piece)} "
+                                             f"of {body.length} bytes")
+            offset += want
+            await send({"type": "http.response.body", "body": piece,
+                        "more_body": offset < body.length})
+        if body.length == 0:
+            await send({"type": "http.response.body", "body": b""})
 
     async def _no_route(self, request: StarletteRequest, exc: Exception) -> StarletteResponse:
         """404 and 405, after the body (limited as any route's) is read or refused."""
@@ -383,18 +451,37 @@ class _Answer(StarletteResponse):
 
 
 def _encode(resp: Response) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    length = None
     if isinstance(resp.body, bytes | bytearray):
         data = bytes(resp.body)
     elif resp.body is None:
         data = b""
+    elif isinstance(resp.body, Streamed):
+        data, length = b"", resp.body.length
     else:
         data = json.dumps(resp.body, separators=(",", ":")).encode()
-    headers = [(b"content-length", str(len(data)).encode())]
-    if data or resp.status != 204:
+    length = len(data) if length is None else length
+    headers = [(b"content-length", str(length).encode())]
+    if length or resp.status != 204:
         headers.append((b"content-type", resp.content_type.encode("latin-1")))
     headers += [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
                 for k, v in resp.headers.items()]
     return resp.status, headers, data
+
+
+class _Spool:
+    """Where a spooled route's body goes as it arrives: a temporary file (in memory up to
+    1 MiB), and its sha256 taken on the way."""
+
+    def __init__(self) -> None:
+        self.file: BinaryIO = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # type: ignore[assignment]
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import time
+from typing import Any
 
 from agent.reference.model import Problem, iso
-from agent.reference.server import Request, Response, Route, route
+from agent.reference.server import Request, Response, Route, Streamed, route
 from agent.reference.store import Store
 
 DEFAULT_EXPIRES_S = 3600.0
@@ -55,11 +57,11 @@ class ShareAPI:
 
     def shared(self, req: Request) -> Response:
         job_id = self._verify(req.params["token"])
-        data = self.store.package_data(job_id)
         info = self.store.package_info(job_id)
-        if data is None or info is None:
+        if info is None:
             raise Problem(404, "the shared package is gone")
-        return Response(200, data, content_type="application/zip",
+        return Response(200, package_body(self.store, job_id, info),
+                        content_type="application/zip",
                         headers={"X-Content-SHA256": str(info["sha256"]),
                                  "Content-Disposition":
                                      f'attachment; filename="job_{job_id}.zip"'})
@@ -94,3 +96,9 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def package_body(store: Store, job_id: str, info: dict[str, Any]) -> Streamed:
+    """A stored package as an answer body, read from the store a piece at a time."""
+    return Streamed(int(info["size"]), functools.partial(store.read_package, job_id,
+                                                         str(info["sha256"])))
