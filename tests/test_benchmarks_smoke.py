@@ -73,6 +73,20 @@ def test_bench_logs_tiny_prints_its_method_ratio_and_memory() -> None:
         assert f"agent peak RSS (VmHWM), {mode}" in out
 
 
+@pytest.mark.slow
+def test_bench_package_prints_memory_and_download_time_for_both_coordinators() -> None:
+    # Given the checkout, when the package benchmark runs at a small size
+    proc = bench("bench_package", "--mb", "3", "--downloads", "1")
+    # Then a package went through each coordinator and every figure is printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for name in ("separate", "embedded"):
+        assert f"== {name} coordinator: a 3.0 MB package ==" in out
+    assert out.count("agent peak RSS after the upload") == 2
+    assert out.count("coordinator peak RSS after the upload") == 1
+    assert out.count("download wall time") == 2
+
+
 def test_bench_transport_prints_both_arms_and_their_ratio() -> None:
     # Given the checkout, when the transport benchmark runs one round
     proc = bench("bench_transport", "--rounds", "1")
