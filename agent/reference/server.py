@@ -364,19 +364,24 @@ class HTTPApp:
         await send({"type": f"{prefix}http.response.start", "status": status,
                     "headers": headers})
         if isinstance(resp.body, Streamed):
-            await self._send_streamed(send, resp.body)
+            await self._send_streamed(scope, send, resp.body)
             return
         await send({"type": f"{prefix}http.response.body", "body": data})
 
-    async def _send_streamed(self, send: Send, body: Streamed) -> None:
-        """The body a piece at a time, each read in a worker thread."""
+    async def _send_streamed(self, scope: Scope, send: Send, body: Streamed) -> None:
+        """The body a piece at a time, each read in a worker thread. Where it was changed
+        or removed meanwhile (a new upload, a delete, retention), the answer cannot be
+        whole: the connection is cut, so the client sees a broken download, not a
+        short one."""
         offset = 0
         while offset < body.length:
             want = min(STREAM_PIECE_BYTES, body.length - offset)
             piece = await self.run_sync(body.read, offset, want)
-            if len(piece) != want:  # changed or gone meanwhile: the answer cannot be whole
-                raise ConnectionAbortedError(f"streamed body ended at {offset + len(piece)} "
-                                             f"of {body.length} bytes")
+            if len(piece) != want:
+                logger.warning("reference coordinator: %s changed while it was sent; cut "
+                               "at %d of %d bytes", scope["path"], offset, body.length)
+                await _reset(scope)
+                return
             offset += want
             await send({"type": "http.response.body", "body": piece,
                         "more_body": offset < body.length})

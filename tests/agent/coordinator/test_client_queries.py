@@ -428,3 +428,24 @@ def test_a_package_stored_whole_by_an_older_coordinator_still_downloads(
         assert http.get(f"/v1/jobs/{job_id}/download").content == data
     assert coordinator.store.read_package(job_id, hashlib.sha256(data).hexdigest(), 10, 5) \
         == data[10:15]
+
+
+def test_a_package_removed_while_it_downloads_breaks_the_download(
+        coordinator: ReferenceCoordinator, caplog: pytest.LogCaptureFixture) -> None:
+    # Given a 20 MiB package whose download has begun
+    job_id = submit(coordinator)
+    data = b"x" * (20 << 20)
+    coordinator.store.put_package(job_id, hashlib.sha256(data).hexdigest(), data)
+    with client_http(coordinator) as http, \
+            http.stream("GET", f"/v1/jobs/{job_id}/download") as resp:
+        pieces = resp.iter_bytes(1 << 20)
+        assert len(next(pieces)) == 1 << 20
+        # When the job is deleted before the rest is read
+        coordinator.store.delete_job(job_id)
+        # Then the client sees a broken download, never a short one that ends cleanly
+        with pytest.raises(httpx.TransportError):
+            for _ in pieces:
+                pass
+        # And the coordinator says why and goes on serving
+        assert http.get("/health").status_code == 200
+    assert "changed while it was sent" in caplog.text
