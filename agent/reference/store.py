@@ -255,39 +255,52 @@ class Store:
             self.retain(now)
 
     def retain(self, now: float | None = None) -> list[str]:
-        """Drop stored packages (and checkpoints, presigned objects) past ``retain_days``,
-        then the oldest finished jobs' packages until they total at most ``retain_bytes``.
+        """Drop finished jobs' packages and logs (and checkpoints, presigned objects) past
+        ``retain_days``, then the oldest finished jobs' until the packages and logs kept
+        total at most ``retain_bytes``.
 
-        Job records, receipts and logs stay; a job whose package went shows none and its
-        download answers 404. Returns the job ids whose packages went.
+        A job's package and logs go together (its package holds its logs too); their
+        age is the package's upload, else the job's end. Job records and receipts stay;
+        a job whose outputs went shows no package, its download answers 404 and its log
+        is empty. Returns the job ids whose outputs went.
         """
         now = time.time() if now is None else now
         gone: list[str] = []
         with self.tx() as db:
             states = (COMPLETED, FAILED, CANCELED, EXPIRED)
-            finished = {r["job_id"] for r in db.execute(
-                "SELECT job_id FROM jobs WHERE state IN (?, ?, ?, ?)", states)}
-            packages = db.execute("SELECT job_id, size, created_at FROM packages "
-                                  "ORDER BY created_at DESC").fetchall()
+            finished = {r["job_id"]: r["finished_at"] for r in db.execute(
+                "SELECT job_id, finished_at FROM jobs WHERE state IN (?, ?, ?, ?)", states)}
+            kept: dict[str, list[Any]] = {  # job -> [bytes, age's start]
+                r["job_id"]: [int(r["size"]), r["created_at"] or 0.0]
+                for r in db.execute("SELECT job_id, size, created_at FROM packages")}
+            for r in db.execute("SELECT job_id, SUM(length(data)) AS n FROM logs "
+                                "GROUP BY job_id"):  # length() reads no log bytes
+                kept.setdefault(r["job_id"], [0, None])[0] += int(r["n"] or 0)
+            outputs = sorted(((job_id, size, at if at is not None
+                               else finished.get(job_id) or now)
+                              for job_id, (size, at) in kept.items()),
+                             key=lambda o: o[2], reverse=True)  # newest first
             if self.retain_s is not None:
                 cutoff = now - self.retain_s
-                gone += [r["job_id"] for r in packages
-                         if r["job_id"] in finished and (r["created_at"] or 0) < cutoff]
+                gone += [job_id for job_id, _, at in outputs
+                         if job_id in finished and at < cutoff]
                 db.execute("DELETE FROM checkpoints WHERE created_at < ?", (cutoff,))
                 db.execute("DELETE FROM presigned WHERE created_at < ?", (cutoff,))
             if self.retain_bytes is not None:
-                kept = 0  # newest first; a running job's package counts, and stays
-                for r in packages:
-                    if r["job_id"] in gone:
+                total = 0  # a running job's outputs count, and stay
+                for job_id, size, _ in outputs:
+                    if job_id in gone:
                         continue
-                    kept += int(r["size"])
-                    if kept > self.retain_bytes and r["job_id"] in finished:
-                        gone.append(r["job_id"])
-                        kept -= int(r["size"])
+                    total += size
+                    if total > self.retain_bytes and job_id in finished:
+                        gone.append(job_id)
+                        total -= size
             for job_id in gone:
                 db.execute("DELETE FROM packages WHERE job_id=?", (job_id,))
+                db.execute("DELETE FROM logs WHERE job_id=?", (job_id,))
         if gone:
-            log.info("retention: removed the packages of %d finished job(s)", len(gone))
+            log.info("retention: removed the packages and logs of %d finished job(s)",
+                     len(gone))
         return gone
 
     def forced_cancels(self, miner_id: str, within_s: float) -> list[str]:

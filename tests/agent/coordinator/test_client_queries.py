@@ -331,6 +331,39 @@ def test_retention_drops_old_and_over_cap_packages_but_keeps_the_records(
         assert http.get(f"/v1/jobs/{ids[0]}/download").status_code == 404
 
 
+def test_retention_counts_and_drops_a_finished_jobs_logs_with_its_package(
+        make_coordinator: Callable[..., ReferenceCoordinator]) -> None:
+    # Given (the logs of every job stayed for ever: the embedded coordinator's database,
+    # in the agent's state dir, grew by every log a job printed, past any setting)
+    coord = make_coordinator(retain_days=1.0, retain_bytes=3500)
+    store = coord.store
+    now = time.time()
+    old, logged, packaged, running = (store.submit({"type": "sleep"}, {}, 900.0)
+                                      for _ in range(4))
+    for job_id, age_days in ((old, 3.0), (logged, 0.2), (packaged, 0.1)):
+        store.update_job(job_id, state="COMPLETED", finished_at=now - age_days * 86400)
+    store.update_job(running, state="RUNNING")
+    store.append_log(old, "stdout", 0, b"o" * 1000)  # logs only, three days old
+    store.append_log(logged, "stdout", 0, b"l" * 1000)  # logs only, 1500 bytes
+    store.append_log(logged, "stderr", 0, b"e" * 500)
+    store.put_package(packaged, "0" * 64, b"p" * 1000)  # package and logs, 2000 bytes
+    with store.tx() as db:
+        db.execute("UPDATE packages SET created_at=? WHERE job_id=?",
+                   (now - 0.1 * 86400, packaged))
+    store.append_log(packaged, "stdout", 0, b"q" * 1000)
+    store.append_log(running, "stdout", 0, b"r" * 1000)  # counts, never goes
+    # When retention runs
+    gone = store.retain(now)
+    # Then past retain_days the old job's logs go; past 3500 bytes, newest first (the
+    # running job's 1000, the packaged job's 2000), the logged job's 1500 go
+    assert sorted(gone) == sorted([old, logged])
+    assert store.read_log(old, "stdout") == b"" and store.read_log(logged, "stderr") == b""
+    assert store.read_log(packaged, "stdout") == b"q" * 1000
+    assert store.package_data(packaged) == b"p" * 1000
+    assert store.read_log(running, "stdout") == b"r" * 1000
+    assert store.job(old) is not None  # the record stays
+
+
 def test_a_long_log_is_read_a_page_at_a_time(coordinator: ReferenceCoordinator,
                                              hand: HandMiner,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
