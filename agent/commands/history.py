@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import io
 import json
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from agent.commands.client import (
     call,
@@ -95,21 +94,38 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    jobs = list(all_jobs(args))
-    if args.format == "json":
-        text = json.dumps(jobs, indent=2) + "\n"
-    else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(csv_row(job) for job in jobs)
-        text = buf.getvalue()
     if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
-        print(f"{len(jobs)} job(s) written to {args.output}", file=sys.stderr)
+        write_export(all_jobs(args), args.format, sys.stdout)
+        return ExitCode.OK
+    # Beside the file first: a coordinator lost at page three leaves no half an export
+    part = args.output.with_name(f".{args.output.name}.part")
+    try:
+        with open(part, "w", encoding="utf-8", newline="") as out:
+            count = write_export(all_jobs(args), args.format, out)
+        part.replace(args.output)
+    finally:
+        part.unlink(missing_ok=True)
+    print(f"{count} job(s) written to {args.output}", file=sys.stderr)
     return ExitCode.OK
+
+
+def write_export(jobs: Iterator[dict[str, Any]], fmt: str, out: TextIO) -> int:
+    """Write ``jobs`` to ``out`` as they come (a history may not fit in memory): CSV, or
+    JSON as ``json.dumps(list, indent=2)`` would. Returns how many."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for job in jobs:
+            writer.writerow(csv_row(job))
+            count += 1
+        return count
+    for job in jobs:
+        out.write(",\n" if count else "[\n")
+        out.write("\n".join("  " + line for line in json.dumps(job, indent=2).split("\n")))
+        count += 1
+    out.write("\n]\n" if count else "[]\n")
+    return count
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
