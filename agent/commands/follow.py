@@ -52,7 +52,9 @@ def add_parsers(sub: Sub) -> None:
     p = verb(sub, "watch", "follow a job live: progress bar, stage, ETA, metrics, log tail",
              "Follow a job until it ends: the last log lines so far, then a live progress bar "
              "(stage, ETA, metrics) with its log lines as they come (job stderr lines start "
-             "with '! '), on stderr as under `exec`; then the final status on stdout. Exits "
+             f"with '! '; a line longer than {MAX_LINE_CHARS:,} characters shows in pieces), "
+             "on stderr as under "
+             "`exec`; then the final status on stdout. Exits "
              "by the job's outcome, as `exec` and `status --wait` do (0 completed, 1 failed, "
              "3 canceled, 4 timed out, 5 killed).")
     p.add_argument("--tail", type=int, default=TAIL_LINES, metavar="N",
@@ -63,7 +65,8 @@ def add_parsers(sub: Sub) -> None:
 
     p = verb(sub, "logs", "print a job's log",
              "Print a job's log: its stdout on stdout and its stderr on stderr, or one stream "
-             "with --stream. With -f, keep printing new output until the job ends. On a "
+             "with --stream, read from the coordinator a page at a time (a log of any size). "
+             "With -f, keep printing new output until the job ends. On a "
              "terminal, control characters show as \\xNN (a job's escape sequences are not "
              "acted on); piped or redirected, the bytes are as the job wrote them. Exit 0, "
              "or 11 when there is no such job.")
